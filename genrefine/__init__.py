@@ -1,0 +1,20 @@
+"""genrefine: faster autoregressive generation by drafting and verifying, without changing the output."""
+
+__version__ = "0.1.0"
+
+from .api import GenerationResult, Generator, load  # noqa: E402
+from .errors import GenrefineError  # noqa: E402
+from .methods import METHODS, MethodOptions  # noqa: E402
+from .types import Draft, SamplingParams, VerifyResult  # noqa: E402
+
+__all__ = [
+    "Draft",
+    "GenerationResult",
+    "Generator",
+    "GenrefineError",
+    "METHODS",
+    "MethodOptions",
+    "SamplingParams",
+    "VerifyResult",
+    "load",
+]

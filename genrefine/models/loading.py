@@ -1,0 +1,208 @@
+"""Resolve a model name, convert it once through transformers, and cache the result on disk.
+
+The first load of a model goes through transformers (which dequantizes GGUF files and knows every
+architecture); the native runtime's weights, its config and the tokenizer are then written under
+``$GENREFINE_CACHE/models/`` as safetensors and JSON, so later loads skip transformers' model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .config import ModelConfig, UnsupportedArchitecture, from_hf_config, rope_tables
+from .default import EMBEDDED_NAME, embedded_model_path
+from .paths import cache_root
+
+_FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from."""
+
+    path: Path  # the .gguf file or the Hugging Face directory
+    display_name: str
+    gguf: bool
+
+    @property
+    def load_dir(self) -> str:
+        return str(self.path.parent if self.gguf else self.path)
+
+    def hf_kwargs(self) -> dict:
+        return {"gguf_file": self.path.name} if self.gguf else {}
+
+
+def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn ``--model`` into a :class:`ModelSource`; None means the embedded model."""
+    if spec is None or str(spec) == "":
+        return ModelSource(embedded_model_path(), EMBEDDED_NAME, gguf=True)
+    p = Path(spec).expanduser()
+    hint = (
+        "give a local Hugging Face model directory (with config.json) or a .gguf file, "
+        "or leave out --model to use the embedded Gemma 3 270M"
+    )
+    if not p.exists():
+        raise ModelLoadError(f"model path {str(p)!r} does not exist: {hint}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{str(p)!r} is a directory without config.json: {hint}")
+        return ModelSource(p.resolve(), p.name, gguf=False)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{str(p)!r} is not a model file (no GGUF header): {hint}")
+    return ModelSource(p.resolve(), p.name, gguf=True)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": bfloat16 (measured fastest on CPU, see README) unless the device lacks it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)} (or bf16, fp32, fp16)"
+        )
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto": CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available: use cpu")
+    return d
+
+
+def _fingerprint(src: ModelSource) -> str:
+    h = hashlib.sha256(str(src.path).encode())
+    files = [src.path] if src.gguf else sorted(f for f in src.path.iterdir() if f.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def converted_dir(src: ModelSource) -> Path:
+    stem = src.path.stem if src.gguf else src.path.name
+    return cache_root() / "models" / f"{stem}-{_fingerprint(src)}-v{_FORMAT_VERSION}"
+
+
+def load_tokenizer(src: ModelSource):
+    """The tokenizer, from the converted cache when there is one."""
+    from transformers import AutoTokenizer
+
+    cached = converted_dir(src) / "tokenizer"
+    if cached.is_dir():
+        return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(src.load_dir, **src.hf_kwargs())
+
+
+def _load_hf(src: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(src.load_dir, dtype=dtype, **src.hf_kwargs())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"transformers could not load {src.display_name!r}: {first}") from e
+
+
+def _convert(src: ModelSource, out: Path, notice) -> None:
+    """First load: through transformers, then write the native runtime's files."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(src.load_dir, **src.hf_kwargs())
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{src.display_name!r} has no readable model config: {e}") from e
+    cfg = from_hf_config(hf_config)  # may raise UnsupportedArchitecture
+    notice(f"converting {src.display_name} once (cached under {out.parent}) ...")
+    hf = _load_hf(src, torch.float32)
+    tok = load_tokenizer(src)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {}
+    for k, v in hf.state_dict().items():
+        if k == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        sd[k] = v.detach().contiguous()
+    for key, (inv, scale) in rope_tables(hf_config, cfg.layer_rope).items():
+        sd[f"rope.{key}.inv_freq"] = inv.contiguous()
+        sd[f"rope.{key}.scale"] = torch.tensor([scale])
+    save_file(sd, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(cfg.to_json())
+    tok.save_pretrained(str(tmp / "tokenizer"))
+    (tmp / "source.json").write_text(json.dumps({"source": str(src.path)}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _load_native(src: ModelSource, out: Path, dtype: torch.dtype, device: torch.device):
+    from safetensors.torch import load_file
+
+    from .runtime import NativeModel
+
+    cfg = ModelConfig.from_json((out / "config.json").read_text())
+    sd = load_file(str(out / "model.safetensors"))
+    rope = {}
+    for key in set(cfg.layer_rope):
+        rope[key] = (sd.pop(f"rope.{key}.inv_freq"), float(sd.pop(f"rope.{key}.scale")[0]))
+    return NativeModel.from_state_dict(cfg, sd, rope, dtype, device, name=src.display_name)
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quiet: bool = False,
+):
+    """Load a model and its tokenizer.
+
+    Returns ``(model, tokenizer)``; the model is a :class:`NativeModel` when the architecture is
+    natively supported, else an :class:`HFModel` (with a one-line notice on stderr).
+    """
+
+    def notice(msg: str) -> None:
+        if not quiet:
+            print(f"genrefine: {msg}", file=sys.stderr, flush=True)
+
+    src = resolve_source(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    out = converted_dir(src)
+    if not (out / "config.json").is_file():
+        try:
+            _convert(src, out, notice)
+        except UnsupportedArchitecture as e:
+            from .hf import HFModel
+
+            notice(f"{e}; using the generic transformers adapter (chain drafts only)")
+            hf = _load_hf(src, dt).to(dev)
+            return HFModel(hf, name=src.display_name), load_tokenizer(src)
+    t0 = time.perf_counter()
+    model = _load_native(src, out, dt, dev)
+    tok = load_tokenizer(src)
+    model.load_seconds = time.perf_counter() - t0
+    return model, tok

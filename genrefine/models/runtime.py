@@ -1,0 +1,378 @@
+"""The native decoder runtime: Llama, Qwen2, Qwen3, Mistral, Gemma 2/3 in plain PyTorch.
+
+Built for draft-and-verify rather than for training: a forward over any set of new tokens at
+caller-given positions with an optional tree mask among them, on top of a preallocated
+:class:`KVCache`; hidden states of chosen layers; a chosen subset of layers; logits only for the
+rows that need them, optionally over a reduced vocabulary. Checked against transformers' logits in
+``tests/test_runtime.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..types import ModelOutput
+from .cache import KVCache
+from .config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    qkv: Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: Tensor | None
+    o: Tensor  # [hidden, heads * head_dim]
+    o_bias: Tensor | None
+    gate_up: Tensor  # [2 * intermediate, hidden]
+    gate_up_bias: Tensor | None
+    down: Tensor  # [hidden, intermediate]
+    down_bias: Tensor | None
+    input_norm: Tensor  # [hidden] float32 (1 + w for Gemma)
+    post_attn_norm: Tensor  # [hidden] float32
+    pre_ffn_norm: Tensor | None  # [hidden] float32, sandwich norms only
+    post_ffn_norm: Tensor | None
+    q_norm: Tensor | None  # [head_dim] float32
+    k_norm: Tensor | None
+
+
+class ReducedHead:
+    """An output projection restricted to a subset of the vocabulary (for drafting).
+
+    Logits it produces are indexed by position in ``ids``; ``ids[j]`` is the real token id.
+    """
+
+    def __init__(self, ids: Tensor, weight: Tensor) -> None:
+        self.ids = ids  # [v] long
+        self.weight = weight  # [v, hidden]
+
+
+def _split_rows(names: Sequence[str], sizes: Sequence[int], t: Tensor) -> dict[str, Tensor]:
+    return dict(zip(names, torch.split(t, list(sizes), dim=0)))
+
+
+class NativeModel:
+    """A decoder-only transformer running on explicit weights.
+
+    Construct with :meth:`from_state_dict` (transformers' parameter names) or :meth:`from_hf`.
+    """
+
+    supports_trees = True
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: Tensor,
+        layers: list[LayerWeights],
+        final_norm: Tensor,
+        lm_head: Tensor,
+        rope: dict[str, tuple[Tensor, float]],
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str = "model",
+    ) -> None:
+        self.config = config
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.final_norm = final_norm  # [hidden] float32
+        self.lm_head = lm_head  # [vocab, hidden], may share storage with embed
+        self.rope = rope  # key -> (inv_freq [head_dim / 2] float32, attention scaling)
+        self.dtype = dtype
+        self.device = device
+        self.name = name
+        self.vocab_size = config.vocab_size
+        self.num_layers = config.num_layers
+        self.hidden_size = config.hidden_size
+        self.max_context = config.max_position_embeddings
+        # Gemma multiplies embeddings by sqrt(hidden) rounded to the weights' dtype
+        self._embed_scale = torch.tensor(config.embed_scale, dtype=dtype, device=device)
+        self._act = (
+            (lambda x: F.gelu(x, approximate="tanh")) if config.activation == "gelu_tanh" else F.silu
+        )
+        self._rope_keys = sorted(set(config.layer_rope))
+        self._windows = sorted({w for w in config.layer_windows if w is not None})
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def from_state_dict(
+        config: ModelConfig,
+        sd: dict[str, Tensor],
+        rope: dict[str, tuple[Tensor, float]],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        name: str = "model",
+    ) -> "NativeModel":
+        """Build from transformers-style parameter names (``model.layers.0.self_attn.q_proj...``)."""
+        device = torch.device(device)
+
+        def w(key: str) -> Tensor:
+            return sd[key].to(device=device, dtype=dtype).contiguous()
+
+        def norm(key: str) -> Tensor:
+            t = sd[key].to(device=device, dtype=torch.float32)
+            return (1.0 + t) if config.norm_offset else t
+
+        def opt(key: str) -> Tensor | None:
+            return w(key) if key in sd else None
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            qkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+            qkv_b = None
+            if config.qkv_bias:
+                qkv_b = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+            gu_b = None
+            if config.mlp_bias:
+                gu_b = torch.cat([w(m + "gate_proj.bias"), w(m + "up_proj.bias")])
+            layers.append(
+                LayerWeights(
+                    qkv=qkv,
+                    qkv_bias=qkv_b,
+                    o=w(a + "o_proj.weight"),
+                    o_bias=opt(a + "o_proj.bias") if config.o_bias else None,
+                    gate_up=torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]),
+                    gate_up_bias=gu_b,
+                    down=w(m + "down_proj.weight"),
+                    down_bias=opt(m + "down_proj.bias") if config.mlp_bias else None,
+                    input_norm=norm(p + "input_layernorm.weight"),
+                    post_attn_norm=norm(p + "post_attention_layernorm.weight"),
+                    pre_ffn_norm=norm(p + "pre_feedforward_layernorm.weight")
+                    if config.sandwich_norm
+                    else None,
+                    post_ffn_norm=norm(p + "post_feedforward_layernorm.weight")
+                    if config.sandwich_norm
+                    else None,
+                    q_norm=norm(a + "q_norm.weight") if config.qk_norm else None,
+                    k_norm=norm(a + "k_norm.weight") if config.qk_norm else None,
+                )
+            )
+        embed = w("model.embed_tokens.weight")
+        if config.tie_embeddings or "lm_head.weight" not in sd:
+            lm_head = embed
+        else:
+            lm_head = w("lm_head.weight")
+        rope_dev = {k: (inv.to(device), s) for k, (inv, s) in rope.items()}
+        return NativeModel(
+            config, embed, layers, norm("model.norm.weight"), lm_head, rope_dev, dtype, device, name
+        )
+
+    @staticmethod
+    def from_hf(hf_model, dtype: torch.dtype = torch.float32, device="cpu") -> "NativeModel":
+        """Build from a loaded transformers model (tests and conversion)."""
+        from .config import from_hf_config, rope_tables
+
+        cfg = from_hf_config(hf_model.config)
+        sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        return NativeModel.from_state_dict(
+            cfg, sd, rope_tables(hf_model.config, cfg.layer_rope), dtype, device
+        )
+
+    # ------------------------------------------------------------------ interface
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A preallocated cache for ``capacity`` tokens (default: the model's context)."""
+        c = self.config
+        cap = min(capacity or self.max_context, self.max_context)
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, cap, self.dtype, self.device)
+
+    def reduced_head(self, ids: Tensor) -> ReducedHead:
+        """Output projection restricted to token ids ``ids`` ([v] long), built once."""
+        ids = ids.to(self.device, torch.long)
+        return ReducedHead(ids, self.lm_head.index_select(0, ids).contiguous())
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """[n] long -> [n, hidden] (scaled as the model does)."""
+        x = F.embedding(tokens, self.embed)
+        if self.config.embed_scale != 1.0:
+            x = x * self._embed_scale
+        return x
+
+    def project(self, hidden: Tensor, head: ReducedHead | Tensor | None = None) -> Tensor:
+        """Final norm + output projection. hidden: [m, hidden] residual -> [m, v] float32 logits."""
+        h = self._norm(hidden, self.final_norm)
+        weight = self.lm_head
+        if isinstance(head, ReducedHead):
+            weight = head.weight
+        elif head is not None:
+            weight = self.lm_head.index_select(0, head.to(self.device))
+        logits = F.linear(h, weight).float()
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: KVCache,
+        positions: Tensor | None = None,
+        tree_mask: Tensor | None = None,
+        logits_rows: Tensor | None = None,
+        hidden_layers: Sequence[int] = (),
+        layers: Sequence[int] | None = None,
+        vocab_subset: ReducedHead | Tensor | None = None,
+    ) -> ModelOutput:
+        """Run ``tokens`` ([n] long) on top of the cached prefix and append them to the cache.
+
+        positions: [n] long, default ``cache.length + arange(n)``.
+        tree_mask: [n, n] bool, new token i may attend to new token j; default causal.
+        logits_rows: [m] long rows that need logits (None: all; empty: none).
+        hidden_layers: return the residual stream after these many layers (0 = embeddings,
+            num_layers = after the final norm).
+        layers: run only these layer indices (ascending); skipped layers pass the residual
+            through and leave their cache slots unwritten.
+        vocab_subset: project only onto these token ids (a :class:`ReducedHead` is cached).
+        """
+        n = int(tokens.shape[0])
+        start = cache.reserve(n)
+        total = start + n
+        if positions is None:
+            positions = torch.arange(start, total, device=self.device)
+        c = self.config
+        x = self.embed_tokens(tokens.to(self.device))  # [n, hidden]
+        rope = self._rope_cos_sin(positions)
+        masks = self._masks(positions, tree_mask, start, n)
+        hidden: dict[int, Tensor] = {}
+        want = set(hidden_layers)
+        if 0 in want:
+            hidden[0] = x
+        run = range(c.num_layers) if layers is None else layers
+        for i in run:
+            x = self._layer(i, x, cache, start, total, rope[c.layer_rope[i]], masks[c.layer_windows[i]])
+            if (i + 1) in want and (i + 1) < c.num_layers:
+                hidden[i + 1] = x
+        cache.length = total
+        rows = x if logits_rows is None else x.index_select(0, logits_rows.to(self.device))
+        logits = self.project(rows, vocab_subset) if rows.shape[0] else None
+        if c.num_layers in want:
+            hidden[c.num_layers] = self._norm(x, self.final_norm)
+        return ModelOutput(logits=logits, hidden=hidden)
+
+    # ------------------------------------------------------------------ internals
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """RMSNorm over the last dim in float32; weight already holds (1 + w) for Gemma."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        if self.config.norm_offset:
+            return (xf * weight).to(x.dtype)
+        return weight.to(x.dtype) * xf.to(x.dtype)
+
+    def _rope_cos_sin(self, positions: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        out = {}
+        pos = positions.to(self.device, torch.float32)
+        for key in self._rope_keys:
+            inv, scale = self.rope[key]
+            freqs = pos[:, None] * inv[None, :]  # [n, head_dim / 2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [n, head_dim]
+            cos = (emb.cos() * scale).to(self.dtype)
+            sin = (emb.sin() * scale).to(self.dtype)
+            out[key] = (cos, sin)
+        return out
+
+    def _masks(
+        self, positions: Tensor, tree_mask: Tensor | None, start: int, n: int
+    ) -> dict[int | None, tuple[int, Tensor | None]]:
+        """Per window size: (first visible slot, bool mask [n, visible slots] or None)."""
+        masks: dict[int | None, tuple[int, Tensor | None]] = {}
+        pos = positions.to(self.device)
+        if n == 1 and tree_mask is None:
+            masks[None] = (0, None)
+            for w in self._windows:
+                masks[w] = (max(0, start + 1 - w), None)
+            return masks
+        if tree_mask is None:
+            new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+        else:
+            new = tree_mask.to(self.device, torch.bool)
+        full = torch.cat([torch.ones(n, start, dtype=torch.bool, device=self.device), new], dim=1)
+        masks[None] = (0, full)
+        if self._windows:
+            key_pos = torch.cat([torch.arange(start, device=self.device), pos])  # [start + n]
+            dist = pos[:, None] - key_pos[None, :]  # [n, start + n]
+            min_pos = int(pos.min())
+            for w in self._windows:
+                first = max(0, min_pos + 1 - w)
+                m = full & (dist < w)
+                masks[w] = (first, m[:, first:])
+        return masks
+
+    def _layer(
+        self,
+        i: int,
+        x: Tensor,
+        cache: KVCache,
+        start: int,
+        total: int,
+        rope: tuple[Tensor, Tensor],
+        mask: tuple[int, Tensor | None],
+    ) -> Tensor:
+        c = self.config
+        lw = self.layers[i]
+        n = x.shape[0]
+        h = self._norm(x, lw.input_norm)
+        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [n, (H + 2 KV) * D]
+        hd, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+        q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(n, nh, hd).transpose(0, 1)  # [H, n, D]
+        k = k.view(n, nkv, hd).transpose(0, 1)  # [KV, n, D]
+        v = v.view(n, nkv, hd).transpose(0, 1)
+        if lw.q_norm is not None:
+            q = self._norm(q, lw.q_norm)
+            k = self._norm(k, lw.k_norm)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys[i][:, start:total] = k
+        cache.values[i][:, start:total] = v
+        first, m = mask
+        keys = cache.keys[i][:, first:total]  # [KV, S, D]
+        values = cache.values[i][:, first:total]
+        if c.attn_logit_softcap:
+            att = _softcap_attention(q, keys, values, m, c.attn_scale, c.attn_logit_softcap)
+        else:
+            att = F.scaled_dot_product_attention(
+                q.unsqueeze(0),
+                keys.unsqueeze(0),
+                values.unsqueeze(0),
+                attn_mask=m,
+                scale=c.attn_scale,
+                enable_gqa=nh != nkv,
+            )[0]  # [H, n, D]
+        att = att.transpose(0, 1).reshape(n, nh * hd)
+        a = F.linear(att, lw.o, lw.o_bias)
+        if lw.pre_ffn_norm is not None:
+            x = x + self._norm(a, lw.post_attn_norm)
+            h = self._norm(x, lw.pre_ffn_norm)
+        else:
+            x = x + a
+            h = self._norm(x, lw.post_attn_norm)
+        gu = F.linear(h, lw.gate_up, lw.gate_up_bias)
+        gate, up = gu.chunk(2, dim=-1)
+        mlp = F.linear(self._act(gate) * up, lw.down, lw.down_bias)
+        if lw.post_ffn_norm is not None:
+            mlp = self._norm(mlp, lw.post_ffn_norm)
+        return x + mlp
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _softcap_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float
+) -> Tensor:
+    """Attention with tanh soft-capped scores (Gemma 2). q: [H, n, D], k/v: [KV, S, D]."""
+    rep = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(rep, dim=0)
+    v = v.repeat_interleave(rep, dim=0)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [H, n, S]
+    scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype)) @ v
