@@ -1,0 +1,46 @@
+"""The drafter interface: the generation half of a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from ..types import Draft, VerifyResult
+
+
+@dataclass
+class Context:
+    """What a drafter may look at when it proposes.
+
+    ``tokens`` holds the prompt and every token decided so far; its last element is the root of
+    the next draft (decided, but not yet in the target's cache).
+    """
+
+    tokens: Tensor  # [L] long
+    prompt_len: int  # how many of ``tokens`` came from the prompt
+
+
+@dataclass
+class StepFeedback:
+    """What happened to a draft, passed to :meth:`Drafter.observe`."""
+
+    draft: Draft
+    result: VerifyResult
+    target_argmax: Tensor  # [n + 1] long: the target's argmax after the root and each draft node
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes a draft tree of at most ``budget`` nodes (``budget >= 1``)."""
+
+    name: str
+
+    def propose(self, ctx: Context, budget: int) -> Draft: ...
+
+    def observe(self, ctx: Context, feedback: StepFeedback) -> None: ...
+
+    def reset(self) -> None:
+        """Forget per-sequence state before a new generation."""
+        ...

@@ -1,0 +1,233 @@
+"""Draft-length policies: the heuristic schedule, acceptance estimates, the cost model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from genrefine.errors import ConfigError
+from genrefine.policy import (
+    AcceptanceEstimator,
+    CostModelPolicy,
+    CostTable,
+    HeuristicLength,
+    confident_prefix_len,
+    load_or_measure,
+    machine_key,
+    measure_verify_cost,
+)
+
+
+def test_heuristic_grows_and_shrinks() -> None:
+    h = HeuristicLength(initial=4, min_len=1, max_len=9)
+    assert h.next_budget() == 4
+    h.update(4, 4)
+    assert h.next_budget() == 6
+    h.update(6, 6)
+    h.update(8, 8)
+    assert h.next_budget() == 9  # capped
+    h.update(9, 3)
+    assert h.next_budget() == 8
+    for _ in range(20):
+        h.update(h.next_budget(), 0)
+    assert h.next_budget() == 1  # floored
+    h.update(0, 0)  # nothing drafted: no change
+    assert h.next_budget() == 1
+    h.reset()
+    assert h.next_budget() == 4
+    with pytest.raises(ConfigError):
+        HeuristicLength(initial=0)
+
+
+def test_confident_prefix_len() -> None:
+    q = torch.tensor([0.9, 0.8, 0.3, 0.95])
+    assert confident_prefix_len(q, 0.5) == 2
+    assert confident_prefix_len(q, 0.5, inclusive=True) == 3
+    assert confident_prefix_len(q, 0.1) == 4
+    assert confident_prefix_len(q, 0.1, inclusive=True) == 4
+    assert confident_prefix_len(q, 0.99) == 0
+    assert confident_prefix_len(torch.zeros(0), 0.5) == 0
+
+
+def test_acceptance_estimator_converges() -> None:
+    # synthetic chain steps: each depth accepted with probability alpha_true[d]
+    alpha_true = [0.9, 0.8, 0.6, 0.5, 0.3, 0.2]
+    g = torch.Generator().manual_seed(0)
+    est = AcceptanceEstimator(max_depth=8, prior=0.5, rate=0.01)
+    for _ in range(4000):
+        n = 6
+        accepted = 0
+        for a in alpha_true:
+            if float(torch.rand((), generator=g)) < a:
+                accepted += 1
+            else:
+                break
+        est.update(n, accepted)
+    for d, a in enumerate(alpha_true):
+        assert abs(est.alpha[d] - a) < 0.08, (d, est.alpha[d], a)
+    assert est.alpha[7] == 0.5 and est.count[7] == 0  # never drafted: still the prior
+    want, run = 1.0, 1.0
+    for a in est.alpha[:6]:
+        run *= a
+        want += run
+    assert est.expected_tokens(6) == pytest.approx(want)
+    assert est.expected_tokens(0) == 1.0
+
+
+def test_acceptance_estimator_uses_prior_then_tracks() -> None:
+    est = AcceptanceEstimator(max_depth=4, prior=0.5, prior_weight=2.0, rate=0.05)
+    assert est.expected_tokens(2) == pytest.approx(1 + 0.5 + 0.25)
+    est.update(3, 3)
+    assert est.alpha[0] == pytest.approx(0.5 + (1 - 0.5) / 3)
+    est.update(2, 0)  # a miss at depth 1 touches only depth 1
+    assert est.count == [2, 1, 1, 0]
+    assert est.expected_tokens(10) > est.expected_tokens(4) - 1e-12  # past max_depth: last rate
+
+
+def table(fn, sizes=(1, 2, 4, 8, 16, 32)) -> CostTable:
+    return CostTable.from_measurements({n: fn(n) for n in sizes}, key="test")
+
+
+def test_cost_table_interpolates() -> None:
+    t = table(lambda n: 0.01 + 0.001 * n)
+    assert t(4) == pytest.approx(0.014)
+    assert t(3) == pytest.approx(0.013)
+    assert t(0.5) == pytest.approx(0.011)
+    assert t(64) == pytest.approx(0.074)  # extends the last slope
+    bumpy = CostTable((1, 2, 3), (0.02, 0.01, 0.03))
+    assert bumpy(2) == pytest.approx(0.02)  # made non-decreasing
+
+
+def feed(policy: CostModelPolicy, name: str, alpha: float, steps: int = 300, n: int = 16) -> None:
+    """A seeded stream of chain steps, each depth accepted with probability ``alpha``."""
+    g = torch.Generator().manual_seed(1)
+    passed = (torch.rand(steps, n, generator=g) < alpha).long()  # [steps, n]
+    accepted = passed.cumprod(dim=1).sum(dim=1).tolist()  # [steps]
+    for a in accepted:
+        policy.update(name, n, a)
+
+
+def test_cost_model_long_draft_when_verify_is_flat_and_acceptance_high() -> None:
+    policy = CostModelPolicy(table(lambda n: 0.02 + 1e-5 * n), max_len=16)
+    feed(policy, "pld", 0.97)
+    name, budget = policy.choose(["pld"])
+    assert name == "pld" and budget >= 12
+    assert policy.best_budget("pld") == budget
+
+
+def test_cost_model_short_or_no_draft_when_verify_is_linear_and_acceptance_low() -> None:
+    policy = CostModelPolicy(table(lambda n: 0.01 * n), max_len=16)
+    feed(policy, "pld", 0.2)
+    assert policy.best_budget("pld") == 0
+    assert policy.choose(["pld"]) == (None, 0)
+    # moderate acceptance, linear cost: a short draft at most
+    policy2 = CostModelPolicy(table(lambda n: 0.005 + 0.01 * n), max_len=16)
+    feed(policy2, "pld", 0.7)
+    assert 1 <= policy2.best_budget("pld") <= 3
+
+
+def test_cost_model_weighs_drafting_cost_and_picks_the_better_drafter() -> None:
+    policy = CostModelPolicy(table(lambda n: 0.02 + 1e-4 * n), max_len=8)
+    feed(policy, "cheap", 0.8)
+    feed(policy, "good", 0.95)
+    policy.update_draft_cost("good", 0.0, 4)
+    policy.update_draft_cost("cheap", 0.0, 4)
+    assert policy.choose(["cheap", "good"])[0] == "good"
+    policy.update_draft_cost("good", 8 * 0.05, 8)  # 50 ms per token: far too slow
+    assert policy.draft_cost["good"] == pytest.approx(0.1 * 0.05)  # EMA from 0
+    for _ in range(60):
+        policy.update_draft_cost("good", 8 * 0.05, 8)
+    assert policy.choose(["cheap", "good"])[0] == "cheap"
+    assert policy.rate("good", 0) == pytest.approx(1 / policy.cost(1))
+
+
+def test_cost_model_probes_an_idle_drafter() -> None:
+    policy = CostModelPolicy(table(lambda n: 0.01 * n), max_len=8, probe_every=5)
+    feed(policy, "pld", 0.1)
+    picks = [policy.choose(["pld"]) for _ in range(12)]
+    assert picks[:5] == [(None, 0)] * 5
+    assert picks[5][0] == "pld" and picks[5][1] >= 1
+    assert picks[6:11] == [(None, 0)] * 5
+    # deterministic: a fresh policy fed the same makes the same choices
+    again = CostModelPolicy(table(lambda n: 0.01 * n), max_len=8, probe_every=5)
+    feed(again, "pld", 0.1)
+    assert [again.choose(["pld"]) for _ in range(12)] == picks
+
+
+def test_cost_table_json_round_trip(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    key = f"tiny-model|float32|cpu|{machine_key('cpu')}"
+    assert "threads=" in key
+    t = CostTable.from_measurements({1: 0.01, 4: 0.012, 16: 0.03}, key=key, context_len=64)
+    path = t.save()
+    assert path.parent == tmp_path / "cost" and path.suffix == ".json"
+    assert json.loads(path.read_text())["key"] == key
+    back = CostTable.load(key)
+    assert back == t and back(10) == pytest.approx(t(10))
+    assert CostTable.load("another key") is None
+    path.write_text("{ not json")
+    assert CostTable.load(key) is None
+
+
+class FakeCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+
+    def rollback(self, n: int) -> None:
+        assert 0 <= n <= self.length
+        self.length -= n
+
+
+class FakeModel:
+    """Costs ``per_token`` seconds of sleep per new token; records its calls."""
+
+    vocab_size = 50
+    device = torch.device("cpu")
+
+    def __init__(self, per_token: float = 2e-4) -> None:
+        self.per_token = per_token
+        self.calls: list[tuple[int, int, object]] = []
+        self.caches: list[FakeCache] = []
+
+    def new_cache(self, capacity: int | None = None) -> FakeCache:
+        cache = FakeCache(capacity or 1024)
+        self.caches.append(cache)
+        return cache
+
+    def forward(self, tokens, cache, positions=None, logits_rows=None):
+        n = tokens.shape[0]
+        assert tokens.dtype == torch.long and int(tokens.max()) < self.vocab_size
+        assert cache.length + n <= cache.capacity
+        self.calls.append((cache.length, n, logits_rows))
+        cache.length += n
+        time.sleep(self.per_token * n)
+        rows = n if logits_rows is None else len(logits_rows)
+        return torch.zeros(rows, self.vocab_size)
+
+
+def test_measure_verify_cost_with_a_fake_model() -> None:
+    model = FakeModel()
+    sizes = (1, 4, 8)
+    out = measure_verify_cost(model, sizes=sizes, context_len=32, repeats=3)
+    assert sorted(out) == list(sizes)
+    assert out[8] > out[4] > out[1] > 0
+    assert out[8] >= 8 * model.per_token
+    (cache,) = model.caches
+    assert cache.length == 32  # every timed forward was rolled back
+    assert model.calls[0][:2] == (0, 32)  # the prefix first
+    timed = model.calls[1:]
+    assert len(timed) == len(sizes) * (1 + 3)  # warm-up + repeats
+    assert all(start == 32 and rows is None for start, _, rows in timed)  # logits for every row
+
+
+def test_load_or_measure_caches(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    model = FakeModel(per_token=1e-5)
+    t1 = load_or_measure(model, "fake|cpu", sizes=(1, 2), context_len=8, repeats=1)
+    calls = len(model.calls)
+    t2 = load_or_measure(model, "fake|cpu", sizes=(1, 2), context_len=8, repeats=1)
+    assert len(model.calls) == calls and t1 == t2 and t1.context_len == 8
