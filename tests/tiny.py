@@ -1,0 +1,130 @@
+"""Tiny random-weight models of every natively supported family, built in the test process."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2")
+
+
+def tiny_hf_config(family: str, vocab: int = 97, window: int = 6, layers: int = 4):
+    """A transformers config small enough to build in milliseconds."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if family == "llama":
+        return AutoConfig.for_model("llama", head_dim=8, tie_word_embeddings=False, **common)
+    if family == "mistral":
+        return AutoConfig.for_model("mistral", head_dim=8, sliding_window=window, **common)
+    if family == "qwen2":
+        return AutoConfig.for_model(
+            "qwen2",
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            **common,
+        )
+    if family == "qwen3":
+        return AutoConfig.for_model("qwen3", head_dim=16, tie_word_embeddings=False, **common)
+    if family == "gemma3_text":
+        types = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        return AutoConfig.for_model(
+            "gemma3_text",
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=window,
+            layer_types=types[:layers],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            **common,
+        )
+    if family == "gemma2":
+        return AutoConfig.for_model(
+            "gemma2",
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=window,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            **common,
+        )
+    raise ValueError(family)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_hf_model(family: str, seed: int = 0):
+    """A transformers model with random weights (cached per family within a test session)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random init gives near-uniform logits; sharpen them so greedy decoding is meaningful
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+            elif "norm" in name:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <pad> <bos> <eos>), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
+    """Write a tiny random model + byte tokenizer as a Hugging Face directory; returns path."""
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    if family == "gpt2":  # an architecture without a native runtime
+        from transformers import GPT2Config
+
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+            bos_token_id=1, eos_token_id=2,
+        )
+    else:
+        cfg = tiny_hf_config(family, vocab=len(tok))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
