@@ -56,8 +56,10 @@ class KVCache:
         is dropped. A prefix ``idx == arange(a)`` costs nothing beyond a rollback.
         """
         a = int(idx.numel())
-        if start + a > self.length:
-            raise ValueError("keep(): offsets point past the cached entries")
+        if start < 0 or start + a > self.length or (a and start + int(idx[-1]) >= self.length):
+            raise ValueError(
+                f"keep({start}, idx): offsets point past the {self.length} cached entries"
+            )
         contiguous = a == 0 or int(idx[-1]) == a - 1  # ascending and ends at a-1 => 0..a-1
         if not contiguous:
             src = idx.to(self.keys[0].device) + start  # [a]
