@@ -1,0 +1,332 @@
+"""The engine: every lossless method's greedy output equals plain greedy decoding, on the native
+runtime (chains and trees) and through the transformers adapter (chains); seeded sampling
+repeats; stats, EOS, token budgets and the end of the context.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import genrefine.engine as engine_mod
+from genrefine.drafters.base import Context, StepFeedback
+from genrefine.drafters.jacobi import JacobiDrafter
+from genrefine.engine import Engine, Stats
+from genrefine.errors import ConfigError
+from genrefine.methods import (
+    METHODS,
+    FixedPolicy,
+    Method,
+    MethodOptions,
+    build_method,
+    is_lossless,
+)
+from genrefine.models.hf import HFModel
+from genrefine.models.runtime import NativeModel
+from genrefine.policy import CostTable, machine_key
+from genrefine.types import Draft, SamplingParams
+from genrefine.verify import verify_greedy_argmax
+from tiny import tiny_hf_model
+
+LOSSLESS = [name for name, info in METHODS.items() if info.lossless]
+GREEDY = SamplingParams()
+NEW = 40  # generations run well past the tiny models' sliding window (6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cost_cache(tmp_path_factory, _one_thread):
+    """``auto`` measures a cost table once and caches it under $GENREFINE_CACHE.
+
+    A table is saved up front under the key ``auto`` uses for the test models (measuring costs
+    seconds on a busy machine; the key names the thread count, hence ``_one_thread`` first); if
+    the key format changes, ``auto`` just measures.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENREFINE_CACHE", str(tmp_path_factory.mktemp("genrefine-cache")))
+        key = f"model|{torch.float32}|{machine_key(torch.device('cpu'))}"
+        CostTable.from_measurements({1: 1.0e-3, 8: 1.2e-3, 32: 2.0e-3}, key, 128).save()
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def model(backend: str, family: str):
+    hf = tiny_hf_model(family)
+    return NativeModel.from_hf(hf) if backend == "native" else HFModel(hf)
+
+
+def _random(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (n,), generator=g).tolist()
+
+
+PROMPTS = {
+    "random": _random(12, 1),  # drafts are often wrong
+    "repeated": _random(10, 2) * 4,  # prompt lookup accepts a lot
+    "one_token": [7],
+}
+
+
+def run(m, method, prompt, max_new=NEW, params=GREEDY, eos=frozenset()):
+    """Generate; returns (tokens, stats, finish_reason) after checking the stats' invariants."""
+    if isinstance(method, str):
+        method = build_method(method, m)
+    stats = Stats(method.name)
+    engine = Engine(m, method)
+    chunks = list(engine.generate(prompt, max_new, params, eos_ids=eos, stats=stats))
+    out = [t for c in chunks for t in c]
+    assert all(c for c in chunks), "empty chunks are never yielded"
+    assert stats.new_tokens == len(out) <= max_new
+    assert stats.prompt_tokens == len(prompt)
+    assert sum(stats.accepted_hist) == stats.steps
+    assert sum(k * c for k, c in enumerate(stats.accepted_hist)) == stats.accepted
+    assert stats.accepted <= stats.drafted
+    # each step emits accepted + 1 tokens; the last step may be cut by EOS or max_new
+    assert stats.decode_tokens <= stats.steps + stats.accepted
+    assert engine.finish_reason in ("stop", "length")
+    return out, stats, engine.finish_reason
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_reference(backend: str, family: str, prompt: tuple[int, ...], max_new: int = NEW):
+    out, stats, reason = run(model(backend, family), "ar", list(prompt), max_new)
+    assert stats.tokens_per_step == 1.0 and stats.steps == len(out) - 1 and stats.drafted == 0
+    assert reason == "length" and len(out) == max_new
+    return out
+
+
+# --------------------------------------------------------------------------- lossless greedy
+def test_registry_has_lossless_speculative_methods() -> None:
+    assert LOSSLESS[0] == "ar" and len(LOSSLESS) >= 3
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize(
+    "backend,family",
+    [("native", f) for f in ("llama", "mistral", "qwen3", "gemma3_text", "gemma2")]
+    + [("hf", "llama")],
+)
+def test_greedy_output_equals_ar(backend: str, family: str, prompt: str) -> None:
+    m = model(backend, family)
+    ids = PROMPTS[prompt]
+    ref = greedy_reference(backend, family, tuple(ids))
+    for name in LOSSLESS[1:]:
+        out, stats, reason = run(m, name, ids)
+        assert out == ref, name
+        assert reason == "length" and stats.drafted > 0, name
+        if name == "pld" and prompt == "repeated":
+            assert stats.tokens_per_step > 1.2  # (tiny random models follow patterns loosely)
+
+
+def test_greedy_equals_ar_through_the_adapter_with_windows() -> None:
+    """gemma3_text mixes sliding-window and global layers; the adapter verifies chains."""
+    m = model("hf", "gemma3_text")
+    ids = PROMPTS["repeated"]
+    ref = greedy_reference("hf", "gemma3_text", tuple(ids))
+    assert ref == greedy_reference("native", "gemma3_text", tuple(ids))
+    for name in LOSSLESS[1:]:
+        assert run(m, name, ids)[0] == ref, name
+
+
+def test_chunked_prefill(monkeypatch) -> None:
+    ids = PROMPTS["repeated"]
+    ref = greedy_reference("native", "llama", tuple(ids))
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 7)
+    for name in ("ar", "pld"):
+        assert run(model("native", "llama"), name, ids)[0] == ref
+
+
+def test_auto_measures_and_caches_its_cost_table(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    m = model("native", "qwen3")
+    ids = PROMPTS["repeated"]
+    assert run(m, "auto", ids, 12)[0] == greedy_reference("native", "qwen3", tuple(ids), 12)
+    saved = list((tmp_path / "cost").glob("*.json"))
+    assert len(saved) == 1
+    build_method("auto", m)  # loads the saved table
+    assert list((tmp_path / "cost").glob("*.json")) == saved
+
+
+def test_method_options() -> None:
+    m = model("native", "gemma3_text")
+    ids = PROMPTS["repeated"]
+    ref = greedy_reference("native", "gemma3_text", tuple(ids))
+    opts = MethodOptions(draft_len=3, max_ngram=2, jacobi_block=5)
+    for name in LOSSLESS:
+        method = build_method(name, m, opts)
+        assert method.max_budget <= 3
+        assert run(m, method, ids)[0] == ref, name
+    # typical acceptance is lossy and says so; with greedy params it is still greedy
+    typical = MethodOptions(acceptance="typical")
+    assert not is_lossless("pld", typical) and is_lossless("pld")
+    method = build_method("pld", m, typical)
+    assert method.name == "pld+typical"
+    assert run(m, method, ids)[0] == ref
+    out = run(m, build_method("pld", m, typical), ids, 30, SamplingParams(temperature=0.7, seed=0))
+    assert len(out[0]) == 30
+
+
+# --------------------------------------------------------------------------- trees
+class OracleTreeDrafter:
+    """Knows the greedy continuation and drafts a tree whose right answer is NOT the first path:
+
+    wrong, wrong's child, right_1, right_2, right_3 (parents -1, 0, -1, 2, 3). Accepting the
+    second branch makes the cache keep a non-prefix path. Ignores ``budget`` (the engine trims).
+    """
+
+    name = "oracle"
+
+    def __init__(self, full: list[int], vocab: int) -> None:
+        self.full, self.vocab = full, vocab  # prompt + greedy continuation
+        self.observed = 0
+
+    def reset(self) -> None:
+        self.observed = 0
+
+    def propose(self, ctx: Context, budget: int) -> Draft:
+        m = int(ctx.tokens.shape[0])
+        assert ctx.tokens.tolist() == self.full[:m]
+        right = self.full[m : m + 3]
+        if not right:
+            return Draft.empty()
+        wrong = (right[0] + 1) % self.vocab
+        toks = [wrong, (wrong + 5) % self.vocab] + right
+        parents = [-1, 0, -1, 2, 3][: len(toks)]
+        return Draft(torch.tensor(toks), torch.tensor(parents))
+
+    def observe(self, ctx: Context, feedback: StepFeedback) -> None:
+        assert feedback.target_argmax.shape == (len(feedback.draft) + 1,)
+        self.observed += 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma2"])
+def test_tree_with_the_answer_on_a_second_branch(family: str) -> None:
+    m = model("native", family)
+    ids = PROMPTS["random"]
+    ref = greedy_reference("native", family, tuple(ids))
+    drafter = OracleTreeDrafter(ids + ref, m.vocab_size)
+    method = Method("oracle", [drafter], FixedPolicy(drafter, 5), 5)
+    out, stats, reason = run(m, method, ids)
+    assert out == ref and reason == "length"
+    assert stats.tokens_per_step > 3.0  # 4 per full step (3 accepted + bonus)
+    # every step drafted except, maybe, the last (a budget of max_new - 1 - emitted = 0)
+    assert stats.drafter_steps["oracle"] == drafter.observed >= stats.steps - 1
+    # with a budget of 2 (wrong + its child) nothing is ever accepted, but output is unchanged
+    drafter = OracleTreeDrafter(ids + ref, m.vocab_size)
+    method = Method("oracle", [drafter], FixedPolicy(drafter, 2), 2)
+    out, stats, _ = run(m, method, ids)
+    assert out == ref and stats.accepted == 0 and stats.tokens_per_step == 1.0
+
+
+def test_pld_trees_sampled_and_greedy() -> None:
+    """Prompt lookup drafts trees when several earlier matches disagree."""
+    m = model("native", "llama")
+    ids = _random(4, 3) + [50] + _random(4, 3) + [51] + _random(4, 3) + [52] + _random(4, 3)
+    ref = greedy_reference("native", "llama", tuple(ids))
+    out, stats, _ = run(m, "pld", ids)
+    assert out == ref
+    # sampling with top_k=1 is greedy: every method must give the greedy output
+    params = SamplingParams(temperature=0.8, top_k=1, seed=0)
+    for name in LOSSLESS:
+        assert run(m, name, ids, params=params)[0] == ref, name
+
+
+# --------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_seeded_sampling_repeats(family: str) -> None:
+    m = model("native", family)
+    ids = PROMPTS["repeated"]
+    # auto chooses draft sizes from measured timings, so its draws depend on the clock
+    for name in [n for n in LOSSLESS if n != "auto"]:
+        for params in (
+            SamplingParams(temperature=0.8, seed=1),
+            SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1),
+        ):
+            a = run(m, name, ids, 30, params)[0]
+            b = run(m, name, ids, 30, params)[0]
+            other = SamplingParams(temperature=0.8, top_k=params.top_k, top_p=params.top_p, seed=2)
+            c = run(m, name, ids, 30, other)[0]
+            assert a == b, name
+            assert a != c, name
+            assert len(a) == len(c) == 30
+
+
+# --------------------------------------------------------------------------- stats, EOS, budgets
+def test_eos_stops_every_method() -> None:
+    m = model("native", "llama")
+    ids = PROMPTS["random"]
+    ref = greedy_reference("native", "llama", tuple(ids))
+    for k in (0, 5, 17):
+        eos = ref[k]
+        cut = ref.index(eos)  # EOS's first appearance
+        for name in LOSSLESS:
+            out, stats, reason = run(m, name, ids, eos=frozenset({eos}))
+            assert out == ref[:cut], (name, k)
+            assert reason == "stop" and stats.new_tokens == cut
+
+
+@pytest.mark.parametrize("max_new", [0, 1, 2, 3, 7])
+def test_max_new_tokens_respected(max_new: int) -> None:
+    m = model("native", "llama")
+    ids = PROMPTS["repeated"]
+    ref = greedy_reference("native", "llama", tuple(ids))
+    for name in LOSSLESS:
+        out, stats, reason = run(m, name, ids, max_new)
+        assert out == ref[:max_new], name
+        assert reason == "length"
+
+
+def test_end_of_context() -> None:
+    """A prompt near the model's context: every method stops at the same token, "length"."""
+    m = model("native", "gemma3_text")
+    assert m.max_context == 256
+    ids = (_random(10, 4) * 26)[:248]
+    outs = {name: run(m, name, ids, NEW) for name in LOSSLESS}
+    ref, _, _ = outs["ar"]
+    assert len(ref) == m.max_context - len(ids) + 1  # the last token is never fed back
+    for name, (out, _, reason) in outs.items():
+        assert out == ref and reason == "length", name
+
+
+def test_bad_prompts() -> None:
+    m = model("native", "llama")
+    engine = Engine(m, build_method("ar", m))
+    with pytest.raises(ConfigError, match="empty"):
+        list(engine.generate([], 5, GREEDY))
+    with pytest.raises(ConfigError, match="context"):
+        list(engine.generate([5] * m.max_context, 5, GREEDY))
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_method("nope", m)
+
+
+# --------------------------------------------------------------------------- jacobi
+def test_jacobi_guesses_follow_the_context() -> None:
+    """The iterate carried over is for the positions after the emitted tokens; when other
+    drafters (``auto``) decided tokens meanwhile, the guesses for those positions are dropped."""
+    d = JacobiDrafter(block=4)
+    ctx = Context(torch.tensor([5, 6, 7]), 2)
+    draft = d.propose(ctx, 3)
+    assert draft.tokens.tolist() == [7, 7, 7] and draft.is_chain
+    # the target's argmax after the root and each guess: 8 9 1 2 -> nothing accepted, bonus 8
+    argmax = torch.tensor([8, 9, 1, 2])
+    result = verify_greedy_argmax(draft, argmax)
+    assert result.tokens.tolist() == [8]
+    d.observe(ctx, StepFeedback(draft, result, argmax))
+    ctx = Context(torch.tensor([5, 6, 7, 8]), 2)
+    assert d.propose(ctx, 4).tokens.tolist() == [9, 1, 2, 8]  # the rest, padded with the bonus
+    draft = d.propose(ctx, 4)
+    argmax = torch.tensor([9, 1, 3, 4, 0])  # accepts 9 1, bonus 3; carries 4 0
+    d.observe(ctx, StepFeedback(draft, verify_greedy_argmax(draft, argmax), argmax))
+    assert d.propose(Context(torch.tensor([5, 6, 7, 8, 9, 1, 3]), 2), 4).tokens.tolist() == [
+        4, 0, 3, 3
+    ]
+    # one token decided by another drafter meanwhile: its guess is dropped
+    ctx = Context(torch.tensor([5, 6, 7, 8, 9, 1, 3, 4]), 2)
+    assert d.propose(ctx, 4).tokens.tolist() == [0, 3, 3, 3]
+    # too far ahead: start over from the last token
+    ctx = Context(torch.arange(20), 2)
+    assert d.propose(ctx, 4).tokens.tolist() == [19] * 4
+    d.reset()
+    assert d.propose(Context(torch.tensor([4]), 1), 2).tokens.tolist() == [4, 4]
+
