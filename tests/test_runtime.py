@@ -414,3 +414,31 @@ def test_unsupported_architecture() -> None:
         from_hf_config(
             AutoConfig.for_model("llama", hidden_act="gelu", hidden_size=16, num_attention_heads=2)
         )
+
+
+# --------------------------------------------------------------------------- bitwise exactness
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_bf16_verification_rows_equal_sequential_decoding_bit_for_bit(family, tmp_path, monkeypatch):
+    """With batch-invariant matmuls (probed) and row-exact attention, a forward over a chain or a
+    tree gives each row exactly the logits of one-token decoding: greedy verification can never
+    flip a near-tie that plain decoding would not."""
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    model = NativeModel.from_hf(tiny_hf_model(family), dtype=torch.bfloat16)
+    if not model.bitwise_exact:
+        pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 97, (LONG,), generator=g)  # past the sliding window
+    seq = torch.randint(3, 97, (9,), generator=g)
+    cache = model.new_cache(64)
+    model.forward(prefix, cache, exact=False)
+    single = torch.cat([model.forward(seq[i : i + 1], cache).logits for i in range(9)])
+    cache.rollback(9)
+    assert torch.equal(model.forward(seq, cache).logits, single)
+    cache.rollback(9)
+    # a tree whose second branch is the sequence: root -> [x, y] and root -> seq[1:4]
+    parents = torch.tensor([-1, 0, -1, 2, 3])
+    info = build_tree(parents)
+    toks = torch.cat([seq[:1], torch.tensor([5, 6]), seq[1:4]])
+    pos = cache.length + torch.cat([torch.zeros(1, dtype=torch.long), 1 + info.depth])
+    out = model.forward(toks, cache, positions=pos, tree_mask=info.mask_with_root).logits
+    assert torch.equal(out[[0, 3, 4, 5]], single[:4])

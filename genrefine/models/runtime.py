@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..types import ModelOutput
 from .cache import KVCache
+from .invariance import probe_splits, split_linear
 from .config import ModelConfig
 
 
@@ -50,8 +51,7 @@ class ReducedHead:
         self.weight = weight  # [v, hidden]
 
 
-def _split_rows(names: Sequence[str], sizes: Sequence[int], t: Tensor) -> dict[str, Tensor]:
-    return dict(zip(names, torch.split(t, list(sizes), dim=0)))
+EXACT_ROWS_MAX = 64  # forwards of up to this many tokens attend row by row (see forward)
 
 
 class NativeModel:
@@ -94,6 +94,27 @@ class NativeModel:
         )
         self._rope_keys = sorted(set(config.layer_rope))
         self._windows = sorted({w for w in config.layer_windows if w is not None})
+        # reduction splits that make each weight's matmul batch-invariant (see invariance.py)
+        self._splits: dict[tuple[int, int], int] = {}
+        self.bitwise_exact = False
+        if dtype in (torch.bfloat16, torch.float16):
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Probe (once per machine, cached) how to make every matmul batch-invariant."""
+        weights = {tuple(self.lm_head.shape): self.lm_head}
+        for lw in self.layers:
+            for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                weights.setdefault(tuple(w.shape), w)
+        found = probe_splits(weights)
+        self._splits = {shape: s for shape, s in found.items() if s not in (None, 1)}
+        self.bitwise_exact = all(s is not None for s in found.values())
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        split = self._splits.get(tuple(weight.shape))
+        if split is None:
+            return F.linear(x, weight, bias)
+        return split_linear(x, weight, bias, split)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -199,7 +220,7 @@ class NativeModel:
             weight = head.weight
         elif head is not None:
             weight = self.lm_head.index_select(0, head.to(self.device))
-        logits = F.linear(h, weight).float()
+        logits = self._linear(h, weight, None).float()
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -216,6 +237,7 @@ class NativeModel:
         hidden_layers: Sequence[int] = (),
         layers: Sequence[int] | None = None,
         vocab_subset: ReducedHead | Tensor | None = None,
+        exact: bool | None = None,
     ) -> ModelOutput:
         """Run ``tokens`` ([n] long) on top of the cached prefix and append them to the cache.
 
@@ -227,6 +249,11 @@ class NativeModel:
         layers: run only these layer indices (ascending); skipped layers pass the residual
             through and leave their cache slots unwritten.
         vocab_subset: project only onto these token ids (a :class:`ReducedHead` is cached).
+        exact: attend one query at a time over exactly the keys a one-token forward would see,
+            so every row equals sequential decoding bit for bit where the matmuls are
+            batch-invariant. Default: on for up to ``EXACT_ROWS_MAX`` tokens (verification) when
+            :attr:`bitwise_exact` (the matmuls were made batch-invariant, see invariance.py),
+            off otherwise (float32 here, prefill chunks) since it could not make rows exact.
         """
         n = int(tokens.shape[0])
         start = cache.reserve(n)
@@ -236,7 +263,9 @@ class NativeModel:
         c = self.config
         x = self.embed_tokens(tokens.to(self.device))  # [n, hidden]
         rope = self._rope_cos_sin(positions)
-        masks = self._masks(positions, tree_mask, start, n)
+        if exact is None:
+            exact = self.bitwise_exact and n <= EXACT_ROWS_MAX
+        masks = self._masks(positions, tree_mask, start, n, exact)
         hidden: dict[int, Tensor] = {}
         want = set(hidden_layers)
         if 0 in want:
@@ -252,6 +281,43 @@ class NativeModel:
         if c.num_layers in want:
             hidden[c.num_layers] = self._norm(x, self.final_norm)
         return ModelOutput(logits=logits, hidden=hidden)
+
+    # ------------------------------------------------------------------ layer-by-layer
+    @torch.inference_mode()
+    def run_layers(self, x: Tensor, cache: KVCache, start: int, layers: Sequence[int]) -> Tensor:
+        """Run ``layers`` (ascending) on the residual stream ``x`` [n, hidden] of new tokens at
+        slots and positions ``start .. start + n - 1`` (causal among them); returns [n, hidden].
+
+        Writes those layers' cache slots but leaves ``cache.length`` alone: a caller stepping
+        through the layers in groups (early exit) reserves the slots first and sets the length
+        when the tokens are done. ``x`` for the first group is :meth:`embed_tokens`.
+        """
+        n = int(x.shape[0])
+        if start + n > cache.capacity:
+            raise ValueError(f"KV cache full: slots {start}..{start + n - 1} exceed {cache.capacity}")
+        c = self.config
+        positions = torch.arange(start, start + n, device=self.device)
+        rope = self._rope_cos_sin(positions)
+        masks = self._masks(positions, None, start, n)
+        for i in layers:
+            x = self._layer(i, x, cache, start, start + n, rope[c.layer_rope[i]], masks[c.layer_windows[i]])
+        return x
+
+    @torch.inference_mode()
+    def write_kv(self, x: Tensor, cache: KVCache, start: int, layers: Sequence[int]) -> None:
+        """Fill the key/value slots ``start .. start + n - 1`` of ``layers`` as if ``x``
+        [n, hidden] were the residual stream entering each of them (nothing else is computed).
+
+        This is CALM's state propagation: after an early exit the exit layer's hidden state
+        stands in for the skipped layers' inputs, so later tokens find their cache filled.
+        """
+        n = int(x.shape[0])
+        c = self.config
+        rope = self._rope_cos_sin(torch.arange(start, start + n, device=self.device))
+        for i in layers:
+            _, k, v = self._qkv(i, x, rope[c.layer_rope[i]], queries=False)
+            cache.keys[i][:, start : start + n] = k
+            cache.values[i][:, start : start + n] = v
 
     # ------------------------------------------------------------------ internals
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -275,9 +341,10 @@ class NativeModel:
         return out
 
     def _masks(
-        self, positions: Tensor, tree_mask: Tensor | None, start: int, n: int
-    ) -> dict[int | None, tuple[int, Tensor | None]]:
-        """Per window size: (first visible slot, bool mask [n, visible slots] or None)."""
+        self, positions: Tensor, tree_mask: Tensor | None, start: int, n: int, exact: bool = False
+    ) -> dict:
+        """Per window size: (first visible slot, bool mask [n, visible slots] or None), or with
+        ``exact`` a row plan (see :meth:`_row_plans`)."""
         masks: dict[int | None, tuple[int, Tensor | None]] = {}
         pos = positions.to(self.device)
         if n == 1 and tree_mask is None:
@@ -285,6 +352,8 @@ class NativeModel:
             for w in self._windows:
                 masks[w] = (max(0, start + 1 - w), None)
             return masks
+        if exact:
+            return self._row_plans(pos, tree_mask, start, n)
         if tree_mask is None:
             new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         else:
@@ -301,6 +370,84 @@ class NativeModel:
                 masks[w] = (first, m[:, first:])
         return masks
 
+    def _row_plans(
+        self, pos: Tensor, tree_mask: Tensor | None, start: int, n: int
+    ) -> dict[int | None, list[tuple[int, Tensor | None]]]:
+        """Per window size and query row: the key slots a one-token forward at that row's
+        position would attend to, in slot order: ``(first, None)`` for the contiguous slots
+        ``first .. start + row`` (chains), else ``(first, slots)`` with a [k] long index.
+
+        Attending over exactly those keys, one query at a time, makes each row's result
+        bitwise what sequential decoding computes, as long as the matmuls are batch-invariant
+        (bfloat16 on this CPU): verification then cannot flip a near-tie that plain decoding
+        would not.
+        """
+        if tree_mask is None:
+            new = torch.ones(n, n, dtype=torch.bool).tril_()
+        else:
+            new = tree_mask.to("cpu", torch.bool)
+        pos_l = pos.tolist()
+        causal = torch.ones(n, n, dtype=torch.bool).tril_()
+        contiguous = (new == causal).all(dim=1).tolist()  # row r sees new tokens 0..r only
+        plans: dict[int | None, list[tuple[int, Tensor | None]]] = {}
+        for w in [None, *self._windows]:
+            rows = []
+            for r in range(n):
+                p = pos_l[r]
+                first = 0 if w is None else max(0, p + 1 - w)
+                if contiguous[r] and pos_l[r] == start + r:
+                    rows.append((first, None))
+                    continue
+                vis = [j for j in range(n) if new[r, j] and (w is None or p - pos_l[j] < w)]
+                slots = list(range(first, start)) + [start + j for j in vis]
+                rows.append((first, torch.tensor(slots, dtype=torch.long, device=self.device)))
+            plans[w] = rows
+        return plans
+
+    def _qkv(
+        self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], queries: bool
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Layer ``i``'s rotated queries ([H, n, D], None unless ``queries``), keys and values
+        ([KV, n, D]) for the residual stream ``x`` [n, hidden] entering the layer."""
+        c = self.config
+        lw = self.layers[i]
+        n = x.shape[0]
+        hd, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+        h = self._norm(x, lw.input_norm)
+        if queries:
+            qkv = self._linear(h, lw.qkv, lw.qkv_bias)  # [n, (H + 2 KV) * D]
+            q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:  # only the key/value rows of the fused projection
+            bias = None if lw.qkv_bias is None else lw.qkv_bias[nh * hd :]
+            k, v = torch.split(F.linear(h, lw.qkv[nh * hd :], bias), [nkv * hd, nkv * hd], dim=-1)
+            q = None
+        k = k.view(n, nkv, hd).transpose(0, 1)  # [KV, n, D]
+        v = v.view(n, nkv, hd).transpose(0, 1)
+        cos, sin = rope
+        if q is not None:
+            q = q.view(n, nh, hd).transpose(0, 1)  # [H, n, D]
+            if lw.q_norm is not None:
+                q = self._norm(q, lw.q_norm)
+            q = q * cos + _rotate_half(q) * sin
+        if lw.k_norm is not None:
+            k = self._norm(k, lw.k_norm)
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
+        """q: [H, n, D], keys/values: [KV, S, D], mask: [n, S] bool or None -> [H, n, D]."""
+        c = self.config
+        if c.attn_logit_softcap:
+            return _softcap_attention(q, keys, values, mask, c.attn_scale, c.attn_logit_softcap)
+        return F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            scale=c.attn_scale,
+            enable_gqa=c.num_heads != c.num_kv_heads,
+        )[0]
+
     def _layer(
         self,
         i: int,
@@ -314,46 +461,37 @@ class NativeModel:
         c = self.config
         lw = self.layers[i]
         n = x.shape[0]
-        h = self._norm(x, lw.input_norm)
-        qkv = F.linear(h, lw.qkv, lw.qkv_bias)  # [n, (H + 2 KV) * D]
         hd, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
-        q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(n, nh, hd).transpose(0, 1)  # [H, n, D]
-        k = k.view(n, nkv, hd).transpose(0, 1)  # [KV, n, D]
-        v = v.view(n, nkv, hd).transpose(0, 1)
-        if lw.q_norm is not None:
-            q = self._norm(q, lw.q_norm)
-            k = self._norm(k, lw.k_norm)
-        cos, sin = rope
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(i, x, rope, queries=True)
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
-        first, m = mask
-        keys = cache.keys[i][:, first:total]  # [KV, S, D]
-        values = cache.values[i][:, first:total]
-        if c.attn_logit_softcap:
-            att = _softcap_attention(q, keys, values, m, c.attn_scale, c.attn_logit_softcap)
+        if isinstance(mask, list):  # row-exact: each query over exactly its own keys
+            rows = []
+            for r, (first, slots) in enumerate(mask):
+                if slots is None:
+                    keys = cache.keys[i][:, first : start + r + 1]
+                    values = cache.values[i][:, first : start + r + 1]
+                else:
+                    keys = cache.keys[i].index_select(1, slots)
+                    values = cache.values[i].index_select(1, slots)
+                rows.append(self._attention(q[:, r : r + 1], keys, values, None))
+            att = torch.cat(rows, dim=1)  # [H, n, D]
         else:
-            att = F.scaled_dot_product_attention(
-                q.unsqueeze(0),
-                keys.unsqueeze(0),
-                values.unsqueeze(0),
-                attn_mask=m,
-                scale=c.attn_scale,
-                enable_gqa=nh != nkv,
-            )[0]  # [H, n, D]
+            first, m = mask
+            keys = cache.keys[i][:, first:total]  # [KV, S, D]
+            values = cache.values[i][:, first:total]
+            att = self._attention(q, keys, values, m)
         att = att.transpose(0, 1).reshape(n, nh * hd)
-        a = F.linear(att, lw.o, lw.o_bias)
+        a = self._linear(att, lw.o, lw.o_bias)
         if lw.pre_ffn_norm is not None:
             x = x + self._norm(a, lw.post_attn_norm)
             h = self._norm(x, lw.pre_ffn_norm)
         else:
             x = x + a
             h = self._norm(x, lw.post_attn_norm)
-        gu = F.linear(h, lw.gate_up, lw.gate_up_bias)
+        gu = self._linear(h, lw.gate_up, lw.gate_up_bias)
         gate, up = gu.chunk(2, dim=-1)
-        mlp = F.linear(self._act(gate) * up, lw.down, lw.down_bias)
+        mlp = self._linear(self._act(gate) * up, lw.down, lw.down_bias)
         if lw.post_ffn_norm is not None:
             mlp = self._norm(mlp, lw.post_ffn_norm)
         return x + mlp
