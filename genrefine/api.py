@@ -59,6 +59,16 @@ class Generator:
             if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) and tid >= 0:
                 eos.add(tid)
         self.eos_ids = frozenset(eos)
+        # built methods, reused across calls: drafters that learn (suffix decoding, auto's
+        # acceptance estimates) keep what they learned, and datastores load once
+        self._methods: dict = {}
+
+    def method(self, name: str, options: MethodOptions | None = None):
+        """The built :class:`~genrefine.methods.Method` for ``name`` (built once per options)."""
+        key = (name, options or MethodOptions())
+        if key not in self._methods:
+            self._methods[key] = build_method(name, self.model, options)
+        return self._methods[key]
 
     # ------------------------------------------------------------------ text <-> tokens
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -100,7 +110,7 @@ class Generator:
         """Like :meth:`stream`; also the lower level the CLI, bench and server use."""
         self._check(max_new_tokens)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        m = build_method(method, self.model, options)
+        m = build_method(method, self.model, options, tokenizer=self.tokenizer)
         prompt_ids = self.encode(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = Stats(m.name)

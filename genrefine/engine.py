@@ -10,6 +10,7 @@ One step is five named phases::
 
 Plain autoregressive decoding (method ``ar``) is the same loop with no drafter; it has its own
 lean branch so that the baseline every speedup is measured against does no extra work per token.
+A method with a ``decode`` loop of its own (CALM, lossy) bypasses both.
 """
 
 from __future__ import annotations
@@ -154,6 +155,12 @@ class Engine:
             )
         stats = stats if stats is not None else Stats(self.method.name)
         stats.prompt_tokens = L
+        if self.method.decode is not None:  # a decoding loop of its own (not draft-and-verify)
+            self.finish_reason = "length"
+            self.finish_reason = yield from self.method.decode(
+                model, prompt, max_new_tokens, params, eos_ids, stats
+            )
+            return
         max_draft = self.method.max_budget if self.method.drafters else 0
         capacity = min(model.max_context, L + max_new_tokens + max_draft + 1)
         generator = None if params.greedy else _generator(params, model.device)
@@ -223,7 +230,7 @@ class Engine:
                 return
             # propose
             t0 = time.perf_counter()
-            ctx = Context(history[:n_hist], L0)
+            ctx = Context(history[:n_hist], L0, cache)
             drafter, budget = method.policy.choose(method.drafters)
             budget = max(0, min(budget, remaining - 1, room))
             draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, GenrefineError
 from .policy import CostModelPolicy, HeuristicLength
 
 
@@ -21,13 +21,29 @@ class MethodOptions:
     draft_len: int | None = None  # largest draft (nodes) per step
     max_ngram: int = 3  # prompt lookup: longest n-gram matched
     jacobi_block: int = 8
+    lookahead: tuple[int, int, int] = (6, 4, 3)  # window W, n-gram size N, pool guesses G
     acceptance: str = "exact"  # "exact" (lossless speculative sampling) | "typical" (lossy)
+    datastore: str | None = None  # rest: saved datastore path; None = earlier outputs only
+    exit_layer: int | None = None  # early-exit-draft: layers the draft runs (None: L - L // 6)
+    draft_vocab: int | None = None  # self-drafting heads: the N most frequent tokens; None = all
+    draft_confidence: float | None = None  # self-drafting: stop below this top prob (None: 0.5)
+    calm_threshold: float = 0.9  # calm (lossy): exit when the top probability exceeds this
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= 64:
             raise ConfigError(f"--draft-len must be between 1 and 64, got {self.draft_len}")
         if self.acceptance not in ("exact", "typical"):
             raise ConfigError("acceptance must be 'exact' (lossless) or 'typical' (lossy)")
+        if self.exit_layer is not None and self.exit_layer < 1:
+            raise ConfigError(f"--exit-layer must be >= 1, got {self.exit_layer}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ConfigError(f"--draft-vocab must be >= 1 token (or unset: all), got {self.draft_vocab}")
+        if self.draft_confidence is not None and not 0.0 <= self.draft_confidence <= 1.0:
+            raise ConfigError(f"the draft confidence must be in [0, 1], got {self.draft_confidence}")
+        if not self.calm_threshold > 0.0:
+            raise ConfigError(
+                f"--calm-threshold must be > 0 (1.0 never exits early), got {self.calm_threshold}"
+            )
 
 
 # ---------------------------------------------------------------------------- policies
@@ -98,6 +114,10 @@ class Method:
     policy: object = None
     max_budget: int = 0
     acceptance: str = "exact"
+    # A decoding loop of its own instead of draft-and-verify (calm): called as
+    # decode(model, prompt [L] long, max_new_tokens, params, eos_ids, stats), it yields lists of
+    # new token ids and returns the finish reason ("stop" | "length").
+    decode: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,9 @@ class MethodInfo:
     name: str
     lossless: bool
     summary: str
-    build: Callable  # (model, options) -> Method
+    build: Callable  # (model, options) -> Method; (model, options, tokenizer) if takes_tokenizer
+    takes_tokenizer: bool = False  # the builder needs the tokenizer (reduced draft vocabulary)
+    native_only: bool = False  # runs layer subsets / reduced heads: not on the transformers adapter
 
 
 def _pld(model, opts: MethodOptions, **kw):
@@ -132,6 +154,78 @@ def _build_jacobi(model, opts: MethodOptions) -> Method:
     return Method("jacobi", [d], FixedPolicy(d, block), block, opts.acceptance)
 
 
+def _build_lookahead(model, opts: MethodOptions) -> Method:
+    from .drafters.lookahead import LookaheadDrafter
+
+    w, n, g = opts.lookahead
+    if not model.supports_trees:
+        g = 0  # chains only: the lookahead branch alone (Jacobi with an n-gram pool unused)
+    d = LookaheadDrafter(window=w, ngram=n, guesses=g)
+    budget = min(d.max_nodes, opts.draft_len or d.max_nodes)
+    return Method("lookahead", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def _build_rest(model, opts: MethodOptions) -> Method:
+    from .drafters.retrieval import Datastore, RetrievalDrafter
+
+    store = None
+    if opts.datastore is not None:
+        store = Datastore.load(opts.datastore, getattr(model, "name", None), model.vocab_size)
+    budget = opts.draft_len or 16
+    d = RetrievalDrafter(store, grow=True, tree=model.supports_trees)
+    return Method("rest", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def _draft_vocab(model, opts: MethodOptions, tokenizer):
+    """[N] ids of the N most frequent tokens for ``--draft-vocab N``, or None (full vocabulary)."""
+    if opts.draft_vocab is None or opts.draft_vocab >= model.vocab_size:
+        return None
+    if tokenizer is None:
+        raise ConfigError(
+            "--draft-vocab needs the model's tokenizer: pass tokenizer= to build_method "
+            "(genrefine.load() does)"
+        )
+    from .vocab import frequent_ids
+
+    return frequent_ids(getattr(model, "name", "model"), tokenizer, opts.draft_vocab, model.vocab_size)
+
+
+def _self_draft_kw(opts: MethodOptions) -> dict:
+    return {} if opts.draft_confidence is None else {"confidence": opts.draft_confidence}
+
+
+def _build_early_exit(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .drafters.layer_skip import EarlyExitDrafter, default_exit_layer
+
+    exit_layer = opts.exit_layer or default_exit_layer(model.num_layers)
+    ids = _draft_vocab(model, opts, tokenizer)
+    d = EarlyExitDrafter(model, exit_layer, ids, **_self_draft_kw(opts))
+    budget = opts.draft_len or 8
+    return Method("early-exit-draft", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def _build_swift(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .drafters.layer_skip import SkipLayerDrafter
+
+    d = SkipLayerDrafter(model, vocab_ids=_draft_vocab(model, opts, tokenizer), **_self_draft_kw(opts))
+    budget = opts.draft_len or 8
+    return Method("swift", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def _build_calm(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .early_exit import calm_generate
+
+    ids = _draft_vocab(model, opts, tokenizer)
+    threshold = opts.calm_threshold
+
+    def decode(model, prompt, max_new_tokens, params, eos_ids, stats):
+        return calm_generate(
+            model, prompt, max_new_tokens, threshold, eos_ids, stats, params=params, vocab_ids=ids
+        )
+
+    return Method("calm", decode=decode)
+
+
 def _build_auto(model, opts: MethodOptions) -> Method:
     from .drafters.jacobi import JacobiDrafter
     from .policy import load_or_measure, machine_key
@@ -154,10 +248,47 @@ METHODS: dict[str, MethodInfo] = {
             "jacobi", True, "Jacobi fixed-point iteration over a block of guesses", _build_jacobi
         ),
         MethodInfo(
+            "lookahead",
+            True,
+            "lookahead decoding: a Jacobi branch feeds an n-gram pool verified in the same forward",
+            _build_lookahead,
+        ),
+        MethodInfo(
+            "rest",
+            True,
+            "retrieval: continuations of the longest context suffix found in a datastore (REST) "
+            "or in earlier outputs (suffix decoding)",
+            _build_rest,
+        ),
+        MethodInfo(
             "auto",
             True,
             "per step, the drafter and draft size with the best expected tokens/s (cost model)",
             _build_auto,
+        ),
+        MethodInfo(
+            "early-exit-draft",
+            True,
+            "self-speculation: the first layers (+ final norm, head) draft, all layers verify",
+            _build_early_exit,
+            takes_tokenizer=True,
+            native_only=True,
+        ),
+        MethodInfo(
+            "swift",
+            True,
+            "self-speculation skipping layers; the skip set is tuned while generating (SWIFT)",
+            _build_swift,
+            takes_tokenizer=True,
+            native_only=True,
+        ),
+        MethodInfo(
+            "calm",
+            False,
+            "LOSSY early exit per token when the top probability passes --calm-threshold (CALM)",
+            _build_calm,
+            takes_tokenizer=True,
+            native_only=True,
         ),
     ]
 }
@@ -167,12 +298,26 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
-def build_method(name: str, model, options: MethodOptions | None = None) -> Method:
-    """Instantiate a method for a model; unknown names raise with the list of valid ones."""
+def build_method(
+    name: str, model, options: MethodOptions | None = None, tokenizer=None
+) -> Method:
+    """Instantiate a method for a model; unknown names raise with the list of valid ones.
+
+    ``tokenizer`` is needed only for a reduced draft vocabulary (``MethodOptions.draft_vocab``).
+    """
     opts = options or MethodOptions()
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    m = METHODS[name].build(model, opts)
+    info = METHODS[name]
+    if info.native_only:
+        from .models.runtime import NativeModel
+
+        if not isinstance(model, NativeModel):
+            raise GenrefineError(
+                f"method {name} needs the native runtime; this architecture runs through the "
+                "transformers adapter"
+            )
+    m = info.build(model, opts, tokenizer) if info.takes_tokenizer else info.build(model, opts)
     if opts.acceptance == "typical":
         m.name += "+typical"
     return m

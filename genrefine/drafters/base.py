@@ -16,10 +16,16 @@ class Context:
 
     ``tokens`` holds the prompt and every token decided so far; its last element is the root of
     the next draft (decided, but not yet in the target's cache).
+
+    ``cache`` is the target's cache holding the committed prefix (``tokens[:-1]``), for drafters
+    that run the target model itself (layer skipping, early exit). During :meth:`Drafter.propose`
+    a drafter may append to it but must roll back everything it appended before returning; it
+    must not touch it in :meth:`Drafter.observe`. None outside the engine.
     """
 
     tokens: Tensor  # [L] long
     prompt_len: int  # how many of ``tokens`` came from the prompt
+    cache: object | None = None  # the target's KVCache, cache.length == L - 1
 
 
 @dataclass
