@@ -1,0 +1,330 @@
+"""The ``genrefine`` command line. Nothing else in the package reads ``sys.argv``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import GenrefineError
+
+DEMO_PROMPT = (
+    "Summarize the following notes in two sentences, reusing their wording.\n\n"
+    "Notes: The city council met on Tuesday to discuss the new bicycle lanes on Main Street. "
+    "The council voted to extend the bicycle lanes on Main Street to the river by next summer. "
+    "Shop owners on Main Street asked the council to keep parking on one side of Main Street. "
+    "The council agreed to keep parking on the north side of Main Street and to review the "
+    "bicycle lanes after one year.\n\nSummary: The city council"
+)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face directory or .gguf file (default: the embedded Gemma 3 270M)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16: fastest on CPU here, see README), float32, bfloat16, float16",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    from .methods import method_names
+
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--method",
+        default="ar",
+        help=f"one of {', '.join(method_names())} (see `genrefine methods`); default ar",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable runs)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--draft-len", type=int, default=None, help="largest draft per step (method default)")
+    g.add_argument(
+        "--acceptance",
+        default="exact",
+        choices=["exact", "typical"],
+        help="sampling acceptance: exact (lossless, default) or typical (Medusa's, lossy)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="genrefine",
+        description=(
+            "Faster generation without changing the output: a cheap drafter proposes tokens, "
+            "the model verifies them all in one forward pass."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"genrefine {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt and print speed figures",
+        description="Stream a continuation of PROMPT to stdout; a summary line goes to stderr.",
+    )
+    g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    _add_model_options(g)
+    _add_generation_options(g)
+
+    d = sub.add_parser(
+        "demo",
+        help="run plain decoding and speculative methods on one prompt and compare their speed",
+        description=(
+            "Generate from a built-in summarization prompt with each method, check that greedy "
+            "outputs are identical, and print tokens/s and speedup over plain decoding."
+        ),
+    )
+    d.add_argument("--methods", default="ar,pld,jacobi,auto", help="comma-separated methods")
+    d.add_argument("--prompt", default=None, help="prompt text (default: a built-in one)")
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    _add_model_options(d)
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark methods against plain decoding on Spec-Bench questions",
+        description=(
+            "Run every method on every question (interleaved, after a warm-up), check that "
+            "lossless methods reproduce ar's greedy tokens, and write a JSON report (plus "
+            "Markdown and a plot on request). Per-question results go to OUT.questions.jsonl "
+            "as they finish; running the same command again resumes."
+        ),
+    )
+    b.add_argument(
+        "--questions",
+        default=None,
+        help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl "
+        "beside the repository, when it exists)",
+    )
+    b.add_argument(
+        "--methods",
+        default="ar,pld,jacobi,auto",
+        help="comma-separated genrefine methods and hf_generate, hf_prompt_lookup "
+        "(transformers baselines); ar is always run (default ar,pld,jacobi,auto)",
+    )
+    b.add_argument("--categories", default=None, help="comma-separated categories (default all)")
+    b.add_argument("--limit-per-category", type=int, default=None, metavar="N",
+                   help="the first N questions of each category")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="per turn (default 128)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    b.add_argument("--repeats", type=int, default=1, help="runs of each question (default 1)")
+    b.add_argument("--json", required=True, metavar="OUT.json", help="the JSON report")
+    b.add_argument("--report", default=None, metavar="OUT.md", help="also a Markdown report")
+    b.add_argument("--plot", default=None, metavar="OUT.png", help="also a figure")
+    b.add_argument("--quick", action="store_true",
+                   help="smoke test: 1 question per category, 24 new tokens")
+    b.add_argument("--fresh", action="store_true",
+                   help="discard earlier per-question results instead of resuming")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(b)
+
+    sub.add_parser(
+        "methods",
+        help="list the methods and whether each is lossless",
+        description="List the methods: name, lossless or lossy, and what each does.",
+    )
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _read_prompt(arg: str) -> str:
+    text = sys.stdin.read() if arg == "-" else arg
+    if not text.strip():
+        raise GenrefineError("the prompt is empty: give some text (or - to read it from stdin)")
+    return text
+
+
+def _options(args):
+    from .methods import MethodOptions
+
+    return MethodOptions(draft_len=args.draft_len, acceptance=args.acceptance)
+
+
+def _validate_before_load(args, methods: list[str]) -> None:
+    """Catch user mistakes before spending seconds on loading a model."""
+    from .methods import METHODS
+    from .models.loading import resolve_device, resolve_dtype, resolve_source
+
+    for m in methods:
+        if m not in METHODS:
+            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise GenrefineError("--max-new-tokens must be a positive integer")
+    dev = resolve_device(args.device)
+    resolve_dtype(args.dtype, dev)
+    if args.model is not None:
+        resolve_source(args.model)
+
+
+def _summary(result, elapsed: float) -> str:
+    s = result.stats
+    acc = f", acceptance {s.acceptance_rate:.2f}" if s.acceptance_rate is not None else ""
+    return (
+        f"[{s.new_tokens} tokens in {elapsed:.2f} s, {s.tokens_per_s:.1f} tokens/s, "
+        f"method {s.method}, {s.tokens_per_step:.2f} tokens/step{acc}]"
+    )
+
+
+def cmd_generate(args) -> int:
+    from .api import load
+    from .types import SamplingParams
+
+    prompt = _read_prompt(args.prompt)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validates
+    opts = _options(args)
+    _validate_before_load(args, [args.method])
+    gen = load(args.model, dtype=args.dtype, device=args.device)
+    t0 = time.perf_counter()
+    stream = gen.stream(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        method=args.method,
+        stop=args.stop,
+        options=opts,
+    )
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(_summary(stream.result, time.perf_counter() - t0), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .api import load
+    from .methods import is_lossless
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "ar" not in methods:
+        methods.insert(0, "ar")
+    _validate_before_load(args, methods)
+    prompt = args.prompt or DEMO_PROMPT
+    t0 = time.perf_counter()
+    gen = load(args.model, dtype=args.dtype, device=args.device)
+    print(f"model: {gen.name}, dtype {str(gen.model.dtype).replace('torch.', '')}, "
+          f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    gen.generate(prompt, max_new_tokens=8)  # warm-up
+    results = {}
+    for m in methods:
+        results[m] = gen.generate(prompt, max_new_tokens=args.max_new_tokens, method=m)
+    base = results["ar"]
+    print(f"\n--- ar output ---\n{base.text.strip()}\n")
+    print(f"{'method':<10} {'tokens/s':>9} {'speedup':>8} {'tok/step':>9}  same output as ar")
+    for m, r in results.items():
+        s = r.stats
+        same = r.token_ids == base.token_ids
+        if not same and is_lossless(m):
+            flag = "NO (a lossless method must match: please report this)"
+        else:
+            flag = "yes" if same else "no (lossy)"
+        print(
+            f"{m:<10} {s.tokens_per_s:>9.1f} {s.tokens_per_s / base.stats.tokens_per_s:>7.2f}x "
+            f"{s.tokens_per_step:>9.2f}  {flag}"
+        )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.runner import BenchConfig, command_line, execute, plan_bench
+
+    argv = sys.argv[1:] if sys.argv[1:2] == ["bench"] else _bench_argv(args)
+    config = BenchConfig(
+        json_path=args.json,
+        questions=args.questions,
+        methods=args.methods,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        categories=args.categories,
+        limit_per_category=args.limit_per_category,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        repeats=args.repeats,
+        report_path=args.report,
+        plot_path=args.plot,
+        quick=args.quick,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+        command=command_line(argv),
+    )
+    plan = plan_bench(config)  # every check that needs no model
+    result = execute(plan)
+    print(result.markdown)
+    written = [plan.json_path, plan.jsonl_path, plan.report_path, plan.plot_path]
+    print("wrote " + ", ".join(str(p) for p in written if p is not None), file=sys.stderr)
+    bad = [m for m, r in result.report["methods"].items() if r.get("lossless") is False]
+    if bad:
+        print(f"genrefine: warning: output differs from the reference for {', '.join(bad)}",
+              file=sys.stderr)
+    return 0
+
+
+def _bench_argv(args) -> list[str]:
+    """The bench options as a command line (for the report, when sys.argv is not ours)."""
+    out = ["bench"]
+    for opt in ("questions", "methods", "model", "categories", "limit_per_category",
+                "max_new_tokens", "temperature", "repeats", "dtype", "device", "json", "report",
+                "plot"):
+        v = getattr(args, opt)
+        if v is not None:
+            out += [f"--{opt.replace('_', '-')}", str(v)]
+    for flag in ("quick", "fresh"):
+        if getattr(args, flag):
+            out.append(f"--{flag}")
+    return out
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for m in METHODS.values():
+        kind = "lossless" if m.lossless else "lossy"
+        print(f"{m.name:<10} {kind:<9} {m.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {
+        "generate": cmd_generate,
+        "demo": cmd_demo,
+        "methods": cmd_methods,
+        "bench": cmd_bench,
+    }[args.command]
+    try:
+        return handler(args)
+    except GenrefineError as e:
+        print(f"genrefine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ngenrefine: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

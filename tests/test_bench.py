@@ -1,0 +1,402 @@
+"""The bench: input checks, metrics on hand-made records, reports, and full runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genrefine.bench.metrics import aggregate, build_report
+from genrefine.bench.questions import (
+    Question,
+    check_writable,
+    jsonl_path_for,
+    load_questions,
+    parse_methods,
+    select_questions,
+)
+from genrefine.bench.report import markdown_report, plot_report
+from genrefine.bench.runner import Settings, TurnResult, first_difference, rotated, run_question
+from genrefine.cli import main
+from genrefine.errors import ConfigError
+
+from tiny import save_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_bench"), "llama")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path / "cache"))
+
+
+def write_lines(path, lines):
+    path.write_text("".join(ln + "\n" for ln in lines))
+    return path
+
+
+def q(qid, cat, *turns):
+    return json.dumps({"question_id": qid, "category": cat, "turns": list(turns)})
+
+
+@pytest.fixture()
+def qfile(tmp_path):
+    return write_lines(
+        tmp_path / "questions.jsonl",
+        [
+            q(1, "summarization", "the cat sat on the mat. the cat sat on the mat. summary: the"),
+            q(2, "summarization", "abc abc abc abc abc"),
+            q(3, "writing", "write about cats", "now shorter"),
+            q(4, "rag", "context: x y z x y z. question: what comes after y?"),
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- questions
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        ([q(1, "a", "x"), "{not json"], "line 2: not valid JSON"),
+        ([q(1, "a", "x"), "", '{"question_id": 2, "category": "a"}'], "line 3: missing field(s) turns"),
+        (['{"question_id": 1, "category": "a", "turns": []}'], "line 1: turns must be"),
+        (['{"question_id": 1, "category": "a", "turns": ["ok", ""]}'], "line 1: turns must be"),
+        (['{"question_id": 1, "category": "", "turns": ["x"]}'], "line 1: category"),
+        (['{"question_id": null, "category": "a", "turns": ["x"]}'], "line 1: question_id"),
+        (["[1, 2]"], "line 1: expected a JSON object"),
+        ([q(7, "a", "x"), q(8, "a", "y"), q(7, "b", "z")], "line 3: question_id 7 repeats line 1"),
+        ([""], "holds no questions"),
+    ],
+)
+def test_question_file_errors_name_the_line(tmp_path, lines, needle):
+    f = write_lines(tmp_path / "q.jsonl", lines)
+    with pytest.raises(ConfigError) as e:
+        load_questions(f)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_question_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_questions(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match="not a file"):
+        load_questions(tmp_path)
+
+
+def test_questions_load_and_select(qfile):
+    qs = load_questions(qfile)
+    assert [x.question_id for x in qs] == [1, 2, 3, 4]
+    assert qs[2].turns == ("write about cats", "now shorter")
+    assert [x.question_id for x in select_questions(qs)] == [1, 2, 3, 4]
+    assert [x.question_id for x in select_questions(qs, ["rag", "summarization"])] == [1, 2, 4]
+    assert [x.question_id for x in select_questions(qs, None, 1)] == [1, 3, 4]
+    with pytest.raises(ConfigError) as e:
+        select_questions(qs, ["rag", "poetry"])
+    assert "'poetry'" in str(e.value) and "summarization, writing, rag" in str(e.value)
+    with pytest.raises(ConfigError, match="positive"):
+        select_questions(qs, None, 0)
+
+
+def test_method_list():
+    assert parse_methods("pld,jacobi") == ["ar", "pld", "jacobi"]
+    assert parse_methods("jacobi, ar ,pld,pld") == ["ar", "jacobi", "pld"]
+    assert parse_methods("hf_generate") == ["ar", "hf_generate"]
+    with pytest.raises(ConfigError) as e:
+        parse_methods("pld,medusa")
+    msg = str(e.value)
+    assert "'medusa'" in msg
+    for name in ("ar", "pld", "jacobi", "auto", "hf_generate", "hf_prompt_lookup"):
+        assert name in msg
+    with pytest.raises(ConfigError, match="draft model"):
+        parse_methods("hf_assisted")
+
+
+def test_output_paths(tmp_path):
+    assert jsonl_path_for("out/b.json").name == "b.questions.jsonl"
+    assert check_writable(tmp_path / "r.json", "--json") == tmp_path / "r.json"
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_writable(tmp_path / "no" / "r.json", "--json")
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_writable(tmp_path, "--json")
+
+
+# ----------------------------------------------------------------------------- metrics
+def rec(qid, cat, **methods):
+    """A hand-made record: method=(new_tokens, time, steps, step_tokens, same_as_ar[, extra])."""
+    out = {}
+    for name, (n, t, steps, st, same, *extra) in methods.items():
+        out[name] = {
+            "new_tokens": n, "time": t, "steps": steps, "step_tokens": st,
+            "drafted": steps and (st - steps) * 2, "accepted": steps and (st - steps),
+            "accepted_hist": [steps], "same_as_ar": same, "same_as_hf_generate": None,
+        }
+        if extra:
+            out[name].update(extra[0])
+    return {"question_id": qid, "category": cat, "n_turns": 1, "methods": out}
+
+
+RECORDS = [
+    # ar 10 tok/s; pld 20 tok/s on q1 (2x), 10 tok/s on q2 (1x), 40 tok/s on q3 (4x)
+    rec(1, "summarization", ar=(100, 10.0, 99, 99, True), pld=(100, 5.0, 33, 99, True)),
+    rec(2, "summarization", ar=(50, 5.0, 49, 49, True), pld=(50, 5.0, 49, 49, True)),
+    rec(3, "rag", ar=(40, 4.0, 39, 39, True), pld=(40, 1.0, 13, 39, False)),
+]
+
+
+def test_speedup_is_the_mean_of_per_question_ratios():
+    m = aggregate(RECORDS, ["ar", "pld"])
+    assert m["ar"]["speedup"] == pytest.approx(1.0)
+    assert m["pld"]["speedup"] == pytest.approx((2 + 1 + 4) / 3)
+    # tokens/s is all tokens over all seconds (not the mean of ratios)
+    assert m["pld"]["tokens_per_s"] == pytest.approx(190 / 11.0)
+    assert m["ar"]["tokens_per_s"] == pytest.approx(19.0 / 1.9)
+    assert m["pld"]["n_questions"] == 3
+
+
+def test_tokens_per_step_acceptance_and_histogram():
+    m = aggregate(RECORDS, ["ar", "pld"])
+    assert m["ar"]["tokens_per_step"] == pytest.approx(1.0)
+    assert m["pld"]["tokens_per_step"] == pytest.approx((99 + 49 + 39) / (33 + 49 + 13))
+    assert m["ar"]["acceptance_rate"] is None
+    assert m["pld"]["acceptance_rate"] == pytest.approx(0.5)
+    assert m["pld"]["accepted_hist"] == [33 + 49 + 13]
+
+
+def test_per_category_figures():
+    pc = aggregate(RECORDS, ["ar", "pld"])["pld"]["per_category"]
+    assert set(pc) == {"summarization", "rag"}
+    assert pc["summarization"]["speedup"] == pytest.approx(1.5)
+    assert pc["summarization"]["tokens_per_s"] == pytest.approx(150 / 10.0)
+    assert pc["summarization"]["tokens_per_step"] == pytest.approx(148 / 82)
+    assert pc["rag"]["speedup"] == pytest.approx(4.0)
+    assert pc["rag"]["n_questions"] == 1
+
+
+def test_lossless_flags():
+    m = aggregate(RECORDS, ["ar", "pld"])
+    assert m["ar"]["lossless"] is True
+    assert m["pld"]["lossless"] is False  # q3 differs from ar
+    assert m["pld"]["same_as_ar_fraction"] == pytest.approx(2 / 3)
+    assert aggregate(RECORDS[:2], ["ar", "pld"])["pld"]["lossless"] is True
+    sampled = aggregate(RECORDS, ["ar", "pld"], greedy=False)
+    assert sampled["ar"]["lossless"] is None and sampled["pld"]["lossless"] is None
+
+
+def test_lossless_of_the_transformers_baselines():
+    no_steps = {"steps": None, "step_tokens": None, "accepted_hist": None, "drafted": None}
+    records = [
+        rec(1, "qa", ar=(10, 1.0, 9, 9, True),
+            hf_generate=(10, 2.0, 9, 9, False, {"same_as_hf_generate": True}),
+            hf_prompt_lookup=(10, 1.0, 5, 9, False, {"same_as_hf_generate": True, **no_steps})),
+    ]
+    m = aggregate(records, ["ar", "hf_generate", "hf_prompt_lookup"])
+    assert m["hf_generate"]["lossless"] is False  # its tokens differ from ar's
+    assert m["hf_prompt_lookup"]["lossless"] is True  # it matches transformers' greedy
+    assert m["hf_prompt_lookup"]["tokens_per_step"] is None
+    assert m["hf_prompt_lookup"]["accepted_hist"] is None
+    alone = aggregate(records, ["ar", "hf_prompt_lookup"])
+    assert alone["hf_prompt_lookup"]["lossless"] is None  # no reference ran
+
+
+def test_report_shape_and_markdown(tmp_path):
+    records = [dict(r, loadavg=x) for r, x in zip(RECORDS, (2.5, 4.0, 3.0))]
+    r = build_report(records, ["ar", "pld"], model="m", dtype="bfloat16", device="cpu",
+                     max_new_tokens=128, machine={"cpu": "X", "torch_threads": 2},
+                     command="genrefine bench --quick", timestamp="t")
+    for key in ("model", "dtype", "device", "max_new_tokens", "methods", "machine", "command",
+                "timestamp"):
+        assert key in r
+    for name in ("ar", "pld"):
+        for key in ("tokens_per_s", "speedup", "tokens_per_step", "acceptance_rate", "lossless",
+                    "n_questions", "per_category", "accepted_hist"):
+            assert key in r["methods"][name]
+    json.dumps(r)
+    md = markdown_report(r)
+    assert "| method | summarization | rag | overall |" in md
+    assert "| `pld` | 1.50x | 4.00x | 2.33x |" in md
+    assert "| `ar` | 1.00x | 1.00x | 1.00x |" in md
+    assert "**NO** (2/3 same)" in md  # pld differs on q3
+    assert r["load_average_during"] == [2.5, 4.0] and "2.5 to 4.0 while measuring" in md
+    assert r["methods"]["pld"]["same_as_reference"] == [2, 3]
+    for needle in ("tokens/step", "bfloat16", "genrefine bench --quick", "X"):
+        assert needle in md
+    plot_report(r, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- the runner
+class FakeBackend:
+    def __init__(self, answers):
+        self.answers, self.prompts = answers, []
+
+    def run(self, prompt_ids, max_new_tokens, temperature, seed):
+        self.prompts.append(list(prompt_ids))
+        toks = self.answers[len(self.prompts) - 1]
+        return TurnResult(toks, 0.5, False, len(prompt_ids), steps=len(toks) - 1, drafted=0,
+                          accepted=0, accepted_hist=[len(toks) - 1])
+
+
+def test_second_turn_follows_the_ar_answer_for_every_method():
+    backends = {"ar": FakeBackend([[5, 6, 7], [8, 9]]), "pld": FakeBackend([[5, 6, 7], [8, 1]])}
+    settings = Settings("m", "float32", "cpu", ("ar", "pld"), 8, 0.0, 1, "q")
+    seen = []
+
+    def chat_prompt(messages):
+        seen.append([dict(m) for m in messages])
+        return [len(m["content"]) for m in messages]
+
+    question = Question(3, "writing", ("first", "second"))
+    r = run_question(question, backends, chat_prompt, settings, ["pld", "ar"],
+                     decode=lambda ids: "ANSWER" + "".join(map(str, ids)))
+    assert seen[1] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ANSWER567"},
+        {"role": "user", "content": "second"},
+    ]
+    assert backends["ar"].prompts == backends["pld"].prompts  # identical prompts
+    ar, pld = r["methods"]["ar"], r["methods"]["pld"]
+    assert ar["new_tokens"] == 5 and ar["time"] == pytest.approx(1.0)
+    assert ar["same_as_ar"] is True and pld["same_as_ar"] is False  # turn 2 differs
+    assert pld["same_as_hf_generate"] is None
+    assert [t["turn"] for t in ar["turns"]] == [0, 1]
+    assert r["ar_answers"] == ["ANSWER567", "ANSWER89"]
+    assert [t["first_diff_vs_ar"] for t in pld["turns"]] == [None, 1]
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert rotated(["ar", "pld", "jacobi"], 4) == ["pld", "jacobi", "ar"]
+
+
+# ----------------------------------------------------------------------------- the command
+def bench(capsys, *argv):
+    code = main(["bench", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_quick_on_a_tiny_model(capsys, tiny_dir, qfile, tmp_path):
+    out_json = tmp_path / "b.json"
+    code, out, err = bench(
+        capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype", "float32",
+        "--methods", "pld,jacobi", "--quick", "--json", str(out_json),
+        "--report", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png"),
+    )
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["max_new_tokens"] == 24 and r["dtype"] == "float32" and r["device"] == "cpu"
+    assert list(r["methods"]) == ["ar", "pld", "jacobi"]
+    assert r["categories"] == ["summarization", "writing", "rag"]
+    for name, m in r["methods"].items():
+        assert m["lossless"] is True, name  # lossless methods reproduce ar's greedy tokens
+        assert m["n_questions"] == 3
+        assert set(m["per_category"]) == {"summarization", "writing", "rag"}
+        assert m["tokens_per_s"] > 0 and m["speedup"] > 0
+    assert r["methods"]["ar"]["tokens_per_step"] == 1.0
+    assert r["methods"]["ar"]["speedup"] == pytest.approx(1.0)
+    assert r["machine"]["cpu"] and r["command"].startswith("genrefine bench")
+    assert "| method | summarization | writing | rag | overall |" in out
+    assert (tmp_path / "b.md").read_text().startswith("# genrefine bench")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (tmp_path / "b.questions.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # the settings header + one line per question
+    assert json.loads(lines[0])["settings"]["max_new_tokens"] == 24
+    writing = [json.loads(x) for x in lines[1:] if json.loads(x)["category"] == "writing"][0]
+    assert writing["n_turns"] == 2 and len(writing["methods"]["pld"]["turns"]) == 2
+
+
+def test_bench_resumes_and_refuses_other_settings(capsys, tiny_dir, qfile, tmp_path, monkeypatch):
+    import genrefine.api
+
+    args = ["--questions", str(qfile), "--model", str(tiny_dir), "--dtype", "float32",
+            "--methods", "pld", "--quick", "--json", str(tmp_path / "b.json")]
+    code, _, err = bench(capsys, *args)
+    assert code == 0, err
+    jsonl = tmp_path / "b.questions.jsonl"
+    first = jsonl.read_text().splitlines()
+    assert len(first) == 4
+
+    # drop the last question (and leave half a line, as a killed run would): only it runs again
+    jsonl.write_text("\n".join(first[:3]) + "\n" + first[3][:20])
+    calls = []
+    real_load = genrefine.api.load
+    monkeypatch.setattr(genrefine.api, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    code, _, err = bench(capsys, *args)
+    assert code == 0, err
+    assert "resuming: 2 question(s)" in err and len(calls) == 1
+    again = jsonl.read_text().splitlines()
+    assert again[:3] == first[:3] and len(again) == 4
+    assert json.loads(again[3])["question_id"] == json.loads(first[3])["question_id"]
+
+    # everything done: no model is loaded, the report is rebuilt from the JSONL
+    code, _, err = bench(capsys, *args)
+    assert code == 0 and len(calls) == 1 and "resuming: 3 question(s)" in err
+    assert json.loads((tmp_path / "b.json").read_text())["methods"]["pld"]["n_questions"] == 3
+
+    code, _, err = bench(capsys, *[a if a != "pld" else "jacobi" for a in args])
+    assert code == 2
+    assert "other settings" in err and "methods" in err and "--fresh" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = bench(capsys, *args[:-1], str(tmp_path / "b.json"), "--max-new-tokens", "5")
+    assert code == 0  # --quick fixes max_new_tokens at 24: same settings
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--methods", "pld,nope"], "unknown method 'nope'"),
+        (["--categories", "rag,poetry"], "unknown category 'poetry': choose from summarization"),
+        (["--json", "/no/such/dir/b.json"], "directory '/no/such/dir' does not exist"),
+        (["--report", "/no/such/dir/b.md"], "does not exist"),
+        (["--plot", "PLOT.xyz"], "unknown image type"),
+        (["--limit-per-category", "0"], "--limit-per-category"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--repeats", "0"], "--repeats"),
+        (["--temperature", "-1"], "temperature"),
+        (["--model", "/no/such/model"], "does not exist"),
+        (["--questions", "MISSING"], "does not exist"),
+        (["--questions", "BAD"], "line 2: not valid JSON"),
+    ],
+)
+def test_bench_rejects_bad_input_before_loading(capsys, tmp_path, qfile, monkeypatch, extra, needle):
+    import genrefine.api
+
+    monkeypatch.setattr(genrefine.api, "load", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.chdir(tmp_path)
+    write_lines(tmp_path / "BAD", [q(1, "a", "x"), "{oops"])
+    argv = ["--questions", str(qfile), "--json", str(tmp_path / "b.json"), *extra]
+    argv = [str(tmp_path / "MISSING") if a == "MISSING" else a for a in argv]
+    code, _, err = bench(capsys, *argv)
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("genrefine: error:")
+
+
+def test_bench_transformers_baselines_on_a_tiny_model(capsys, tiny_dir, qfile, tmp_path):
+    code, _, err = bench(
+        capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype", "float32",
+        "--methods", "hf_generate,hf_prompt_lookup", "--categories", "summarization",
+        "--quick", "--json", str(tmp_path / "b.json"),
+    )
+    assert code == 0, err
+    m = json.loads((tmp_path / "b.json").read_text())["methods"]
+    assert list(m) == ["ar", "hf_generate", "hf_prompt_lookup"]
+    assert m["hf_generate"]["tokens_per_step"] == pytest.approx(1.0)
+    assert m["hf_generate"]["lossless"] in (True, False)  # its tokens against ar's
+    assert m["hf_prompt_lookup"]["lossless"] in (True, False)  # against hf_generate's
+    assert m["hf_prompt_lookup"]["tokens_per_step"] >= 1.0
+    assert sum(m["hf_prompt_lookup"]["accepted_hist"]) > 0
+
+
+def test_bench_sampling_makes_no_lossless_claim(capsys, tiny_dir, qfile, tmp_path):
+    code, _, err = bench(
+        capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype", "float32",
+        "--methods", "pld", "--categories", "rag", "--quick", "--temperature", "0.8",
+        "--repeats", "2", "--json", str(tmp_path / "b.json"),
+    )
+    assert code == 0, err
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["temperature"] == 0.8 and r["repeats"] == 2
+    assert r["methods"]["ar"]["lossless"] is None and r["methods"]["pld"]["lossless"] is None
+    line = json.loads((tmp_path / "b.questions.jsonl").read_text().splitlines()[1])
+    assert line["methods"]["pld"]["same_as_ar"] is None
+    assert [t["repeat"] for t in line["methods"]["pld"]["turns"]] == [0, 1]
