@@ -67,7 +67,7 @@ class Generator:
         """The built :class:`~genrefine.methods.Method` for ``name`` (built once per options)."""
         key = (name, options or MethodOptions())
         if key not in self._methods:
-            self._methods[key] = build_method(name, self.model, options)
+            self._methods[key] = build_method(name, self.model, options, tokenizer=self.tokenizer)
         return self._methods[key]
 
     # ------------------------------------------------------------------ text <-> tokens
@@ -110,7 +110,7 @@ class Generator:
         """Like :meth:`stream`; also the lower level the CLI, bench and server use."""
         self._check(max_new_tokens)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        m = build_method(method, self.model, options, tokenizer=self.tokenizer)
+        m = self.method(method, options)
         prompt_ids = self.encode(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = Stats(m.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .errors import GenrefineError
 
@@ -55,6 +56,13 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
         choices=["exact", "typical"],
         help="sampling acceptance: exact (lossless, default) or typical (Medusa's, lossy)",
     )
+    g.add_argument("--datastore", default=None,
+                   help="rest: a datastore built by `genrefine index build` (default: none, "
+                   "drafts from the context and earlier outputs)")
+    g.add_argument("--exit-layer", type=int, default=None,
+                   help="early-exit-draft: how many layers the draft runs")
+    g.add_argument("--draft-vocab", type=int, default=None,
+                   help="self-drafting methods: project drafts onto the N most frequent tokens")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,6 +136,23 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
 
+    ix = sub.add_parser(
+        "index",
+        help="build a retrieval datastore for method rest",
+        description="Datastores for retrieval drafting (method rest).",
+    )
+    ix_sub = ix.add_subparsers(dest="index_command", metavar="ACTION")
+    ib = ix_sub.add_parser(
+        "build",
+        help="tokenize a folder of text files into a suffix-indexed datastore",
+        description="Tokenize every .txt, .md, .py and .rst file under DIR with the model's "
+        "tokenizer and write a suffix-array datastore (safetensors) to --out.",
+    )
+    ib.add_argument("directory", metavar="DIR", help="folder of text files (searched recursively)")
+    ib.add_argument("--out", required=True, help="datastore file to write (.safetensors)")
+    ib.add_argument("--model", default=None,
+                    help="model whose tokenizer to use (default: the embedded Gemma 3 270M)")
+
     sub.add_parser(
         "methods",
         help="list the methods and whether each is lossless",
@@ -152,7 +177,13 @@ def _read_prompt(arg: str) -> str:
 def _options(args):
     from .methods import MethodOptions
 
-    return MethodOptions(draft_len=args.draft_len, acceptance=args.acceptance)
+    return MethodOptions(
+        draft_len=args.draft_len,
+        acceptance=args.acceptance,
+        datastore=args.datastore,
+        exit_layer=args.exit_layer,
+        draft_vocab=args.draft_vocab,
+    )
 
 
 def _validate_before_load(args, methods: list[str]) -> None:
@@ -169,6 +200,12 @@ def _validate_before_load(args, methods: list[str]) -> None:
     resolve_dtype(args.dtype, dev)
     if args.model is not None:
         resolve_source(args.model)
+    store = getattr(args, "datastore", None)
+    if store is not None and not Path(store).is_file():
+        raise GenrefineError(
+            f"datastore {store!r} does not exist: build one with "
+            "`genrefine index build DIR --out FILE`"
+        )
 
 
 def _summary(result, elapsed: float) -> str:
@@ -293,6 +330,14 @@ def _bench_argv(args) -> list[str]:
     return out
 
 
+def cmd_index(args) -> int:
+    from .drafters.retrieval import index_build_main
+
+    if args.index_command != "build":
+        raise GenrefineError("say what to do: genrefine index build DIR --out FILE")
+    return index_build_main(args.directory, args.model, args.out)
+
+
 def cmd_methods(args) -> int:
     from .methods import METHODS
 
@@ -313,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "methods": cmd_methods,
         "bench": cmd_bench,
+        "index": cmd_index,
     }[args.command]
     try:
         return handler(args)

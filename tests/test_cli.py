@@ -122,3 +122,20 @@ def test_sampling_with_a_seed_repeats(capsys, tiny_dir):
     c1, o1, _ = run(capsys, *args)
     c2, o2, _ = run(capsys, *args)
     assert c1 == c2 == 0 and o1 == o2
+
+
+def test_index_build_and_generate_with_the_datastore(capsys, tiny_dir, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    store = tmp_path / "store.safetensors"
+    code, out, err = run(capsys, "index", "build", str(docs), "--out", str(store), "--model",
+                         str(tiny_dir))
+    assert code == 0 and store.is_file(), err
+    args = ["generate", "the quick brown", "--model", str(tiny_dir), "--max-new-tokens", "12",
+            "--dtype", "float32"]
+    code, ar_out, _ = run(capsys, *args)
+    code2, rest_out, err = run(capsys, *args, "--method", "rest", "--datastore", str(store))
+    assert code == code2 == 0 and rest_out == ar_out and "method rest" in err
+    code, _, err = run(capsys, *args, "--method", "rest", "--datastore", str(tmp_path / "no.st"))
+    assert code == 2 and "genrefine index build" in err
