@@ -461,7 +461,7 @@ class NativeModel:
         c = self.config
         lw = self.layers[i]
         n = x.shape[0]
-        hd, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+        hd, nh = c.head_dim, c.num_heads
         q, k, v = self._qkv(i, x, rope, queries=True)
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
