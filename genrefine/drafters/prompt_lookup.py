@@ -207,6 +207,16 @@ def continuation_tree(
     return out_tok, out_par
 
 
+def continuation_draft(
+    continuations: list[list[int]], budget: int, depth_decay: float, chain: bool
+) -> Draft:
+    """:func:`continuation_tree` as a deterministic :class:`Draft` (empty without candidates)."""
+    if not continuations:
+        return Draft.empty()
+    toks, parents = continuation_tree(continuations, budget, depth_decay, chain=chain)
+    return Draft(torch.tensor(toks, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
 class PromptLookupDrafter:
     """Drafts by prompt lookup (see the module docstring).
 
@@ -263,12 +273,7 @@ class PromptLookupDrafter:
         """A chain or tree of at most ``budget`` nodes copied from earlier context, or empty."""
         self._sync(ctx.tokens)
         conts = self._index.candidates(budget, self.max_candidates)
-        if not conts:
-            return Draft.empty()
-        toks, parents = continuation_tree(conts, budget, self.depth_decay, chain=not self.tree)
-        return Draft(
-            torch.tensor(toks, dtype=torch.long), torch.tensor(parents, dtype=torch.long), None
-        )
+        return continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         """Nothing to learn: the next ``propose`` indexes the tokens accepted meanwhile."""

@@ -56,7 +56,7 @@ from torch import Tensor
 from ..errors import ConfigError, GenrefineError
 from ..types import Draft
 from .base import Context, StepFeedback
-from .prompt_lookup import continuation_tree
+from .prompt_lookup import continuation_draft
 
 SEP = -1  # ends every document in Datastore.tokens
 FORMAT = "genrefine-datastore"
@@ -624,12 +624,7 @@ class RetrievalDrafter:
         if self.grow:
             self._current = tokens.clone()
         conts = self.candidates(tokens.numpy(), budget) if budget > 0 else []
-        if not conts:
-            return Draft.empty()
-        toks, parents = continuation_tree(conts, budget, self.depth_decay, chain=not self.tree)
-        return Draft(
-            torch.tensor(toks, dtype=torch.long), torch.tensor(parents, dtype=torch.long), None
-        )
+        return continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         """Keep the context plus the tokens this step emitted (for ``grow``)."""
