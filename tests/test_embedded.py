@@ -7,9 +7,8 @@ Deselected by default; run with ``pytest -m slow tests/test_embedded.py``. What 
 * greedy ``ar`` is token-identical to transformers' greedy ``generate``;
 * every lossless method of :data:`genrefine.methods.METHODS` is token-identical to ``ar`` under
   greedy decoding, in float32 and in bfloat16 (the default dtype), including a generation whose
-  cache runs past the sliding window. In bfloat16 some cases are xfailed: rounding flips tied
-  argmaxes (details at ``_DIVERGED``), and a further test checks those outputs are greedy up to
-  rounding;
+  cache runs past the sliding window (bfloat16 needs the runtime's batch-invariant, bitwise-exact
+  verification: ``model.bitwise_exact``);
 * a second (warm) load converts nothing and gives the same first token.
 
 The model and the transformers reference load once per module (module-scoped fixtures).
