@@ -417,15 +417,19 @@ def test_unsupported_architecture() -> None:
 
 
 # --------------------------------------------------------------------------- bitwise exactness
+@pytest.mark.parametrize("block", [64, 4])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_bf16_verification_rows_equal_sequential_decoding_bit_for_bit(family, tmp_path, monkeypatch):
-    """With batch-invariant matmuls (probed) and row-exact attention, a forward over a chain or a
+def test_bf16_verification_rows_equal_sequential_decoding_bit_for_bit(
+    family, block, tmp_path, monkeypatch
+):
+    """With batch-invariant matmuls (probed) and blocked attention, a forward over a chain or a
     tree gives each row exactly the logits of one-token decoding: greedy verification can never
-    flip a near-tie that plain decoding would not."""
+    flip a near-tie that plain decoding would not. Small blocks put the tree across blocks."""
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
     model = NativeModel.from_hf(tiny_hf_model(family), dtype=torch.bfloat16)
     if not model.bitwise_exact:
         pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
+    model.attn_block = block
     g = torch.Generator().manual_seed(3)
     prefix = torch.randint(3, 97, (LONG,), generator=g)  # past the sliding window
     seq = torch.randint(3, 97, (9,), generator=g)

@@ -17,7 +17,9 @@ from torch import Tensor
 class KVCache:
     """Keys and values of every layer, one sequence.
 
-    keys[l], values[l]: [kv_heads, capacity, head_dim]
+    keys[l], values[l]: [kv_heads, slots, head_dim], with ``slots`` the capacity rounded up to
+    a multiple of ``block`` so that blocked attention can read whole blocks (the slots past
+    ``capacity`` are never written and always masked).
     """
 
     def __init__(
@@ -28,8 +30,9 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        block: int = 1,
     ) -> None:
-        shape = (num_kv_heads, capacity, head_dim)
+        shape = (num_kv_heads, -(-capacity // block) * block, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity

@@ -4,10 +4,12 @@ Greedy speculative decoding is lossless in exact arithmetic. In floating point, 
 over ``n`` draft tokens must produce, for each row, exactly the numbers a one-token forward would,
 or a near-tie between two tokens can flip and the output drift from plain decoding. Row-wise ops
 (norms, activations, rotary embeddings) are invariant; attention is made invariant by attending
-one query at a time (see ``NativeModel.forward(exact=...)``); matmuls depend on the BLAS kernel
+blocks (see ``attention.py``); matmuls depend on the BLAS kernel
 the library picks for each batch size. On the CPU this was written on, bfloat16 matmuls are
 batch-invariant except for some shapes and row positions, which splitting the reduction dimension
-fixes. So for each weight shape we probe, once per machine and cached on disk, the smallest split
+fixes. Attention is made invariant by construction (``attention.py``: fixed key blocks, exact
+zeros, sequential sums), relying on the batched matmuls of one block giving each row the same bits
+for any number of rows, which :func:`probe_attention` checks. So for each weight shape we probe, once per machine and cached on disk, the smallest split
 ``s`` of the reduction dimension that makes ``linear(x[:m])[r] == linear(x[r:r+1])`` bit for bit
 for every tested ``m`` and row ``r``; ``None`` if none does (then verification is only invariant up
 to rounding, as for float32 here, where the one-row kernel differs from the many-row one).
@@ -84,3 +86,67 @@ def probe_splits(weights: dict[tuple[int, int], Tensor]) -> dict[tuple[int, int]
     except OSError:
         pass
     return out
+
+
+def probe_attention(
+    heads: int, kv_heads: int, head_dim: int, block: int, dtype: torch.dtype, device
+) -> bool:
+    """Whether blocked attention (attention.py) gives every row of a many-row call, chain or
+    tree, exactly the bits of a one-row call, on random data of this shape (cached per machine)."""
+    from .attention import blocked_attention, plan_blocks
+
+    device = torch.device(device)
+    shape = [(heads, kv_heads, head_dim, block)]
+    path = cache_root() / "invariance" / f"attn-{_key(shape, dtype, device)}.json"
+    if path.is_file():
+        try:
+            return bool(json.loads(path.read_text())["invariant"])
+        except (ValueError, OSError, KeyError):
+            pass
+    gen = torch.Generator().manual_seed(1)
+    slots = 4 * block + 64
+    ok = True
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    def single(q: Tensor, k: Tensor, v: Tensor, slot: int) -> Tensor:
+        plan = plan_blocks(torch.tensor([slot], device=device), slot, None, None, block)
+        return blocked_attention(q, k, v, plan, head_dim**-0.5)
+
+    parents = [-1, 0, 0, 1, 2, -1, 5, 6]
+    depth: list[int] = []
+    for p in parents:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    tree = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+    for i in range(len(parents)):
+        j = i
+        while j >= 0:
+            tree[i, j] = True
+            j = parents[j]
+    for start in (3, block - 2, 2 * block + 5):
+        k, v = rand(kv_heads, slots, head_dim), rand(kv_heads, slots, head_dim)
+        for n in (2, 9, 33):  # chains
+            q = rand(heads, n, head_dim)
+            plan = plan_blocks(torch.arange(start, start + n, device=device), start, None, None, block)
+            out = blocked_attention(q, k, v, plan, head_dim**-0.5)
+            ok &= all(
+                torch.equal(out[:, r], single(q[:, r : r + 1], k, v, start + r)[:, 0])
+                for r in range(n)
+            )
+        n = len(parents)  # a tree, against sequential decoding of each node's path
+        q = rand(heads, n, head_dim)
+        pos = start + torch.tensor(depth, device=device)
+        out = blocked_attention(q, k, v, plan_blocks(pos, start, tree, None, block), head_dim**-0.5)
+        for r in range(n):
+            anc = torch.nonzero(tree[r]).flatten().to(device)
+            k2, v2 = k.clone(), v.clone()
+            k2[:, start : start + len(anc)] = k[:, start + anc]
+            v2[:, start : start + len(anc)] = v[:, start + anc]
+            ok &= torch.equal(out[:, r], single(q[:, r : r + 1], k2, v2, start + len(anc) - 1)[:, 0])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"invariant": bool(ok)}))
+    except OSError:
+        pass
+    return bool(ok)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..types import ModelOutput
+from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
-from .invariance import probe_splits, split_linear
+from .invariance import probe_attention, probe_splits, split_linear
 from .config import ModelConfig
 
 
@@ -51,7 +52,7 @@ class ReducedHead:
         self.weight = weight  # [v, hidden]
 
 
-EXACT_ROWS_MAX = 64  # forwards of up to this many tokens attend row by row (see forward)
+EXACT_ROWS_MAX = 64  # forwards of up to this many tokens use bitwise-exact attention (see forward)
 
 
 class NativeModel:
@@ -97,6 +98,7 @@ class NativeModel:
         # reduction splits that make each weight's matmul batch-invariant (see invariance.py)
         self._splits: dict[tuple[int, int], int] = {}
         self.bitwise_exact = False
+        self.attn_block = BLOCK  # key slots per block of the exact attention (attention.py)
         if dtype in (torch.bfloat16, torch.float16):
             self._calibrate()
 
@@ -108,7 +110,10 @@ class NativeModel:
                 weights.setdefault(tuple(w.shape), w)
         found = probe_splits(weights)
         self._splits = {shape: s for shape, s in found.items() if s not in (None, 1)}
-        self.bitwise_exact = all(s is not None for s in found.values())
+        c = self.config
+        self.bitwise_exact = all(s is not None for s in found.values()) and probe_attention(
+            c.num_heads, c.num_kv_heads, c.head_dim, self.attn_block, self.dtype, self.device
+        )
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         split = self._splits.get(tuple(weight.shape))
@@ -198,7 +203,9 @@ class NativeModel:
         """A preallocated cache for ``capacity`` tokens (default: the model's context)."""
         c = self.config
         cap = min(capacity or self.max_context, self.max_context)
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, cap, self.dtype, self.device)
+        return KVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim, cap, self.dtype, self.device, self.attn_block
+        )
 
     def reduced_head(self, ids: Tensor) -> ReducedHead:
         """Output projection restricted to token ids ``ids`` ([v] long), built once."""
@@ -249,11 +256,12 @@ class NativeModel:
         layers: run only these layer indices (ascending); skipped layers pass the residual
             through and leave their cache slots unwritten.
         vocab_subset: project only onto these token ids (a :class:`ReducedHead` is cached).
-        exact: attend one query at a time over exactly the keys a one-token forward would see,
-            so every row equals sequential decoding bit for bit where the matmuls are
-            batch-invariant. Default: on for up to ``EXACT_ROWS_MAX`` tokens (verification) when
-            :attr:`bitwise_exact` (the matmuls were made batch-invariant, see invariance.py),
-            off otherwise (float32 here, prefill chunks) since it could not make rows exact.
+        exact: use blocked attention (see attention.py), whose rows equal one-token decoding
+            bit for bit, so that with batch-invariant matmuls every row of a verification
+            forward is exactly what sequential decoding computes. Default: on for up to
+            ``EXACT_ROWS_MAX`` tokens (decoding and verification) when :attr:`bitwise_exact`
+            (the matmuls were made batch-invariant, see invariance.py); off otherwise (float32
+            here, prefill chunks), where fused attention is used.
         """
         n = int(tokens.shape[0])
         start = cache.reserve(n)
@@ -343,17 +351,25 @@ class NativeModel:
     def _masks(
         self, positions: Tensor, tree_mask: Tensor | None, start: int, n: int, exact: bool = False
     ) -> dict:
-        """Per window size: (first visible slot, bool mask [n, visible slots] or None), or with
-        ``exact`` a row plan (see :meth:`_row_plans`)."""
-        masks: dict[int | None, tuple[int, Tensor | None]] = {}
+        """Per window size: a :class:`BlockPlan` with ``exact``, else (first visible slot, bool
+        mask [n, visible slots] or None) for fused attention."""
         pos = positions.to(self.device)
+        if exact:
+            chain = tree_mask is None and bool(
+                (pos.cpu() == torch.arange(start, start + n)).all()
+            )
+            tm = None if chain else tree_mask
+            if tm is None and not chain:
+                tm = torch.ones(n, n, dtype=torch.bool).tril_()
+            return {
+                w: plan_blocks(pos, start, tm, w, self.attn_block) for w in [None, *self._windows]
+            }
+        masks: dict[int | None, tuple[int, Tensor | None]] = {}
         if n == 1 and tree_mask is None:
             masks[None] = (0, None)
             for w in self._windows:
                 masks[w] = (max(0, start + 1 - w), None)
             return masks
-        if exact:
-            return self._row_plans(pos, tree_mask, start, n)
         if tree_mask is None:
             new = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
         else:
@@ -369,40 +385,6 @@ class NativeModel:
                 m = full & (dist < w)
                 masks[w] = (first, m[:, first:])
         return masks
-
-    def _row_plans(
-        self, pos: Tensor, tree_mask: Tensor | None, start: int, n: int
-    ) -> dict[int | None, list[tuple[int, Tensor | None]]]:
-        """Per window size and query row: the key slots a one-token forward at that row's
-        position would attend to, in slot order: ``(first, None)`` for the contiguous slots
-        ``first .. start + row`` (chains), else ``(first, slots)`` with a [k] long index.
-
-        Attending over exactly those keys, one query at a time, makes each row's result
-        bitwise what sequential decoding computes, as long as the matmuls are batch-invariant
-        (bfloat16 on this CPU): verification then cannot flip a near-tie that plain decoding
-        would not.
-        """
-        if tree_mask is None:
-            new = torch.ones(n, n, dtype=torch.bool).tril_()
-        else:
-            new = tree_mask.to("cpu", torch.bool)
-        pos_l = pos.tolist()
-        causal = torch.ones(n, n, dtype=torch.bool).tril_()
-        contiguous = (new == causal).all(dim=1).tolist()  # row r sees new tokens 0..r only
-        plans: dict[int | None, list[tuple[int, Tensor | None]]] = {}
-        for w in [None, *self._windows]:
-            rows = []
-            for r in range(n):
-                p = pos_l[r]
-                first = 0 if w is None else max(0, p + 1 - w)
-                if contiguous[r] and pos_l[r] == start + r:
-                    rows.append((first, None))
-                    continue
-                vis = [j for j in range(n) if new[r, j] and (w is None or p - pos_l[j] < w)]
-                slots = list(range(first, start)) + [start + j for j in vis]
-                rows.append((first, torch.tensor(slots, dtype=torch.long, device=self.device)))
-            plans[w] = rows
-        return plans
 
     def _qkv(
         self, i: int, x: Tensor, rope: tuple[Tensor, Tensor], queries: bool
@@ -465,17 +447,10 @@ class NativeModel:
         q, k, v = self._qkv(i, x, rope, queries=True)
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
-        if isinstance(mask, list):  # row-exact: each query over exactly its own keys
-            rows = []
-            for r, (first, slots) in enumerate(mask):
-                if slots is None:
-                    keys = cache.keys[i][:, first : start + r + 1]
-                    values = cache.values[i][:, first : start + r + 1]
-                else:
-                    keys = cache.keys[i].index_select(1, slots)
-                    values = cache.values[i].index_select(1, slots)
-                rows.append(self._attention(q[:, r : r + 1], keys, values, None))
-            att = torch.cat(rows, dim=1)  # [H, n, D]
+        if isinstance(mask, BlockPlan):  # bitwise-exact: rows as one-token decoding computes them
+            att = blocked_attention(
+                q, cache.keys[i], cache.values[i], mask, c.attn_scale, c.attn_logit_softcap
+            )
         else:
             first, m = mask
             keys = cache.keys[i][:, first:total]  # [KV, S, D]
