@@ -86,7 +86,12 @@ class Generator:
         """Token ids for chat messages: the tokenizer's chat template, else plain concatenation."""
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            ids = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if hasattr(ids, "keys"):  # a BatchEncoding (transformers 5 returns one by default)
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
         text = "".join(f"{m['content']}\n\n" for m in messages)
         return self.encode(text)
 
@@ -190,13 +195,16 @@ def load(
     dtype: str | None = None,
     device: str | None = None,
     quiet: bool = False,
+    backend: str | None = None,
 ) -> Generator:
     """Load a model (default: the embedded Gemma 3 270M) and return a :class:`Generator`.
 
     model: a local Hugging Face directory or a .gguf file. dtype: "auto" (bfloat16, measured
     fastest here), "float32", "bfloat16", "float16". device: "auto", "cpu", "cuda".
+    backend: "native" (default), "hf", "llama.cpp" (GGUF files, the ``genrefine[llamacpp]``
+    extra) or "auto" (the faster of native and llama.cpp here, measured once).
     """
     from .models.loading import load_model
 
-    m, tok = load_model(model, dtype=dtype, device=device, quiet=quiet)
+    m, tok = load_model(model, dtype=dtype, device=device, quiet=quiet, backend=backend)
     return Generator(m, tok)

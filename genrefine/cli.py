@@ -32,6 +32,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="auto (bfloat16: fastest on CPU here, see README), float32, bfloat16, float16",
     )
     g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
+    g.add_argument(
+        "--backend",
+        default="native",
+        help="native (default: the PyTorch runtime), llama.cpp (GGUF files; needs "
+        "pip install 'genrefine[llamacpp]'), hf (the transformers adapter), auto (the faster of "
+        "native and llama.cpp for this model here, measured once)",
+    )
+
+
+def _add_draft_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="PATH",
+        help="method sps (and bench's hf_assisted): the draft model, a Hugging Face directory or "
+        ".gguf file, loaded with the target's dtype and device; best with the target's "
+        "tokenizer (another tokenizer is bridged through text)",
+    )
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -63,6 +81,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="early-exit-draft: how many layers the draft runs")
     g.add_argument("--draft-vocab", type=int, default=None,
                    help="self-drafting methods: project drafts onto the N most frequent tokens")
+    _add_draft_model_option(g)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default=None, help="prompt text (default: a built-in one)")
     d.add_argument("--max-new-tokens", type=int, default=96)
     _add_model_options(d)
+    _add_draft_model_option(d)
 
     b = sub.add_parser(
         "bench",
@@ -117,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--methods",
         default="ar,pld,jacobi,auto",
-        help="comma-separated genrefine methods and hf_generate, hf_prompt_lookup "
-        "(transformers baselines); ar is always run (default ar,pld,jacobi,auto)",
+        help="comma-separated genrefine methods and hf_generate, hf_prompt_lookup, "
+        "hf_assisted (transformers baselines; hf_assisted and sps need --draft-model); ar is "
+        "always run (default ar,pld,jacobi,auto)",
     )
     b.add_argument("--categories", default=None, help="comma-separated categories (default all)")
     b.add_argument("--limit-per-category", type=int, default=None, metavar="N",
@@ -135,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="discard earlier per-question results instead of resuming")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
+    _add_draft_model_option(b)
 
     ix = sub.add_parser(
         "index",
@@ -152,6 +174,63 @@ def _parser() -> argparse.ArgumentParser:
     ib.add_argument("--out", required=True, help="datastore file to write (.safetensors)")
     ib.add_argument("--model", default=None,
                     help="model whose tokenizer to use (default: the embedded Gemma 3 270M)")
+
+    dm = sub.add_parser(
+        "draft-model",
+        help="make a draft model for method sps",
+        description="Draft models for method sps.",
+    )
+    dm_sub = dm.add_subparsers(dest="draft_model_command", metavar="ACTION")
+    ds = dm_sub.add_parser(
+        "shrink",
+        help="write the target's first K layers as a draft model (a shallow copy, not trained)",
+        description="Write the first K decoder layers, the final norm and the embedding/head of "
+        "a model as a Hugging Face directory that --draft-model loads. A shallow copy of the "
+        "target, not a trained drafter: expect low acceptance (see genrefine/models/shrink.py).",
+    )
+    ds.add_argument("--model", default=None,
+                    help="the model to cut (default: the embedded Gemma 3 270M)")
+    ds.add_argument("--layers", type=int, required=True, metavar="K", help="layers to keep")
+    ds.add_argument("--out", required=True, metavar="DIR", help="new directory to write")
+    ds.add_argument("--dtype", default="bfloat16", help="weights as saved (default bfloat16)")
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API with continuous batching",
+        description=(
+            "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
+            "GET /v1/models, /health and /metrics. Requests that arrive together are decoded "
+            "together, one target forward per step for the whole batch; a request may pick its "
+            "method with the extra body field \"method\". Ctrl-C or SIGTERM stops after the "
+            "requests in flight."
+        ),
+    )
+    _add_model_options(sv)
+    from .methods import method_names
+
+    s = sv.add_argument_group("serving")
+    s.add_argument("--method", default="auto",
+                   help=f"default method of requests that name none: one of "
+                   f"{', '.join(method_names())} (default auto)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting for a slot; more are answered 429 (default 32)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for (default 4096)")
+    s.add_argument("--batching", default="auto", choices=["auto", "always", "never"],
+                   help="one forward for the whole batch: auto (when the model is bitwise exact, "
+                   "bfloat16 with batch-invariant matmuls; else one forward per sequence), "
+                   "always, never")
+    s.add_argument("--draft-len", type=int, default=None, help="largest draft per step (method default)")
+    s.add_argument("--datastore", default=None,
+                   help="rest: a datastore built by `genrefine index build` (requests cannot "
+                   "name files)")
+    s.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info shows every request; default warning)")
 
     sub.add_parser(
         "methods",
@@ -183,13 +262,20 @@ def _options(args):
         datastore=args.datastore,
         exit_layer=args.exit_layer,
         draft_vocab=args.draft_vocab,
+        draft_model=args.draft_model,
     )
 
 
 def _validate_before_load(args, methods: list[str]) -> None:
     """Catch user mistakes before spending seconds on loading a model."""
     from .methods import METHODS
-    from .models.loading import resolve_device, resolve_dtype, resolve_source
+    from .models.loading import (
+        check_backend,
+        resolve_backend,
+        resolve_device,
+        resolve_dtype,
+        resolve_source,
+    )
 
     for m in methods:
         if m not in METHODS:
@@ -200,6 +286,25 @@ def _validate_before_load(args, methods: list[str]) -> None:
     resolve_dtype(args.dtype, dev)
     if args.model is not None:
         resolve_source(args.model)
+    backend = resolve_backend(getattr(args, "backend", None))
+    if backend == "llama.cpp":
+        check_backend(backend, resolve_source(args.model))
+    if backend in ("llama.cpp", "hf"):
+        for m in methods:
+            if m in METHODS and METHODS[m].native_only:
+                raise GenrefineError(
+                    f"method {m} needs the native runtime (intermediate layers); the {backend} "
+                    "backend runs the whole model only: use --backend native"
+                )
+    draft = getattr(args, "draft_model", None)
+    needs = [m for m in methods if METHODS[m].needs_draft_model]
+    if needs and draft is None:
+        raise GenrefineError(
+            f"method {needs[0]} needs a draft model: add --draft-model PATH (a smaller model, "
+            "best with the same tokenizer; `genrefine draft-model shrink` cuts one from the target)"
+        )
+    if draft is not None:
+        resolve_source(draft)
     store = getattr(args, "datastore", None)
     if store is not None and not Path(store).is_file():
         raise GenrefineError(
@@ -225,7 +330,7 @@ def cmd_generate(args) -> int:
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # validates
     opts = _options(args)
     _validate_before_load(args, [args.method])
-    gen = load(args.model, dtype=args.dtype, device=args.device)
+    gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     t0 = time.perf_counter()
     stream = gen.stream(
         prompt,
@@ -248,21 +353,22 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from .api import load
-    from .methods import is_lossless
+    from .methods import MethodOptions, is_lossless
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "ar" not in methods:
         methods.insert(0, "ar")
     _validate_before_load(args, methods)
+    opts = MethodOptions(draft_model=args.draft_model)
     prompt = args.prompt or DEMO_PROMPT
     t0 = time.perf_counter()
-    gen = load(args.model, dtype=args.dtype, device=args.device)
+    gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     print(f"model: {gen.name}, dtype {str(gen.model.dtype).replace('torch.', '')}, "
           f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     gen.generate(prompt, max_new_tokens=8)  # warm-up
     results = {}
     for m in methods:
-        results[m] = gen.generate(prompt, max_new_tokens=args.max_new_tokens, method=m)
+        results[m] = gen.generate(prompt, max_new_tokens=args.max_new_tokens, method=m, options=opts)
     base = results["ar"]
     print(f"\n--- ar output ---\n{base.text.strip()}\n")
     print(f"{'method':<10} {'tokens/s':>9} {'speedup':>8} {'tok/step':>9}  same output as ar")
@@ -289,8 +395,10 @@ def cmd_bench(args) -> int:
         questions=args.questions,
         methods=args.methods,
         model=args.model,
+        draft_model=args.draft_model,
         dtype=args.dtype,
         device=args.device,
+        backend=args.backend,
         categories=args.categories,
         limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens,
@@ -318,8 +426,9 @@ def cmd_bench(args) -> int:
 def _bench_argv(args) -> list[str]:
     """The bench options as a command line (for the report, when sys.argv is not ours)."""
     out = ["bench"]
-    for opt in ("questions", "methods", "model", "categories", "limit_per_category",
-                "max_new_tokens", "temperature", "repeats", "dtype", "device", "json", "report",
+    for opt in ("questions", "methods", "model", "draft_model", "categories", "limit_per_category",
+                "max_new_tokens", "temperature", "repeats", "dtype", "device", "backend", "json",
+                "report",
                 "plot"):
         v = getattr(args, opt)
         if v is not None:
@@ -336,6 +445,42 @@ def cmd_index(args) -> int:
     if args.index_command != "build":
         raise GenrefineError("say what to do: genrefine index build DIR --out FILE")
     return index_build_main(args.directory, args.model, args.out)
+
+
+def cmd_draft_model(args) -> int:
+    from .models.shrink import shrink_main
+
+    if args.draft_model_command != "shrink":
+        raise GenrefineError("say what to do: genrefine draft-model shrink --layers K --out DIR")
+    return shrink_main(args.model, args.layers, args.out, args.dtype)
+
+
+def cmd_serve(args) -> int:
+    from .api import load
+    from .methods import MethodOptions
+    from .server import ServerConfig, _need_extras, serve
+
+    _need_extras()
+    if not 0 <= args.port <= 65535:
+        raise GenrefineError(f"--port must be between 0 and 65535, got {args.port}")
+    config = ServerConfig(
+        method=args.method,
+        options=MethodOptions(draft_len=args.draft_len, datastore=args.datastore),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batching=args.batching,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    _validate_before_load(args, [args.method])
+    if args.backend in ("llama.cpp", "llamacpp", "auto") and args.max_batch > 1:
+        raise GenrefineError(  # a llama.cpp context holds one live KV cache (models/llamacpp.py)
+            f"--backend {args.backend} may serve on llama.cpp, which decodes one request at a "
+            "time: add --max-batch 1 (or use --backend native)"
+        )
+    gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    serve(gen, config, host=args.host, port=args.port, log_level=args.log_level)
+    print("genrefine: server stopped", file=sys.stderr)
+    return 0
 
 
 def cmd_methods(args) -> int:
@@ -359,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "methods": cmd_methods,
         "bench": cmd_bench,
         "index": cmd_index,
+        "serve": cmd_serve,
+        "draft-model": cmd_draft_model,
     }[args.command]
     try:
         return handler(args)

@@ -11,6 +11,11 @@ One step is five named phases::
 Plain autoregressive decoding (method ``ar``) is the same loop with no drafter; it has its own
 lean branch so that the baseline every speedup is measured against does no extra work per token.
 A method with a ``decode`` loop of its own (CALM, lossy) bypasses both.
+
+:class:`Decoder` holds one generation's state and is cut open at the target forward
+(``propose`` -> forward -> ``accept``): :class:`Engine` runs the forward itself, one sequence at a
+time; the server's scheduler (``genrefine/server/scheduler.py``) runs one forward for the steps of
+many sequences (``genrefine/models/batched.py``).
 """
 
 from __future__ import annotations
@@ -120,6 +125,188 @@ def _truncate(emitted: list[int], remaining: int, eos: frozenset[int]) -> tuple[
     return emitted[:remaining], False
 
 
+@dataclass
+class StepInput:
+    """The target forward one decoding step needs: ``[root] + draft`` on the sequence's cache."""
+
+    tokens: Tensor  # [n + 1] long: the root, then the draft nodes
+    cache: object  # the sequence's KVCache (the forward appends n + 1 entries)
+    positions: Tensor | None = None  # [n + 1] long; None: cache.length + arange(n + 1)
+    tree_mask: Tensor | None = None  # [n + 1, n + 1] bool; None: causal (a chain)
+
+
+class Decoder:
+    """One generation between target forwards: the engine's loop, cut open at the forward.
+
+    ``start()`` prefills the prompt and returns the first token(s). Then, until ``done``, each
+    step is ``propose()`` (the forward to run, or None when the budget or the cache is spent),
+    the caller's forward (alone, as :class:`Engine` does, or batched with other sequences' steps
+    by a scheduler), and ``accept(logits)``: verify, accept, roll back, observe, and return the
+    new tokens. The result is the same whoever runs the forward, as long as the logits are.
+    """
+
+    def __init__(
+        self,
+        model,
+        method,
+        prompt: Tensor,
+        max_new_tokens: int,
+        params: SamplingParams,
+        eos_ids: frozenset[int],
+        stats: Stats,
+    ) -> None:
+        self.model, self.method = model, method
+        self.prompt = prompt  # [L] long
+        self.max_new, self.params, self.eos, self.stats = max_new_tokens, params, eos_ids, stats
+        self.done = False
+        self.finish_reason = "length"
+        self.cache = None
+        self._t_start = 0.0
+
+    # -------------------------------------------------------------- prefill
+    def start(self) -> list[int]:
+        """Prefill the prompt; the first new token (empty if it is EOS or the budget is 0)."""
+        model, method, stats = self.model, self.method, self.stats
+        L = int(self.prompt.shape[0])
+        max_draft = method.max_budget if method.drafters else 0
+        capacity = min(model.max_context, L + self.max_new + max_draft + 1)
+        self.generator = None if self.params.greedy else _generator(self.params, model.device)
+        self._t_start = t_start = time.perf_counter()
+        self.cache = model.new_cache(capacity)
+        logits = prefill(model, self.cache, self.prompt)
+        first = int(next_token(logits[0], self.params, self.generator))
+        stats.time_prefill = time.perf_counter() - t_start
+        out, stop = _truncate([first], self.max_new, self.eos)
+        stats.new_tokens = len(out)
+        stats.time_total = time.perf_counter() - t_start
+        if stop:
+            self.finish_reason = "stop"
+        self.done = stop or stats.new_tokens >= self.max_new
+        self._root = torch.tensor([first], dtype=torch.long, device=model.device)  # [1]
+        if method.drafters and not self.done:
+            for d in method.drafters:
+                d.reset()
+            method.policy.reset(self.params)
+            # the prompt and every decided token; the last one is the root of the next draft
+            self._history = torch.empty(L + self.max_new + method.max_budget + 2, dtype=torch.long)
+            self._history[:L] = self.prompt
+            self._history[L] = first
+            self._n_hist = L + 1
+        return out
+
+    # -------------------------------------------------------------- propose
+    def propose(self) -> StepInput | None:
+        """Draft the next step; None (and ``done``) when no token fits in budget and cache."""
+        if self.done or self.stats.new_tokens >= self.max_new:
+            self.done = True
+            return None
+        cache = self.cache
+        room = cache.capacity - cache.length - 1  # draft nodes that still fit
+        if room < 0:
+            self.done = True
+            return None
+        self._t0 = time.perf_counter()
+        if not self.method.drafters:  # plain decoding (ar): the root alone, nothing else
+            self._t1 = self._t0
+            return StepInput(self._root, cache)
+        method = self.method
+        remaining = self.max_new - self.stats.new_tokens
+        history, n_hist = self._history, self._n_hist
+        ctx = Context(
+            history[:n_hist], int(self.prompt.shape[0]), cache, self.params, self.generator
+        )
+        drafter, budget = method.policy.choose(method.drafters)
+        budget = max(0, min(budget, remaining - 1, room))
+        draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()
+        if len(draft) > budget:
+            draft = _prefix_nodes(draft, budget)
+        self._ctx, self._drafter, self._draft = ctx, drafter, draft
+        self._t1 = time.perf_counter()
+        self.stats.time_draft += self._t1 - self._t0
+        inp = torch.cat([history[n_hist - 1 : n_hist], draft.tokens])  # [n + 1]
+        n = len(draft)
+        if n == 0 or draft.is_chain:
+            self._tree = None
+            return StepInput(inp, cache)
+        self._tree = build_tree(draft.parents)
+        positions = cache.length + torch.cat([torch.zeros(1, dtype=torch.long), 1 + self._tree.depth])
+        return StepInput(inp, cache, positions=positions, tree_mask=self._tree.mask_with_root)
+
+    # -------------------------------------------------------------- verify, accept, rollback, observe
+    def accept(self, logits: Tensor) -> list[int]:
+        """Finish the step from the forward's logits ([n + 1, V]); the tokens it emits."""
+        stats, params = self.stats, self.params
+        if not self.method.drafters:
+            tok = next_token(logits, params, self.generator)  # [1]
+            t = int(tok)
+            stats.time_verify += time.perf_counter() - self._t1
+            stats.record_step(0, 0, None)
+            if t in self.eos:
+                return self._stop([])
+            self._root = tok
+            stats.new_tokens += 1
+            stats.time_total = time.perf_counter() - self._t_start
+            self.done = stats.new_tokens >= self.max_new
+            return [t]
+        draft, drafter, tree_info, cache = self._draft, self._drafter, self._tree, self.cache
+        n = len(draft)
+        target_argmax = logits.argmax(dim=-1)  # [n + 1]
+        result = self._verify(draft, logits, target_argmax)
+        # accept + rollback: keep the root and the accepted path
+        a = result.num_accepted
+        start = cache.length - (n + 1)
+        if tree_info is None:
+            cache.rollback(n - a)
+        else:
+            cache.keep(start, torch.cat([torch.zeros(1, dtype=torch.long), result.path.cpu() + 1]))
+        t2 = time.perf_counter()
+        stats.time_verify += t2 - self._t1
+        emitted = result.tokens.tolist()
+        # observe
+        if drafter is not None and n > 0:
+            drafter.observe(self._ctx, StepFeedback(draft, result, target_argmax))
+        self.method.policy.update(drafter, n, a, self._t1 - self._t0, tree_info)
+        stats.record_step(n, a, drafter.name if (drafter is not None and n > 0) else None)
+        stats.time_draft += time.perf_counter() - t2
+        kept, stop = _truncate(emitted, self.max_new - stats.new_tokens, self.eos)
+        self._history[self._n_hist : self._n_hist + len(emitted)] = result.tokens.cpu()
+        self._n_hist += len(emitted)
+        stats.new_tokens += len(kept)
+        stats.time_total = time.perf_counter() - self._t_start
+        if stop:
+            return self._stop(kept)
+        self.done = stats.new_tokens >= self.max_new
+        return kept
+
+    def _stop(self, kept: list[int]) -> list[int]:
+        self.finish_reason = "stop"
+        self.done = True
+        self.stats.time_total = time.perf_counter() - self._t_start
+        return kept
+
+    def _verify(self, draft: Draft, logits: Tensor, target_argmax: Tensor) -> VerifyResult:
+        if self.params.greedy:
+            return verify_greedy_argmax(draft, target_argmax)
+        probs = logits_to_probs(logits, self.params)  # [n + 1, V]
+        if self.method.acceptance == "typical":
+            return verify_typical(draft, probs, self.generator)
+        return verify_speculative(draft, probs, self.generator)
+
+
+def check_prompt(model, prompt_ids: list[int] | Tensor) -> Tensor:
+    """The prompt as [L] long, or a :class:`ConfigError` when it is empty or fills the context."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+    L = int(prompt.shape[0])
+    if L == 0:
+        raise ConfigError("the prompt is empty: give at least one token of text")
+    if L >= model.max_context:
+        raise ConfigError(
+            f"the prompt has {L} tokens but the model's context holds {model.max_context}: "
+            "shorten the prompt"
+        )
+    return prompt
+
+
 class Engine:
     """Runs one method (drafter + verifier + policy) on one model.
 
@@ -144,149 +331,36 @@ class Engine:
         Sets ``self.finish_reason`` to "stop" (EOS), "length" (max tokens or context) at the end.
         """
         model = self.model
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
-        L = int(prompt.shape[0])
-        if L == 0:
-            raise ConfigError("the prompt is empty: give at least one token of text")
-        if L >= model.max_context:
-            raise ConfigError(
-                f"the prompt has {L} tokens but the model's context holds {model.max_context}: "
-                "shorten the prompt"
-            )
+        prompt = check_prompt(model, prompt_ids)
         stats = stats if stats is not None else Stats(self.method.name)
-        stats.prompt_tokens = L
+        stats.prompt_tokens = int(prompt.shape[0])
         if self.method.decode is not None:  # a decoding loop of its own (not draft-and-verify)
             self.finish_reason = "length"
             self.finish_reason = yield from self.method.decode(
                 model, prompt, max_new_tokens, params, eos_ids, stats
             )
             return
-        max_draft = self.method.max_budget if self.method.drafters else 0
-        capacity = min(model.max_context, L + max_new_tokens + max_draft + 1)
-        generator = None if params.greedy else _generator(params, model.device)
-        t_start = time.perf_counter()
-        cache = model.new_cache(capacity)
-        logits = prefill(model, cache, prompt)
-        first = int(next_token(logits[0], params, generator))
-        stats.time_prefill = time.perf_counter() - t_start
-        self.finish_reason = "length"
+        dec = Decoder(model, self.method, prompt, max_new_tokens, params, eos_ids, stats)
         try:
-            out, stop = _truncate([first], max_new_tokens, eos_ids)
-            stats.new_tokens = len(out)
-            stats.time_total = time.perf_counter() - t_start
+            out = dec.start()
+            self.finish_reason = dec.finish_reason
             if out:
                 yield out
-            if stop:
-                self.finish_reason = "stop"
-                return
-            if stats.new_tokens >= max_new_tokens:
-                return
-            if self.method.drafters:
-                loop = self._speculative(cache, prompt, first, max_new_tokens, params, eos_ids, stats, generator, t_start)
-            else:
-                loop = self._plain(cache, first, max_new_tokens, params, eos_ids, stats, generator, t_start)
-            yield from loop
+            while True:
+                step = dec.propose()
+                if step is None:
+                    return
+                logits = model.forward(
+                    step.tokens, step.cache, positions=step.positions, tree_mask=step.tree_mask
+                ).logits  # [n + 1, V]
+                out = dec.accept(logits)
+                self.finish_reason = dec.finish_reason
+                if out:
+                    yield out
         finally:
-            stats.time_total = time.perf_counter() - t_start
-
-    # -------------------------------------------------------------- plain decoding (ar)
-    def _plain(self, cache, root, max_new, params, eos, stats, generator, t_start):
-        model = self.model
-        tok = torch.tensor([root], dtype=torch.long, device=model.device)
-        while stats.new_tokens < max_new:
-            if cache.length + 1 > cache.capacity:
-                return
-            t0 = time.perf_counter()
-            logits = model.forward(tok, cache).logits  # [1, V]
-            tok = next_token(logits, params, generator)  # [1]
-            t = int(tok)
-            stats.time_verify += time.perf_counter() - t0
-            stats.record_step(0, 0, None)
-            if t in eos:
-                self.finish_reason = "stop"
-                stats.time_total = time.perf_counter() - t_start
-                return
-            stats.new_tokens += 1
-            stats.time_total = time.perf_counter() - t_start
-            yield [t]
-
-    # -------------------------------------------------------------- draft and verify
-    def _speculative(self, cache, prompt, root, max_new, params, eos, stats, generator, t_start):
-        model = self.model
-        method = self.method
-        for d in method.drafters:
-            d.reset()
-        method.policy.reset()
-        history = torch.empty(prompt.shape[0] + max_new + method.max_budget + 2, dtype=torch.long)
-        history[: prompt.shape[0]] = prompt
-        n_hist = prompt.shape[0]
-        history[n_hist] = root
-        n_hist += 1
-        L0 = int(prompt.shape[0])
-        while stats.new_tokens < max_new:
-            remaining = max_new - stats.new_tokens
-            room = cache.capacity - cache.length - 1  # draft nodes that still fit
-            if room < 0:
-                return
-            # propose
-            t0 = time.perf_counter()
-            ctx = Context(history[:n_hist], L0, cache)
-            drafter, budget = method.policy.choose(method.drafters)
-            budget = max(0, min(budget, remaining - 1, room))
-            draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()
-            if len(draft) > budget:
-                draft = _prefix_nodes(draft, budget)
-            t1 = time.perf_counter()
-            stats.time_draft += t1 - t0
-            # verify: one target forward over [root] + draft
-            n = len(draft)
-            inp = torch.cat([history[n_hist - 1 : n_hist], draft.tokens])
-            if n == 0 or draft.is_chain:
-                out = model.forward(inp, cache)
-                tree_info = None
-            else:
-                tree_info = build_tree(draft.parents)
-                positions = cache.length + torch.cat(
-                    [torch.zeros(1, dtype=torch.long), 1 + tree_info.depth]
-                )
-                out = model.forward(inp, cache, positions=positions, tree_mask=tree_info.mask_with_root)
-            logits = out.logits  # [n + 1, V]
-            target_argmax = logits.argmax(dim=-1)  # [n + 1]
-            result = self._verify(draft, logits, target_argmax, params, generator)
-            # accept + rollback: keep the root and the accepted path
-            a = result.num_accepted
-            start = cache.length - (n + 1)
-            if tree_info is None:
-                cache.rollback(n - a)
-            else:
-                cache.keep(start, torch.cat([torch.zeros(1, dtype=torch.long), result.path.cpu() + 1]))
-            t2 = time.perf_counter()
-            stats.time_verify += t2 - t1
-            emitted = result.tokens.tolist()
-            # observe
-            if drafter is not None and n > 0:
-                drafter.observe(ctx, StepFeedback(draft, result, target_argmax))
-            method.policy.update(drafter, n, a, t1 - t0, tree_info)
-            stats.record_step(n, a, drafter.name if (drafter is not None and n > 0) else None)
-            stats.time_draft += time.perf_counter() - t2
-            kept, stop = _truncate(emitted, remaining, eos)
-            history[n_hist : n_hist + len(emitted)] = result.tokens.cpu()
-            n_hist += len(emitted)
-            stats.new_tokens += len(kept)
-            stats.time_total = time.perf_counter() - t_start
-            if kept:
-                yield kept
-            if stop:
-                self.finish_reason = "stop"
-                return
-
-    def _verify(self, draft: Draft, logits: Tensor, target_argmax: Tensor, params, generator) -> VerifyResult:
-        if params.greedy:
-            return verify_greedy_argmax(draft, target_argmax)
-        probs = logits_to_probs(logits, params)  # [n + 1, V]
-        if self.method.acceptance == "typical":
-            return verify_typical(draft, probs, generator)
-        return verify_speculative(draft, probs, generator)
+            self.finish_reason = dec.finish_reason
+            if dec._t_start:
+                stats.time_total = time.perf_counter() - dec._t_start
 
 
 def _prefix_nodes(draft: Draft, budget: int) -> Draft:

@@ -7,6 +7,7 @@ distribution; the tests check every method that claims it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,8 +27,15 @@ class MethodOptions:
     datastore: str | None = None  # rest: saved datastore path; None = earlier outputs only
     exit_layer: int | None = None  # early-exit-draft: layers the draft runs (None: L - L // 6)
     draft_vocab: int | None = None  # self-drafting heads: the N most frequent tokens; None = all
-    draft_confidence: float | None = None  # self-drafting: stop below this top prob (None: 0.5)
+    # self-drafting and sps: stop a draft after a token whose top draft probability is below this
+    # (None: 0.5 for self-drafting, 0.4 for sps)
+    draft_confidence: float | None = None
     calm_threshold: float = 0.9  # calm (lossy): exit when the top probability exceeds this
+    # sps: the draft model, a path (loaded like the target, same dtype and device) or a loaded
+    # model (genrefine.models.loading.load_model); draft_tokenizer: a loaded model's tokenizer
+    # (None: taken to be the target's, which needs equal vocabulary sizes)
+    draft_model: object = None
+    draft_tokenizer: object = None
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= 64:
@@ -40,6 +48,8 @@ class MethodOptions:
             raise ConfigError(f"--draft-vocab must be >= 1 token (or unset: all), got {self.draft_vocab}")
         if self.draft_confidence is not None and not 0.0 <= self.draft_confidence <= 1.0:
             raise ConfigError(f"the draft confidence must be in [0, 1], got {self.draft_confidence}")
+        if isinstance(self.draft_model, (str, os.PathLike)) and not str(self.draft_model):
+            raise ConfigError("--draft-model is empty: give a model directory or .gguf file")
         if not self.calm_threshold > 0.0:
             raise ConfigError(
                 f"--calm-threshold must be > 0 (1.0 never exits early), got {self.calm_threshold}"
@@ -53,7 +63,7 @@ class FixedPolicy:
     def __init__(self, drafter, budget: int) -> None:
         self.drafter, self.budget = drafter, budget
 
-    def reset(self) -> None:
+    def reset(self, params=None) -> None:
         pass
 
     def choose(self, drafters):
@@ -71,7 +81,7 @@ class HeuristicPolicy:
         self.initial, self.max_len = initial, max_len
         self.length = HeuristicLength(initial=initial, min_len=1, max_len=max_len)
 
-    def reset(self) -> None:
+    def reset(self, params=None) -> None:
         self.length.reset()
 
     def choose(self, drafters):
@@ -89,8 +99,14 @@ class CostPolicy:
         self.cost_table, self.max_len = cost_table, max_len
         self.policy = CostModelPolicy(cost_table, max_len=max_len)
 
-    def reset(self) -> None:
-        pass  # acceptance estimates carry over between generations on purpose
+    def reset(self, params=None) -> None:
+        """Greedy generations share what earlier ones learnt (the output cannot depend on it).
+        Sampled ones start afresh and ignore wall-clock drafting costs, so that a seed gives the
+        same tokens every time: the drafter and draft size choices steer how the random stream
+        is consumed."""
+        self._timed = params is None or params.greedy
+        if not self._timed:
+            self.policy = CostModelPolicy(self.cost_table, max_len=self.max_len)
 
     def choose(self, drafters):
         by_name = {d.name: d for d in drafters}
@@ -102,7 +118,8 @@ class CostPolicy:
             return
         depth = tree_info.num_levels if tree_info is not None else drafted
         self.policy.update(drafter.name, depth, accepted)
-        self.policy.update_draft_cost(drafter.name, draft_seconds, drafted)
+        if getattr(self, "_timed", True):
+            self.policy.update_draft_cost(drafter.name, draft_seconds, drafted)
 
 
 @dataclass
@@ -128,6 +145,7 @@ class MethodInfo:
     build: Callable  # (model, options) -> Method; (model, options, tokenizer) if takes_tokenizer
     takes_tokenizer: bool = False  # the builder needs the tokenizer (reduced draft vocabulary)
     native_only: bool = False  # runs layer subsets / reduced heads: not on the transformers adapter
+    needs_draft_model: bool = False  # MethodOptions.draft_model must be given (sps)
 
 
 def _pld(model, opts: MethodOptions, **kw):
@@ -226,6 +244,33 @@ def _build_calm(model, opts: MethodOptions, tokenizer=None) -> Method:
     return Method("calm", decode=decode)
 
 
+def _build_sps(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .drafters.draft_model import DEFAULT_CONFIDENCE, make_draft_model_drafter
+
+    draft, draft_tok = load_draft_model(model, opts)
+    conf = DEFAULT_CONFIDENCE if opts.draft_confidence is None else opts.draft_confidence
+    d = make_draft_model_drafter(model, draft, tokenizer, draft_tok, confidence=conf)
+    budget = opts.draft_len or 8
+    return Method("sps", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def load_draft_model(model, opts: MethodOptions):
+    """``(draft model, its tokenizer or None)`` from ``opts.draft_model``: a path is loaded with
+    the target's dtype and device; a loaded model comes with ``opts.draft_tokenizer``."""
+    spec = opts.draft_model
+    if spec is None:
+        raise ConfigError(
+            "method sps needs a draft model: pass --draft-model PATH (a smaller model, best with "
+            "the target's tokenizer; `genrefine draft-model shrink` makes one from the target)"
+        )
+    if isinstance(spec, (str, os.PathLike)):
+        from .models.loading import load_model
+
+        backend = getattr(model, "backend", "native")  # llama.cpp targets draft on llama.cpp too
+        return load_model(spec, dtype=model.dtype, device=model.device, backend=backend)
+    return spec, opts.draft_tokenizer
+
+
 def _build_auto(model, opts: MethodOptions) -> Method:
     from .drafters.jacobi import JacobiDrafter
     from .policy import load_or_measure, machine_key
@@ -259,6 +304,15 @@ METHODS: dict[str, MethodInfo] = {
             "retrieval: continuations of the longest context suffix found in a datastore (REST) "
             "or in earlier outputs (suffix decoding)",
             _build_rest,
+        ),
+        MethodInfo(
+            "sps",
+            True,
+            "speculative sampling with an independent draft model (--draft-model; a different "
+            "tokenizer is bridged through text)",
+            _build_sps,
+            takes_tokenizer=True,
+            needs_draft_model=True,
         ),
         MethodInfo(
             "auto",
@@ -303,7 +357,8 @@ def build_method(
 ) -> Method:
     """Instantiate a method for a model; unknown names raise with the list of valid ones.
 
-    ``tokenizer`` is needed only for a reduced draft vocabulary (``MethodOptions.draft_vocab``).
+    ``tokenizer`` is needed for a reduced draft vocabulary (``MethodOptions.draft_vocab``) and
+    by ``sps`` (to tell whether the draft model shares it, and to bridge the two if not).
     """
     opts = options or MethodOptions()
     if name not in METHODS:
@@ -313,14 +368,21 @@ def build_method(
         from .models.runtime import NativeModel
 
         if not isinstance(model, NativeModel):
-            raise GenrefineError(
-                f"method {name} needs the native runtime; this architecture runs through the "
-                "transformers adapter"
-            )
+            raise GenrefineError(f"method {name} needs the native runtime; {_where(model)}")
     m = info.build(model, opts, tokenizer) if info.takes_tokenizer else info.build(model, opts)
     if opts.acceptance == "typical":
         m.name += "+typical"
     return m
+
+
+def _where(model) -> str:
+    """Why a model is not on the native runtime, for one-line refusals."""
+    if getattr(model, "backend", None) == "llama.cpp":
+        return (
+            "this model runs on the llama.cpp backend, which gives no intermediate layers "
+            "(use --backend native)"
+        )
+    return "this architecture runs through the transformers adapter"
 
 
 def is_lossless(name: str, options: MethodOptions | None = None) -> bool:

@@ -109,8 +109,7 @@ def test_method_list():
     assert "'medusa'" in msg
     for name in ("ar", "pld", "jacobi", "auto", "hf_generate", "hf_prompt_lookup"):
         assert name in msg
-    with pytest.raises(ConfigError, match="draft model"):
-        parse_methods("hf_assisted")
+    assert parse_methods("hf_assisted,sps") == ["ar", "hf_assisted", "sps"]  # need --draft-model
 
 
 def test_output_paths(tmp_path):
@@ -353,6 +352,9 @@ def test_bench_resumes_and_refuses_other_settings(capsys, tiny_dir, qfile, tmp_p
         (["--repeats", "0"], "--repeats"),
         (["--temperature", "-1"], "temperature"),
         (["--model", "/no/such/model"], "does not exist"),
+        (["--methods", "pld,sps"], "method sps needs a draft model: add --draft-model PATH"),
+        (["--methods", "hf_assisted,sps"], "methods hf_assisted, sps need a draft model"),
+        (["--methods", "sps", "--draft-model", "/no/such/draft"], "does not exist"),
         (["--questions", "MISSING"], "does not exist"),
         (["--questions", "BAD"], "line 2: not valid JSON"),
     ],

@@ -21,9 +21,10 @@ import torch
 
 import genrefine
 from genrefine.engine import prefill
-from genrefine.methods import METHODS
+from genrefine.methods import METHODS, MethodOptions
 from genrefine.models.default import embedded_model_path
 from genrefine.models.loading import converted_dir, load_tokenizer, resolve_source
+from tiny import ShallowModel
 
 pytestmark = pytest.mark.slow
 ALL_THREADS = True  # tests/conftest.py: keep torch's default thread count for the real model
@@ -112,7 +113,10 @@ def _greedy(g, outputs: dict, dtype: str, name: str, method: str) -> list[int]:
     """Greedy new tokens of ``method`` on prompt ``name`` (each generated once per module)."""
     key = (dtype, name, method)
     if key not in outputs:
-        r = g.generate(PROMPTS[name], max_new_tokens=NEW_TOKENS[name], method=method)
+        opts = None
+        if METHODS[method].needs_draft_model:  # sps: the first 12 of the 18 layers draft
+            opts = MethodOptions(draft_model=ShallowModel(g.model, 12))
+        r = g.generate(PROMPTS[name], max_new_tokens=NEW_TOKENS[name], method=method, options=opts)
         assert r.stats.new_tokens == len(r.token_ids)
         outputs[key] = r.token_ids
     return outputs[key]

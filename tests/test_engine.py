@@ -1,10 +1,14 @@
 """The engine: every lossless method's greedy output equals plain greedy decoding, on the native
 runtime (chains and trees) and through the transformers adapter (chains); seeded sampling
 repeats; stats, EOS, token budgets and the end of the context.
+
+``sps`` runs here with one draft model for every target (:func:`draft_model`); its own tests are
+in ``test_draft_model.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -28,7 +32,7 @@ from genrefine.models.runtime import NativeModel
 from genrefine.policy import CostTable, machine_key
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
-from tiny import tiny_hf_model
+from tiny import ShallowModel, tiny_hf_model
 
 LOSSLESS = [name for name, info in METHODS.items() if info.lossless]
 
@@ -62,6 +66,20 @@ def model(backend: str, family: str):
     return NativeModel.from_hf(hf) if backend == "native" else HFModel(hf)
 
 
+@functools.lru_cache(maxsize=None)
+def draft_model() -> ShallowModel:
+    """The draft model of ``sps`` here: the first 2 of the tiny llama's 4 layers (its drafts are
+    right now and then on the llama target, and mostly wrong on the other families)."""
+    return ShallowModel(model("native", "llama"), 2)
+
+
+def options_for(name: str, base: MethodOptions | None = None) -> MethodOptions | None:
+    """``base`` plus what a method needs beyond its name (sps: a draft model)."""
+    if not METHODS[name].needs_draft_model:
+        return base
+    return dataclasses.replace(base or MethodOptions(), draft_model=draft_model())
+
+
 def _random(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 97, (n,), generator=g).tolist()
@@ -77,7 +95,7 @@ PROMPTS = {
 def run(m, method, prompt, max_new=NEW, params=GREEDY, eos=frozenset()):
     """Generate; returns (tokens, stats, finish_reason) after checking the stats' invariants."""
     if isinstance(method, str):
-        method = build_method(method, m)
+        method = build_method(method, m, options_for(method))
     stats = Stats(method.name)
     engine = Engine(m, method)
     chunks = list(engine.generate(prompt, max_new, params, eos_ids=eos, stats=stats))
@@ -160,7 +178,7 @@ def test_method_options() -> None:
     ref = greedy_reference("native", "gemma3_text", tuple(ids))
     opts = MethodOptions(draft_len=3, max_ngram=2, jacobi_block=5)
     for name in LOSSLESS:
-        method = build_method(name, m, opts)
+        method = build_method(name, m, options_for(name, opts))
         assert method.max_budget <= 3
         assert run(m, method, ids)[0] == ref, name
     # typical acceptance is lossy and says so; with greedy params it is still greedy
@@ -243,8 +261,8 @@ def test_pld_trees_sampled_and_greedy() -> None:
 def test_seeded_sampling_repeats(family: str) -> None:
     m = model("native", family)
     ids = PROMPTS["repeated"]
-    # auto chooses draft sizes from measured timings, so its draws depend on the clock
-    for name in [n for n in LOSSLESS if n != "auto"]:
+    # auto included: under sampling its choices ignore the clock (CostPolicy.reset)
+    for name in LOSSLESS:
         for params in (
             SamplingParams(temperature=0.8, seed=1),
             SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1),

@@ -67,12 +67,12 @@ def tiny_hf_config(family: str, vocab: int = 97, window: int = 6, layers: int = 
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_hf_model(family: str, seed: int = 0):
+def tiny_hf_model(family: str, seed: int = 0, vocab: int = 97):
     """A transformers model with random weights (cached per family within a test session)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_hf_config(family)
+    cfg = tiny_hf_config(family, vocab=vocab)
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init gives near-uniform logits; sharpen them so greedy decoding is meaningful
@@ -85,13 +85,19 @@ def tiny_hf_model(family: str, seed: int = 0):
     return model.eval()
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + <pad> <bos> <eos>), built offline."""
+def byte_tokenizer(offset: int = 0):
+    """A byte-level tokenizer (256 byte tokens + <pad> <bos> <eos>), built offline.
+
+    ``offset``: that many unused tokens between the special tokens and the bytes (another
+    byte-level vocabulary: the same bytes under other ids).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for i in range(offset):
+        vocab[f"<unused{i}>"] = len(vocab)
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -103,6 +109,72 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
     )
+
+
+CHARS = "\n" + "".join(chr(c) for c in range(0x20, 0x7D))  # newline, space .. "|": 94 characters
+
+
+def char_tokenizer(order_seed: int | None = None, chars: str = CHARS):
+    """One token per character (ids 3.. after <pad> <bos> <eos>; 97 ids for :data:`CHARS`), in
+    the order of ``chars`` or shuffled by ``order_seed`` (another vocabulary, the same text).
+    Characters outside ``chars`` are dropped when encoding."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    order = list(chars)
+    if order_seed is not None:
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(order_seed))
+        order = [order[i] for i in perm.tolist()]
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in order:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def reindexed(hf_model, src_tokenizer, dst_tokenizer):
+    """A copy of ``hf_model`` whose embedding and output rows follow ``dst_tokenizer``'s ids:
+    the same model for another vocabulary of the same tokens (``dst`` id j gets the row of the
+    ``src`` id of j's token)."""
+    import copy
+
+    src, dst = src_tokenizer.get_vocab(), dst_tokenizer.get_vocab()
+    assert set(src) == set(dst) and len(src) == hf_model.config.vocab_size
+    rows = torch.empty(len(dst), dtype=torch.long)
+    for token, j in dst.items():
+        rows[j] = src[token]
+    out = copy.deepcopy(hf_model)
+    with torch.no_grad():
+        emb = out.get_input_embeddings().weight
+        emb.copy_(hf_model.get_input_embeddings().weight[rows])
+        head = out.get_output_embeddings().weight
+        if head.data_ptr() != emb.data_ptr():
+            head.copy_(hf_model.get_output_embeddings().weight[rows])
+    return out.eval()
+
+
+class ShallowModel:
+    """The first ``k`` layers of a native model (with its final norm and head) as a model of its
+    own, with caches of its own: what ``genrefine draft-model shrink`` writes, without a file."""
+
+    def __init__(self, model, k: int) -> None:
+        self.model, self.layers = model, list(range(k))
+        for attr in ("vocab_size", "max_context", "hidden_size", "device", "dtype"):
+            setattr(self, attr, getattr(model, attr))
+        self.num_layers = k
+        self.name = f"{getattr(model, 'name', 'model')}[:{k}]"
+
+    def new_cache(self, capacity=None):
+        return self.model.new_cache(capacity)
+
+    def forward(self, tokens, cache, **kw):
+        return self.model.forward(tokens, cache, layers=self.layers, **kw)
 
 
 def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):

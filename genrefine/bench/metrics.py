@@ -24,7 +24,8 @@ Definitions used in the report:
 * ``acceptance_rate``: accepted draft tokens / drafted tokens (None when nothing was drafted);
 * ``lossless``: under greedy decoding, whether every question's tokens equal the reference's
   (``ar`` for genrefine's lossless methods and ``hf_generate``; ``hf_generate`` for
-  ``hf_prompt_lookup``); None under sampling, for lossy methods, and without a reference.
+  ``hf_prompt_lookup`` and ``hf_assisted``); None under sampling, for lossy methods, and without
+  a reference.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def reference_of(method: str, methods: Sequence[str]) -> str | None:
 
     if method == "hf_generate":
         return BASELINE
-    if method == "hf_prompt_lookup":
+    if method in ("hf_prompt_lookup", "hf_assisted"):
         return "hf_generate" if "hf_generate" in methods else None
     if method in METHODS and is_lossless(method):
         return BASELINE
@@ -203,7 +204,7 @@ def build_report(
             "bonus included",
             "acceptance_rate": "accepted draft tokens / drafted tokens",
             "lossless": "greedy: every question's tokens equal the reference's (ar; "
-            "hf_generate for hf_prompt_lookup); null where it does not apply",
+            "hf_generate for hf_prompt_lookup and hf_assisted); null where it does not apply",
         },
     }
     loads = [r["loadavg"] for r in records if r.get("loadavg") is not None]

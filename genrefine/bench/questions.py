@@ -23,7 +23,17 @@ from ..errors import ConfigError
 HF_METHODS = {
     "hf_generate": "transformers' generate() on the same weights (greedy or sampled)",
     "hf_prompt_lookup": "transformers' generate(prompt_lookup_num_tokens=10)",
+    "hf_assisted": "transformers' generate(assistant_model=the --draft-model)",
 }
+
+#: external baselines through llama-cpp-python (the ``genrefine[llamacpp]`` extra)
+LLAMACPP_METHODS = {
+    "llamacpp_plain": "llama-cpp-python's own greedy (or sampled) completion, Llama.generate(), "
+    "on the same GGUF file",
+}
+
+#: methods that need ``--draft-model``
+DRAFT_MODEL_METHODS = ("sps", "hf_assisted")
 
 _SPEC_BENCH_RELATIVE = Path("shared") / "data" / "spec_bench" / "question.jsonl"
 
@@ -157,15 +167,12 @@ def parse_methods(spec: str | None) -> list[str]:
     from ..methods import METHODS
 
     names = parse_list(spec)
-    valid = list(METHODS) + list(HF_METHODS)
+    valid = list(METHODS) + list(HF_METHODS) + list(LLAMACPP_METHODS)
     unknown = [m for m in names if m not in valid]
     if unknown:
-        extra = ""
-        if "hf_assisted" in unknown:
-            extra = " (hf_assisted needs a draft model and is not offered)"
         raise ConfigError(
             f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
-            f"{extra}: choose from {', '.join(valid)}"
+            f": choose from {', '.join(valid)}"
         )
     return ["ar"] + [m for m in names if m != "ar"]
 

@@ -88,7 +88,11 @@ def markdown_report(report: dict) -> str:
         "## Setup",
         "",
         f"- model: {report['model']}",
-        f"- dtype: {report['dtype']}, device: {report['device']}",
+        *([f"- draft model (sps, hf_assisted): {report['draft_model']}"]
+          if report.get("draft_model") else []),
+        (f"- backend: llama.cpp (the GGUF's own quantized weights), device: {report['device']}"
+         if report.get("backend") == "llama.cpp"
+         else f"- dtype: {report['dtype']}, device: {report['device']}"),
         f"- machine: {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} CPUs, "
         f"{mach.get('torch_threads', '?')} torch threads" + _load_text(report),
         f"- software: torch {mach.get('torch', '?')}, transformers {mach.get('transformers', '?')}",
@@ -98,7 +102,8 @@ def markdown_report(report: dict) -> str:
         "speedup: mean over questions of (method tokens/s ÷ `ar` tokens/s on that question); "
         "tokens/s: all new tokens ÷ all seconds, prefill included; tokens/step: tokens emitted "
         "per target forward after the first, bonus included; lossless: greedy tokens equal the "
-        "reference's (`ar`; `hf_generate` for `hf_prompt_lookup`), n/a where it does not apply.",
+        "reference's (`ar`; `hf_generate` for `hf_prompt_lookup` and `hf_assisted`), n/a where it "
+        "does not apply.",
         "",
     ]
     return "\n".join(lines)

@@ -29,7 +29,9 @@ from pathlib import Path
 from ..errors import ConfigError, ModelLoadError
 from .metrics import BASELINE, build_report, reference_of
 from .questions import (
+    DRAFT_MODEL_METHODS,
     HF_METHODS,
+    LLAMACPP_METHODS,
     Question,
     check_writable,
     default_questions_path,
@@ -56,8 +58,10 @@ class BenchConfig:
     questions: str | None = None  # None: the Spec-Bench file beside the repository
     methods: str = "ar,pld,jacobi,auto"
     model: str | None = None
+    draft_model: str | None = None  # sps and hf_assisted: the draft model
     dtype: str = "auto"
     device: str = "auto"
+    backend: str = "native"  # genrefine's backend: native, llama.cpp, hf, auto
     categories: str | None = None
     limit_per_category: int | None = None
     max_new_tokens: int = 128
@@ -83,6 +87,8 @@ class Settings:
     temperature: float
     repeats: int
     questions: str  # the resolved question file
+    draft_model: str | None = None  # the resolved draft model path (sps, hf_assisted)
+    backend: str | None = None  # genrefine's backend; None: native (files from before --backend)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -125,6 +131,14 @@ def plan_bench(config: BenchConfig) -> Plan:
     if config.repeats < 1:
         raise ConfigError("--repeats must be a positive integer")
     SamplingParams(temperature=config.temperature)  # validates
+    needs = [m for m in methods if m in DRAFT_MODEL_METHODS]
+    if needs and config.draft_model is None:
+        plural = len(needs) > 1
+        raise ConfigError(
+            f"method{'s' if plural else ''} {', '.join(needs)} need{'' if plural else 's'} a draft "
+            "model: add --draft-model PATH (`genrefine draft-model shrink` cuts one from the "
+            "target)"
+        )
 
     qpath = config.questions or default_questions_path()
     if qpath is None:
@@ -155,6 +169,8 @@ def plan_bench(config: BenchConfig) -> Plan:
     dev = resolve_device(config.device)
     dt = resolve_dtype(config.dtype, dev)
     src = resolve_source(config.model)
+    backend = _check_backend(config.backend, src, methods)
+    draft = resolve_source(config.draft_model) if config.draft_model is not None else None
     settings = Settings(
         model=str(src.path),
         dtype=str(dt).replace("torch.", ""),
@@ -164,9 +180,31 @@ def plan_bench(config: BenchConfig) -> Plan:
         temperature=float(config.temperature),
         repeats=int(config.repeats),
         questions=str(Path(qpath).resolve()),
+        draft_model=str(draft.path) if draft is not None else None,
+        backend=None if backend == "native" else backend,
     )
     done = {} if config.fresh else read_results(jsonl, settings)
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
+
+
+def _check_backend(backend: str, src, methods: Sequence[str]) -> str:
+    """The backend's name; errors when it, or llamacpp_plain, cannot run this model here."""
+    from ..methods import METHODS
+    from ..models.loading import check_backend, resolve_backend
+
+    name = resolve_backend(backend)
+    check_backend(name, src)
+    if name in ("llama.cpp", "hf"):
+        bad = [m for m in methods if m in METHODS and METHODS[m].native_only]
+        if bad:
+            raise ConfigError(
+                f"{', '.join(bad)} need{'s' if len(bad) == 1 else ''} the native runtime "
+                f"(intermediate layers); the {name} backend runs the whole model only: use "
+                "--backend native or leave them out"
+            )
+    if any(m in LLAMACPP_METHODS for m in methods):
+        check_backend("llama.cpp", src)
+    return name
 
 
 # ----------------------------------------------------------------------------- the JSONL file
@@ -259,13 +297,13 @@ class TurnResult:
 class GenrefineBackend:
     """One genrefine method on a :class:`~genrefine.api.Generator`."""
 
-    def __init__(self, gen, method: str) -> None:
-        self.gen, self.method = gen, method
+    def __init__(self, gen, method: str, options=None) -> None:
+        self.gen, self.method, self.options = gen, method, options
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
         r = self.gen.generate(
             prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-            method=self.method,
+            method=self.method, options=self.options,
         )
         s = r.stats
         return TurnResult(
@@ -299,18 +337,29 @@ def load_hf_model(model: str | None, dtype: str, device: str):
 
 
 class HFBackend:
-    """transformers' ``generate`` (optionally with prompt lookup) on an HF model.
+    """transformers' ``generate`` (optionally with prompt lookup or an assistant model) on an HF
+    model. ``tokenizers``: ``(target's, assistant's)`` when the assistant's tokenizer differs
+    (transformers then bridges them itself), else None.
 
     Steps, drafts and accepted lengths are read off the model's forward calls: a pre-hook sees
     each call's input length and the cache length before it, so the tokens a step emitted are
     the difference between consecutive cache lengths.
     """
 
-    def __init__(self, hf_model, eos_ids, pad_id: int | None, prompt_lookup: int | None) -> None:
+    def __init__(
+        self,
+        hf_model,
+        eos_ids,
+        pad_id: int | None,
+        prompt_lookup: int | None,
+        assistant=None,
+        tokenizers: tuple | None = None,
+    ) -> None:
         self.hf = hf_model
         self.eos = frozenset(int(e) for e in eos_ids)
         self.pad_id = pad_id if pad_id is not None else (min(self.eos) if self.eos else 0)
         self.prompt_lookup = prompt_lookup
+        self.assistant, self.tokenizers = assistant, tokenizers
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
         import torch
@@ -343,6 +392,10 @@ class HFBackend:
             kw.update(do_sample=False)
         if self.prompt_lookup:
             kw["prompt_lookup_num_tokens"] = self.prompt_lookup
+        if self.assistant is not None:
+            kw["assistant_model"] = self.assistant
+            if self.tokenizers is not None:
+                kw["tokenizer"], kw["assistant_tokenizer"] = self.tokenizers
         handle = self.hf.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
             with torch.inference_mode():
@@ -383,20 +436,77 @@ class HFBackend:
         return res
 
 
+class LlamaCppPlainBackend:
+    """llama-cpp-python's own completion loop (``Llama.generate``, the generator under
+    ``create_completion``) on the same GGUF file: the external baseline ``llamacpp_plain``. It
+    runs with the llama.cpp backend's kernel settings (``plain_llama``: no repacked weights), so
+    its greedy tokens are comparable with ``ar``'s one for one.
+
+    Greedy is ``temp=0``; sampling uses temperature alone (top-k 0, top-p 1, min-p 0, no repeat
+    penalty). Each run starts from an empty cache (``reset``), as genrefine's runs do: no
+    prompt-prefix reuse between turns.
+    """
+
+    def __init__(self, model_path: str, eos_ids, n_ctx: int, n_threads: int) -> None:
+        from ..models.llamacpp import plain_llama
+
+        self.llm = plain_llama(model_path, n_ctx, n_threads)
+        self.eos = frozenset(int(e) for e in eos_ids)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
+        llm = self.llm
+        if seed is not None:
+            llm.set_seed(int(seed))
+        llm.reset()
+        tokens: list[int] = []
+        ended = False
+        t0 = time.perf_counter()
+        for t in llm.generate(
+            prompt_ids, temp=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+        ):
+            if t in self.eos:  # the same stop tokens as genrefine's runs
+                ended = True
+                break
+            tokens.append(int(t))
+            if len(tokens) >= max_new_tokens:
+                break
+        seconds = time.perf_counter() - t0
+        return TurnResult(tokens, seconds, ended, len(prompt_ids))
+
+
 def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
-    """A backend per method; the transformers model is loaded only when an hf_* method asks."""
+    """A backend per method; the transformers model is loaded only when an hf_* method asks
+    (and the draft model through transformers only for hf_assisted)."""
+    from ..methods import METHODS, MethodOptions
+
     backends = {}
     hf = None
-    for m in plan.settings.methods:
-        if m in HF_METHODS:
+    st, draft = plan.settings, plan.config.draft_model
+    for m in st.methods:
+        if m in LLAMACPP_METHODS:
+            from ..models.llamacpp import DEFAULT_CONTEXT, default_threads
+
+            n_ctx = min(int(getattr(gen.model, "max_context", DEFAULT_CONTEXT)), DEFAULT_CONTEXT)
+            backends[m] = LlamaCppPlainBackend(st.model, gen.eos_ids, n_ctx, default_threads())
+        elif m in HF_METHODS:
             if hf is None:
                 notice("loading the model through transformers for the hf_* baselines ...")
                 t0 = time.perf_counter()
-                hf = load_hf_model(plan.config.model, plan.settings.dtype, plan.settings.device)
+                hf = load_hf_model(plan.config.model, st.dtype, st.device)
                 notice(f"transformers model loaded in {time.perf_counter() - t0:.1f} s")
             pad = getattr(gen.tokenizer, "pad_token_id", None)
             lookup = HF_PROMPT_LOOKUP_TOKENS if m == "hf_prompt_lookup" else None
-            backends[m] = HFBackend(hf, gen.eos_ids, pad, lookup)
+            assistant, tokenizers = None, None
+            if m == "hf_assisted":
+                from ..models.loading import load_tokenizer, resolve_source
+
+                assistant = load_hf_model(draft, st.dtype, st.device)
+                draft_tok = load_tokenizer(resolve_source(draft))
+                if draft_tok.get_vocab() != gen.tokenizer.get_vocab():
+                    tokenizers = (gen.tokenizer, draft_tok)
+            backends[m] = HFBackend(hf, gen.eos_ids, pad, lookup, assistant, tokenizers)
+        elif METHODS[m].needs_draft_model:
+            backends[m] = GenrefineBackend(gen, m, MethodOptions(draft_model=draft))
         else:
             backends[m] = GenrefineBackend(gen, m)
     return backends
@@ -534,6 +644,9 @@ def machine_info() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    llama_cpp = sys.modules.get("llama_cpp")  # the llama.cpp backend or baseline ran
+    if llama_cpp is not None:
+        info["llama_cpp_python"] = getattr(llama_cpp, "__version__", "?")
     try:
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -575,7 +688,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
     gen = None
     if pending:  # nothing to run: the report comes from the JSONL alone, no model needed
         t0 = time.perf_counter()
-        gen = load(plan.config.model, dtype=st.dtype, device=st.device)
+        gen = load(plan.config.model, dtype=st.dtype, device=st.device, backend=plan.config.backend)
         model_name = gen.name
         say(f"model {gen.name}, {st.dtype} on {st.device}, loaded in {time.perf_counter() - t0:.1f} s")
         backends = build_backends(plan, gen, say)
@@ -623,7 +736,8 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
             "model_path": st.model,
             "questions_file": st.questions,
             "questions_jsonl": str(plan.jsonl_path),
-            "methods_not_offered": {"hf_assisted": "needs a draft model; not offered"},
+            "draft_model": st.draft_model,
+            "backend": getattr(gen.model, "backend", "native") if gen is not None else st.backend,
             "references": {m: reference_of(m, st.methods) for m in st.methods},
         },
     )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
-from ..types import Draft, VerifyResult
+from ..types import Draft, SamplingParams, VerifyResult
 
 
 @dataclass
@@ -21,11 +22,18 @@ class Context:
     that run the target model itself (layer skipping, early exit). During :meth:`Drafter.propose`
     a drafter may append to it but must roll back everything it appended before returning; it
     must not touch it in :meth:`Drafter.observe`. None outside the engine.
+
+    ``params`` and ``generator`` are the generation's sampling parameters and its random
+    generator (on the target's device), for drafters that sample their draft from ``q`` and return
+    ``Draft.probs`` (an independent draft model); deterministic drafters ignore them. None outside
+    the engine means greedy.
     """
 
     tokens: Tensor  # [L] long
     prompt_len: int  # how many of ``tokens`` came from the prompt
     cache: object | None = None  # the target's KVCache, cache.length == L - 1
+    params: SamplingParams | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass

@@ -172,25 +172,90 @@ def _load_native(src: ModelSource, out: Path, dtype: torch.dtype, device: torch.
     return NativeModel.from_state_dict(cfg, sd, rope, dtype, device, name=src.display_name)
 
 
+BACKENDS = ("native", "hf", "llama.cpp", "auto")
+DEFAULT_BACKEND = "native"
+_BACKEND_ALIASES = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "transformers": "hf"}
+
+
+def resolve_backend(backend: str | None) -> str:
+    """``--backend``: native (the PyTorch runtime, transformers adapter for other
+    architectures), hf (the transformers adapter), llama.cpp (GGUF files), auto (the faster of
+    native and llama.cpp for this model on this machine, measured once); None means native."""
+    if backend is None:
+        return DEFAULT_BACKEND
+    name = _BACKEND_ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def check_backend(backend: str, src: ModelSource) -> None:
+    """Fail early when the backend cannot run this model (llama.cpp: GGUF files, the extra)."""
+    if backend != "llama.cpp":
+        return
+    if not src.gguf:
+        raise ModelLoadError(
+            f"the llama.cpp backend runs GGUF files and {src.display_name!r} is a Hugging Face "
+            "directory: give a .gguf file or use --backend native"
+        )
+    from .llamacpp import import_llama_cpp
+
+    import_llama_cpp()  # BackendUnavailable: how to install the extra
+
+
+def _load_llamacpp(src: ModelSource, device: str | torch.device | None):
+    from .llamacpp import LlamaCppModel
+
+    if device is not None and str(device) not in ("auto", "cpu"):
+        raise ModelLoadError(f"the llama.cpp backend runs on the CPU here: use --device cpu (got {device})")
+    t0 = time.perf_counter()
+    model = LlamaCppModel(src.path, name=src.display_name)
+    cached = converted_dir(src) / "tokenizer"
+    tok = load_tokenizer(src)
+    if not cached.is_dir():  # read from the GGUF (seconds): keep it where later loads look
+        tmp = cached.with_name(f"tokenizer.tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    model.load_seconds = time.perf_counter() - t0
+    return model, tok
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     quiet: bool = False,
+    backend: str | None = None,
 ):
     """Load a model and its tokenizer.
 
-    Returns ``(model, tokenizer)``; the model is a :class:`NativeModel` when the architecture is
-    natively supported, else an :class:`HFModel` (with a one-line notice on stderr).
+    Returns ``(model, tokenizer)``. With ``backend`` native (the default) the model is a
+    :class:`NativeModel` when the architecture is natively supported, else an :class:`HFModel`
+    (with a one-line notice on stderr); hf forces the :class:`HFModel`; llama.cpp gives a
+    :class:`~genrefine.models.llamacpp.LlamaCppModel` (GGUF files; ``dtype`` does not apply: the
+    file's own quantized weights run); auto picks native or llama.cpp (see ``backend_choice.py``).
     """
 
     def notice(msg: str) -> None:
         if not quiet:
             print(f"genrefine: {msg}", file=sys.stderr, flush=True)
 
+    backend = resolve_backend(backend)
     src = resolve_source(spec)
+    if backend == "auto":
+        from .backend_choice import choose_backend
+
+        backend = choose_backend(src, dtype, device, notice)
+    check_backend(backend, src)
+    if backend == "llama.cpp":
+        return _load_llamacpp(src, device)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if backend == "hf":
+        from .hf import HFModel
+
+        return HFModel(_load_hf(src, dt).to(dev), name=src.display_name), load_tokenizer(src)
     out = converted_dir(src)
     if not (out / "config.json").is_file():
         try:

@@ -441,22 +441,32 @@ class NativeModel:
         mask: tuple[int, Tensor | None],
     ) -> Tensor:
         c = self.config
-        lw = self.layers[i]
         n = x.shape[0]
         hd, nh = c.head_dim, c.num_heads
         q, k, v = self._qkv(i, x, rope, queries=True)
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
+        att = self._attend(i, q, cache, total, mask)
+        return self._finish_layer(i, x, att.transpose(0, 1).reshape(n, nh * hd))
+
+    def _attend(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
+        """Layer ``i``'s attention of q [H, n, D] over ``cache`` (slots below ``total`` filled),
+        with ``mask`` from :meth:`_masks`: a :class:`BlockPlan` (bitwise-exact blocked
+        attention) or (first visible slot, [n, S] bool or None) for fused attention."""
+        c = self.config
         if isinstance(mask, BlockPlan):  # bitwise-exact: rows as one-token decoding computes them
-            att = blocked_attention(
+            return blocked_attention(
                 q, cache.keys[i], cache.values[i], mask, c.attn_scale, c.attn_logit_softcap
             )
-        else:
-            first, m = mask
-            keys = cache.keys[i][:, first:total]  # [KV, S, D]
-            values = cache.values[i][:, first:total]
-            att = self._attention(q, keys, values, m)
-        att = att.transpose(0, 1).reshape(n, nh * hd)
+        first, m = mask
+        keys = cache.keys[i][:, first:total]  # [KV, S, D]
+        values = cache.values[i][:, first:total]
+        return self._attention(q, keys, values, m)
+
+    def _finish_layer(self, i: int, x: Tensor, att: Tensor) -> Tensor:
+        """Layer ``i`` after attention: output projection, norms, MLP, residuals.
+        x: [n, hidden] residual entering the layer, att: [n, H * D] -> [n, hidden]."""
+        lw = self.layers[i]
         a = self._linear(att, lw.o, lw.o_bias)
         if lw.pre_ffn_norm is not None:
             x = x + self._norm(a, lw.post_attn_norm)

@@ -1,0 +1,200 @@
+"""The server under concurrent load: throughput and latency at 1, 2, 4 and 8 clients.
+
+Starts ``genrefine serve``'s app in this process (uvicorn on a thread, 127.0.0.1, a free port)
+on the embedded Gemma 3 270M (or ``--model``), then for each method and each number of concurrent
+clients sends the same requests over HTTP (``POST /v1/chat/completions``, greedy, the first turns
+of Spec-Bench questions, one per category first) and measures
+
+* throughput: completion tokens of all requests / wall time from the first send to the last reply;
+* median latency: per request, from its send to its complete reply.
+
+``ar`` batching (plain decoding, one forward per step for the whole batch) is compared with the
+best speculative method, picked first by a short run of each candidate with one client (or given
+with ``--methods``). Every reply's text is checked against ``ar``'s reply with one client: greedy
+output must not depend on the method or on what else is in the batch.
+
+    python benchmarks/bench_server.py                        # 1, 2, 4, 8 clients; 16 requests
+    python benchmarks/bench_server.py --quick                # smoke test: 1, 2 clients, short
+    python benchmarks/bench_server.py --methods ar,pld --json out/server.json
+
+Figures on a shared CPU are noisy; run it on an idle machine for numbers worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FALLBACK_PROMPTS = [
+    "Summarize the plot of a heist movie in five sentences.",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "List the planets of the solar system with one fact about each.",
+    "Explain how a bicycle's gears work to a ten-year-old.",
+]
+
+
+@dataclass
+class Level:
+    """One method at one number of concurrent clients."""
+
+    method: str
+    clients: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    median_latency_s: float
+    same_as_ar: int  # replies whose text equals ar's with one client
+
+
+def prompts(n: int) -> list[str]:
+    from genrefine.bench.questions import default_questions_path, load_questions
+
+    path = default_questions_path()
+    if path is None:
+        qs = FALLBACK_PROMPTS
+    else:  # one question per category first, then the rest, in file order
+        questions = load_questions(path)
+        seen, first, rest = set(), [], []
+        for q in questions:
+            (rest if q.category in seen else first).append(q.turns[0])
+            seen.add(q.category)
+        qs = first + rest
+    return [qs[i % len(qs)] for i in range(n)]
+
+
+class LiveServer:
+    def __init__(self, gen, config) -> None:
+        import httpx
+        import uvicorn
+
+        from genrefine.server import bind, create_app
+
+        self.app = create_app(gen, config)
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.local = threading.local()
+        self.httpx = httpx
+
+    def client(self):
+        c = getattr(self.local, "client", None)
+        if c is None:
+            c = self.local.client = self.httpx.Client(base_url=self.url, timeout=3600)
+        return c
+
+    def chat(self, prompt: str, method: str, max_tokens: int) -> tuple[str, int, float]:
+        t0 = time.perf_counter()
+        r = self.client().post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "method": method})
+        seconds = time.perf_counter() - t0
+        r.raise_for_status()
+        body = r.json()
+        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"], seconds
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+def run_level(s: LiveServer, method: str, clients: int, reqs: list[str], max_tokens: int,
+              reference: dict[str, str] | None) -> tuple[Level, dict[str, str]]:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda p: s.chat(p, method, max_tokens), reqs))
+    seconds = time.perf_counter() - t0
+    tokens = sum(n for _, n, _ in results)
+    texts = {p: text for p, (text, _, _) in zip(reqs, results)}
+    same = sum(reference is not None and reference.get(p) == t for p, (t, _, _) in zip(reqs, results))
+    return Level(method, clients, len(reqs), tokens, seconds, tokens / seconds,
+                 statistics.median(sec for _, _, sec in results), same), texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the embedded Gemma 3 270M")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--clients", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
+    p.add_argument("--max-tokens", type=int, default=96, help="per request (default 96)")
+    p.add_argument("--methods", default=None,
+                   help="methods to compare (default: ar and the best of --candidates)")
+    p.add_argument("--candidates", default="pld,jacobi,lookahead,rest,auto",
+                   help="speculative methods to pick the best from (one client, 4 requests)")
+    p.add_argument("--batching", default="auto", choices=["auto", "always", "never"])
+    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1, 2 clients, 4 requests, 24 tokens")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests, args.max_tokens = "1,2", 4, 24
+    levels = [int(c) for c in args.clients.split(",")]
+
+    import genrefine
+    from genrefine.server import ServerConfig
+
+    gen = genrefine.load(args.model, dtype=args.dtype, device=args.device)
+    config = ServerConfig(method="ar", max_batch=max(levels), max_queue=max(args.requests, 1),
+                          batching=args.batching)
+    s = LiveServer(gen, config)
+    print(f"model {gen.name}, {str(gen.model.dtype).replace('torch.', '')}, "
+          f"{gen.model.device}, batched forward {'on' if s.app.state.server.scheduler.batched else 'off'}",
+          file=sys.stderr)
+    try:
+        reqs = prompts(args.requests)
+        s.chat(reqs[0], "ar", 8)  # warm-up
+        if args.methods:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        else:
+            picks = {}
+            for m in [c.strip() for c in args.candidates.split(",") if c.strip()]:
+                s.chat(reqs[0], m, 8)  # builds the method (auto: its cost table)
+                lvl, _ = run_level(s, m, 1, reqs[:4], args.max_tokens, None)
+                picks[m] = lvl.tokens_per_s
+                print(f"  candidate {m}: {lvl.tokens_per_s:.1f} tokens/s with one client",
+                      file=sys.stderr)
+            methods = ["ar", max(picks, key=picks.get)]
+        rows: list[Level] = []
+        reference = None
+        for m in methods:
+            for c in levels:
+                lvl, texts = run_level(s, m, c, reqs, args.max_tokens, reference)
+                if reference is None:  # ar (or the first method) with the fewest clients
+                    reference = texts
+                    lvl.same_as_ar = lvl.requests
+                rows.append(lvl)
+                print(f"  {m} x{c}: {lvl.tokens_per_s:.1f} tokens/s, median latency "
+                      f"{lvl.median_latency_s:.2f} s", file=sys.stderr)
+    finally:
+        s.close()
+
+    print(f"\n| method | clients | requests | tokens | tokens/s | median latency (s) | same text as {methods[0]} x{levels[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r.method} | {r.clients} | {r.requests} | {r.tokens} | {r.tokens_per_s:.1f} | "
+              f"{r.median_latency_s:.2f} | {r.same_as_ar}/{r.requests} |")
+    if args.json:
+        out = {"command": "python benchmarks/bench_server.py " + " ".join(argv or sys.argv[1:]),
+               "model": gen.name, "dtype": str(gen.model.dtype), "device": str(gen.model.device),
+               "max_tokens": args.max_tokens, "levels": [asdict(r) for r in rows]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
