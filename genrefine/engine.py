@@ -195,8 +195,11 @@ class Decoder:
         return out
 
     # -------------------------------------------------------------- propose
-    def propose(self) -> StepInput | None:
-        """Draft the next step; None (and ``done``) when no token fits in budget and cache."""
+    def propose(self, max_nodes: int | None = None) -> StepInput | None:
+        """Draft the next step; None (and ``done``) when no token fits in budget and cache.
+
+        max_nodes: at most this many draft nodes (a scheduler sharing one forward among several
+        sequences keeps the forward's rows within what stays bitwise exact)."""
         if self.done or self.stats.new_tokens >= self.max_new:
             self.done = True
             return None
@@ -217,6 +220,8 @@ class Decoder:
         )
         drafter, budget = method.policy.choose(method.drafters)
         budget = max(0, min(budget, remaining - 1, room))
+        if max_nodes is not None:
+            budget = max(0, min(budget, max_nodes))
         draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()
         if len(draft) > budget:
             draft = _prefix_nodes(draft, budget)

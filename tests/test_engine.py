@@ -365,3 +365,25 @@ def test_bfloat16_greedy_equals_ar_bit_for_bit(name):
     for prompt in PROMPTS.values():
         ref = run(m, "ar", prompt)[0]
         assert run(m, name, prompt)[0] == ref, (name, prompt)
+
+
+def test_decoder_caps_draft_nodes_and_stays_greedy() -> None:
+    """``Decoder.propose(max_nodes)`` (the server's cap on a shared forward's rows) never drafts
+    more nodes than asked and leaves the output unchanged."""
+    m = model("native", "llama")
+    ids = PROMPTS["repeated"]
+    ref = run(m, "ar", ids)[0]
+    for cap in (0, 2):
+        method = build_method("pld", m)
+        stats = Stats("pld")
+        dec = engine_mod.Decoder(m, method, torch.tensor(ids), NEW, GREEDY, frozenset(), stats)
+        out = dec.start()
+        while not dec.done:
+            step = dec.propose(cap)
+            if step is None:
+                break
+            assert step.tokens.shape[0] <= cap + 1
+            out += dec.accept(m.forward(step.tokens, step.cache, step.positions, step.tree_mask).logits)
+        assert out == ref
+        assert stats.drafted <= cap * stats.steps
+        assert (stats.drafted > 0) == (cap > 0)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from ..engine import Decoder, Engine, Stats, check_prompt
 from ..errors import ConfigError, GenrefineError
 from ..methods import METHODS, MethodOptions, build_method
-from ..models.batched import MODES, BatchItem, batches_rows, forward_batch
+from ..models.batched import MODES, BatchItem, batches_rows, forward_batch, max_rows
 from ..types import SamplingParams
 from .metrics import Metrics
 from .text import TextTracker
@@ -285,6 +285,11 @@ class Scheduler:
     def _step(self) -> None:
         items: list[BatchItem] = []
         owners: list[_Seq] = []
+        # drafts share the step's forward: keep its rows within one bitwise-exact group
+        stepping = sum(1 for s in self._active if s.loop is None)
+        cap = None
+        if stepping > 1 and self.batched:
+            cap = max(0, max_rows() // stepping - 1)
         for seq in list(self._active):
             if seq.job.cancelled.is_set():
                 self._finish(seq, "cancelled")
@@ -293,7 +298,7 @@ class Scheduler:
                 if seq.loop is not None:
                     self._step_own_loop(seq)
                     continue
-                step = seq.decoder.propose()
+                step = seq.decoder.propose(cap)
             except Exception as e:
                 traceback.print_exc()
                 self._fail(seq, f"internal error: {type(e).__name__}: {e}", 500)
