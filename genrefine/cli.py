@@ -80,7 +80,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer", type=int, default=None,
                    help="early-exit-draft: how many layers the draft runs")
     g.add_argument("--draft-vocab", type=int, default=None,
-                   help="self-drafting methods: project drafts onto the N most frequent tokens")
+                   help="self-drafting methods: project drafts onto the N most frequent tokens "
+                   "(default for early-exit-draft and swift: 32768 when the vocabulary has over "
+                   "65536 tokens; a number >= the vocabulary size means all)")
     _add_draft_model_option(g)
 
 

@@ -324,3 +324,21 @@ def test_registry_and_adapter_refusal() -> None:
             f"method {name} needs the native runtime; this architecture runs through the "
             "transformers adapter"
         )
+
+
+def test_default_draft_vocabulary_for_large_vocabularies(monkeypatch) -> None:
+    """early-exit-draft and swift draft onto the 32768 most frequent tokens of a large vocabulary
+    unless told otherwise; small vocabularies, calm, and a missing tokenizer keep all tokens."""
+    from types import SimpleNamespace
+
+    import genrefine.vocab
+    from genrefine.methods import DEFAULT_DRAFT_VOCAB, MethodOptions, _draft_vocab
+
+    monkeypatch.setattr(genrefine.vocab, "frequent_ids", lambda name, tok, n, vocab: ("ids", n))
+    big, small, tok = SimpleNamespace(vocab_size=262144), SimpleNamespace(vocab_size=32000), object()
+    assert _draft_vocab(big, MethodOptions(), tok, default=True) == ("ids", DEFAULT_DRAFT_VOCAB)
+    assert _draft_vocab(big, MethodOptions(draft_vocab=1000), tok, default=True) == ("ids", 1000)
+    assert _draft_vocab(big, MethodOptions(draft_vocab=262144), tok, default=True) is None
+    assert _draft_vocab(big, MethodOptions(), tok) is None  # calm: no default
+    assert _draft_vocab(big, MethodOptions(), None, default=True) is None
+    assert _draft_vocab(small, MethodOptions(), tok, default=True) is None
