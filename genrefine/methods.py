@@ -198,7 +198,7 @@ def _build_rest(model, opts: MethodOptions) -> Method:
 
 # Self-drafting default for large vocabularies: on the embedded model (262,144 tokens) the full
 # output layer is about half a forward, and drafting onto the 32,768 most frequent tokens took
-# swift from 0.84x to 1.13x of ar (6 Spec-Bench first turns, bf16; README).
+# swift from 0.82x to 1.12x of ar (benchmarks/bench_draft_vocab.py, bf16; README).
 DEFAULT_DRAFT_VOCAB = 32768
 LARGE_VOCAB = 65536
 
