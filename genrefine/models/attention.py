@@ -40,19 +40,20 @@ class BlockPlan:
     """Which key blocks each query row reads, for one forward and one attention window.
 
     Shared blocks ``first_block .. first_block + shared_blocks - 1`` are read from the cache as
-    they are, by every row, with ``shared_mask`` [n, shared_blocks * block] saying which slots
-    each row sees. Rows of a tree also read ``row_blocks`` blocks of their own, gathered from
-    cache slots ``row_slots`` [n, row_blocks * block] (long) with ``row_mask`` of the same
-    shape; for chains ``row_slots`` is None.
+    they are, by every row, with ``shared_hidden`` [shared_blocks, n, block] True where a row
+    does not see a slot. Rows of a tree also read ``row_blocks`` blocks of their own, gathered
+    from cache slots ``row_slots`` [n, row_blocks * block] (long) with ``row_hidden``
+    [n, row_blocks, 1, block]; for chains ``row_slots`` is None. The masks are stored in the
+    layout :func:`blocked_attention` applies them in, so its layers do not rebuild them.
     """
 
     block: int
     first_block: int
     shared_blocks: int
-    shared_mask: Tensor
+    shared_hidden: Tensor
     row_blocks: int = 0
     row_slots: Tensor | None = None
-    row_mask: Tensor | None = None
+    row_hidden: Tensor | None = None
 
 
 def plan_blocks(
@@ -94,7 +95,8 @@ def plan_blocks(
         key_pos = slots
     if window is not None:
         vis = vis & (pos[:, None] - key_pos[None, :] < window)
-    plan = BlockPlan(block, first_block, shared, vis.to(device))
+    hidden = (~vis).view(n, shared, block).transpose(0, 1).contiguous()
+    plan = BlockPlan(block, first_block, shared, hidden.to(device))
     if chain:
         return plan
     # trees: each row's own blocks from slot end_block * block on, in the layout of sequential
@@ -119,7 +121,7 @@ def plan_blocks(
         row_mask &= pos[:, None] - virt[None, :] < window
     plan.row_blocks = row_blocks
     plan.row_slots = row_slots.to(device)
-    plan.row_mask = row_mask.to(device)
+    plan.row_hidden = (~row_mask).view(n, row_blocks, 1, block).to(device)
     return plan
 
 
@@ -146,16 +148,14 @@ def blocked_attention(
         ks = keys[:, lo:hi].reshape(KV, plan.shared_blocks, B, D)
         s = torch.matmul(qg.reshape(KV, 1, g * n, D), ks.transpose(-1, -2))  # [KV, nb, gn, B]
         s = s.float().view(KV, plan.shared_blocks, g, n, B)
-        m = plan.shared_mask.view(n, plan.shared_blocks, B).transpose(0, 1)  # [nb, n, B]
-        s = _scale(s, scale, softcap).masked_fill(~m[None, :, None], ninf)
+        s = _scale(s, scale, softcap).masked_fill(plan.shared_hidden[None, :, None], ninf)
         scores.append(s)
     if plan.row_blocks:
         idx = plan.row_slots.reshape(-1)
         kr = keys.index_select(1, idx).view(KV, n, plan.row_blocks, B, D)
         qr = qg.permute(0, 2, 1, 3).unsqueeze(2)  # [KV, n, 1, g, D]
         s = torch.matmul(qr, kr.transpose(-1, -2)).float()  # [KV, n, nb, g, B]
-        m = plan.row_mask.view(n, plan.row_blocks, 1, B)
-        s = _scale(s, scale, softcap).masked_fill(~m[None], ninf)
+        s = _scale(s, scale, softcap).masked_fill(plan.row_hidden[None], ninf)
         scores.append(s)
     # row maxima (exact in any order): [KV, g, n]
     maxes = []

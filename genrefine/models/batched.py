@@ -29,15 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import runtime
-from .runtime import NativeModel
+from .runtime import EXACT_ROWS_MAX, NativeModel
 
 MODES = ("auto", "always", "never")
 
 
 def max_rows() -> int:
     """Rows per batched forward when exactness matters (what the invariance probe covers)."""
-    return int(getattr(runtime, "EXACT_ROWS_MAX", 64))
+    return EXACT_ROWS_MAX
 
 
 @dataclass
