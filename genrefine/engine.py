@@ -106,14 +106,20 @@ class Stats:
         }
 
 
-def prefill(model, cache, prompt: Tensor) -> Tensor:
-    """Run the prompt ([L] long) through the model in chunks; logits of its last row: [1, V]."""
+def prefill(model, cache, prompt: Tensor, hidden_out: Tensor | None = None) -> Tensor:
+    """Run the prompt ([L] long) through the model in chunks; logits of its last row: [1, V].
+
+    hidden_out: a [>= L, hidden] buffer that receives the final hidden states of the prompt."""
     logits = None
+    layers = (model.num_layers,) if hidden_out is not None else ()
     for s in range(0, prompt.shape[0], PREFILL_CHUNK):
         chunk = prompt[s : s + PREFILL_CHUNK]
         last = s + PREFILL_CHUNK >= prompt.shape[0]
         rows = torch.tensor([chunk.shape[0] - 1]) if last else torch.zeros(0, dtype=torch.long)
-        logits = model.forward(chunk, cache, logits_rows=rows).logits
+        out = model.forward(chunk, cache, logits_rows=rows, hidden_layers=layers)
+        logits = out.logits
+        if hidden_out is not None:
+            hidden_out[s : s + chunk.shape[0]] = out.hidden[model.num_layers]
     return logits
 
 
@@ -133,6 +139,9 @@ class StepInput:
     cache: object  # the sequence's KVCache (the forward appends n + 1 entries)
     positions: Tensor | None = None  # [n + 1] long; None: cache.length + arange(n + 1)
     tree_mask: Tensor | None = None  # [n + 1, n + 1] bool; None: causal (a chain)
+    # the drafter wants the forward's final hidden states: pass them to Decoder.accept
+    # (forward(..., hidden_layers=(model.num_layers,)).hidden[model.num_layers])
+    hidden: bool = False
 
 
 class Decoder:
@@ -173,7 +182,13 @@ class Decoder:
         self.generator = None if self.params.greedy else _generator(self.params, model.device)
         self._t_start = t_start = time.perf_counter()
         self.cache = model.new_cache(capacity)
-        logits = prefill(model, self.cache, self.prompt)
+        self._want_hidden = any(getattr(d, "wants_hidden", False) for d in method.drafters)
+        self._hidden = None
+        if self._want_hidden:
+            self._hidden = torch.empty(
+                capacity, model.hidden_size, dtype=model.dtype, device=model.device
+            )
+        logits = prefill(model, self.cache, self.prompt, self._hidden)
         first = int(next_token(logits[0], self.params, self.generator))
         stats.time_prefill = time.perf_counter() - t_start
         out, stop = _truncate([first], self.max_new, self.eos)
@@ -215,8 +230,9 @@ class Decoder:
         method = self.method
         remaining = self.max_new - self.stats.new_tokens
         history, n_hist = self._history, self._n_hist
+        hidden = None if self._hidden is None else self._hidden[: cache.length]
         ctx = Context(
-            history[:n_hist], int(self.prompt.shape[0]), cache, self.params, self.generator
+            history[:n_hist], int(self.prompt.shape[0]), cache, self.params, self.generator, hidden
         )
         drafter, budget = method.policy.choose(method.drafters)
         budget = max(0, min(budget, remaining - 1, room))
@@ -230,16 +246,22 @@ class Decoder:
         self.stats.time_draft += self._t1 - self._t0
         inp = torch.cat([history[n_hist - 1 : n_hist], draft.tokens])  # [n + 1]
         n = len(draft)
+        want = self._want_hidden
         if n == 0 or draft.is_chain:
             self._tree = None
-            return StepInput(inp, cache)
+            return StepInput(inp, cache, hidden=want)
         self._tree = build_tree(draft.parents)
         positions = cache.length + torch.cat([torch.zeros(1, dtype=torch.long), 1 + self._tree.depth])
-        return StepInput(inp, cache, positions=positions, tree_mask=self._tree.mask_with_root)
+        return StepInput(
+            inp, cache, positions=positions, tree_mask=self._tree.mask_with_root, hidden=want
+        )
 
     # -------------------------------------------------------------- verify, accept, rollback, observe
-    def accept(self, logits: Tensor) -> list[int]:
-        """Finish the step from the forward's logits ([n + 1, V]); the tokens it emits."""
+    def accept(self, logits: Tensor, hidden: Tensor | None = None) -> list[int]:
+        """Finish the step from the forward's logits ([n + 1, V]); the tokens it emits.
+
+        hidden: the forward's final hidden states ([n + 1, hidden]) when the step asked for them
+        (``StepInput.hidden``)."""
         stats, params = self.stats, self.params
         if not self.method.drafters:
             tok = next_token(logits, params, self.generator)  # [1]
@@ -260,10 +282,20 @@ class Decoder:
         # accept + rollback: keep the root and the accepted path
         a = result.num_accepted
         start = cache.length - (n + 1)
+        kept_rows = None
         if tree_info is None:
             cache.rollback(n - a)
         else:
-            cache.keep(start, torch.cat([torch.zeros(1, dtype=torch.long), result.path.cpu() + 1]))
+            kept_rows = torch.cat([torch.zeros(1, dtype=torch.long), result.path.cpu() + 1])
+            cache.keep(start, kept_rows)
+        if self._hidden is not None:
+            if hidden is None:
+                raise ConfigError(
+                    "this method's drafter needs the forward's hidden states (StepInput.hidden): "
+                    "pass forward(..., hidden_layers=(num_layers,)).hidden[num_layers] to accept()"
+                )
+            rows = hidden[: a + 1] if kept_rows is None else hidden[kept_rows.to(hidden.device)]
+            self._hidden[start : start + a + 1] = rows
         t2 = time.perf_counter()
         stats.time_verify += t2 - self._t1
         emitted = result.tokens.tolist()
@@ -355,10 +387,15 @@ class Engine:
                 step = dec.propose()
                 if step is None:
                     return
-                logits = model.forward(
-                    step.tokens, step.cache, positions=step.positions, tree_mask=step.tree_mask
-                ).logits  # [n + 1, V]
-                out = dec.accept(logits)
+                layers = (model.num_layers,) if step.hidden else ()
+                res = model.forward(
+                    step.tokens,
+                    step.cache,
+                    positions=step.positions,
+                    tree_mask=step.tree_mask,
+                    hidden_layers=layers,
+                )
+                out = dec.accept(res.logits, res.hidden.get(model.num_layers))  # [n + 1, V]
                 self.finish_reason = dec.finish_reason
                 if out:
                     yield out

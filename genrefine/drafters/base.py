@@ -23,6 +23,11 @@ class Context:
     a drafter may append to it but must roll back everything it appended before returning; it
     must not touch it in :meth:`Drafter.observe`. None outside the engine.
 
+    ``hidden`` holds the target's final hidden states (after the last norm) of the committed
+    prefix, one row per cache slot (``[L - 1, hidden]``), for drafters that set
+    ``wants_hidden = True`` (prediction heads, feature-level drafters); the row of the token
+    before the root is the one that predicted the root. None for other drafters.
+
     ``params`` and ``generator`` are the generation's sampling parameters and its random
     generator (on the target's device), for drafters that sample their draft from ``q`` and return
     ``Draft.probs`` (an independent draft model); deterministic drafters ignore them. None outside
@@ -34,6 +39,7 @@ class Context:
     cache: object | None = None  # the target's KVCache, cache.length == L - 1
     params: SamplingParams | None = None
     generator: torch.Generator | None = None
+    hidden: Tensor | None = None  # [L - 1, hidden] when the drafter wants_hidden
 
 
 @dataclass
@@ -47,7 +53,11 @@ class StepFeedback:
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Proposes a draft tree of at most ``budget`` nodes (``budget >= 1``)."""
+    """Proposes a draft tree of at most ``budget`` nodes (``budget >= 1``).
+
+    A drafter may set ``wants_hidden = True``: the engine then asks every target forward for
+    its final hidden states and passes those of the committed prefix as ``Context.hidden``.
+    """
 
     name: str
 

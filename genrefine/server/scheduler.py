@@ -306,6 +306,9 @@ class Scheduler:
             if step is None:
                 self._finish(seq, seq.decoder.finish_reason)
                 continue
+            if step.hidden:  # feature-level drafters: a forward of its own, with hidden states
+                self._step_with_hidden(seq, step)
+                continue
             items.append(BatchItem(step.tokens, step.cache, step.positions, step.tree_mask))
             owners.append(seq)
         if not items:
@@ -319,16 +322,37 @@ class Scheduler:
             return
         self.metrics.forward(len(items))
         for seq, rows in zip(owners, logits):
-            try:
-                self._tokens(seq, seq.decoder.accept(rows))
-            except Exception as e:
-                traceback.print_exc()
-                self._fail(seq, f"internal error: {type(e).__name__}: {e}", 500)
-                continue
-            if seq.text.stopped:
-                self._finish(seq, "stop")
-            elif seq.decoder.done:
-                self._finish(seq, seq.decoder.finish_reason)
+            self._accept(seq, lambda seq=seq, rows=rows: seq.decoder.accept(rows))
+
+    def _accept(self, seq: _Seq, finish_step) -> None:
+        """Run ``finish_step()`` (the forward's rest and ``Decoder.accept``), emit its tokens and
+        end the sequence when it is done; an error fails this sequence only."""
+        try:
+            self._tokens(seq, finish_step())
+        except Exception as e:
+            traceback.print_exc()
+            self._fail(seq, f"internal error: {type(e).__name__}: {e}", 500)
+            return
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.decoder.done:
+            self._finish(seq, seq.decoder.finish_reason)
+
+    def _step_with_hidden(self, seq: _Seq, step) -> None:
+        L = self.model.num_layers
+
+        def finish_step():
+            out = self.model.forward(
+                step.tokens,
+                step.cache,
+                positions=step.positions,
+                tree_mask=step.tree_mask,
+                hidden_layers=(L,),
+            )
+            self.metrics.forward(1)
+            return seq.decoder.accept(out.logits, out.hidden[L])
+
+        self._accept(seq, finish_step)
 
     def _step_own_loop(self, seq: _Seq) -> None:
         try:
