@@ -38,6 +38,9 @@ class MethodOptions:
     # (None: taken to be the target's, which needs equal vocabulary sizes)
     draft_model: object = None
     draft_tokenizer: object = None
+    # bpd, medusa, bpd+ngram, bpd+lm, eagle: a trained drafter's folder (`genrefine train`);
+    # None: the one shipped for this model, if any
+    drafter: str | None = None
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= 64:
@@ -148,6 +151,8 @@ class MethodInfo:
     takes_tokenizer: bool = False  # the builder needs the tokenizer (reduced draft vocabulary)
     native_only: bool = False  # runs layer subsets / reduced heads: not on the transformers adapter
     needs_draft_model: bool = False  # MethodOptions.draft_model must be given (sps)
+    # a trained drafter of this kind is needed: MethodOptions.drafter, or one shipped for the model
+    drafter_kind: str | None = None
 
 
 def _pld(model, opts: MethodOptions, **kw):
@@ -287,6 +292,61 @@ def load_draft_model(model, opts: MethodOptions):
     return spec, opts.draft_tokenizer
 
 
+def _load_heads(model, opts: MethodOptions):
+    """(stored drafter, heads, rescoring LM, vocabulary ids) of a trained heads drafter."""
+    from .drafters.heads import HeadsNet, WindowLM
+    from .drafters.store import find_drafter
+
+    d = find_drafter(model, "heads", opts.drafter)
+    t, cfg = d.tensors, d.config
+    net = HeadsNet(model.hidden_size, int(cfg["num_heads"]))
+    net.load_state_dict({"weight": t["heads.weight"].float(), "bias": t["heads.bias"].float()})
+    lm = WindowLM(model.hidden_size, int(cfg["lm_window"]))
+    lm.load_state_dict({k[3:]: v.float() for k, v in t.items() if k.startswith("lm.")})
+    return d, net, lm, t["vocab_ids"].long()
+
+
+def _build_heads(mode: str):
+    def build(model, opts: MethodOptions) -> Method:
+        from .drafters.heads import HeadsDrafter
+
+        d, net, lm, ids = _load_heads(model, opts)
+        cfg = d.config
+        K, k = int(cfg["num_heads"]), int(cfg["topk"])
+        kw: dict = {"topk": k}
+        if mode == "medusa":
+            kw["tree"] = [tuple(p) for p in cfg["tree"]]
+            budget = len(kw["tree"])
+        elif mode == "bpd+ngram":
+            from .drafters.lattice import NgramLM
+
+            kw["ngram"] = NgramLM.load(d.path.parent / "ngram.safetensors")
+            budget = K * kw.get("num_paths", 4)
+        else:  # bpd, bpd+lm: chains
+            budget = K
+        if mode == "bpd+lm":
+            kw["lm"] = lm
+        budget = min(budget, opts.draft_len or budget)
+        drafter = HeadsDrafter(model, net, ids, mode=mode, **kw)
+        return Method(mode, [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
+
+    return build
+
+
+def _build_eagle(model, opts: MethodOptions) -> Method:
+    from .drafters.eagle import EagleDrafter, EagleNet
+    from .drafters.store import find_drafter
+
+    d = find_drafter(model, "eagle", opts.drafter)
+    cfg = dict(d.config)
+    topk = int(cfg.pop("topk", 4))
+    net = EagleNet(**cfg)
+    net.load_state_dict({k[4:]: v.float() for k, v in d.tensors.items() if k.startswith("net.")})
+    budget = opts.draft_len or 16
+    drafter = EagleDrafter(model, net, d.tensors["vocab_ids"].long(), topk=topk)
+    return Method("eagle", [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
+
+
 def _build_auto(model, opts: MethodOptions) -> Method:
     from .drafters.jacobi import JacobiDrafter
     from .policy import load_or_measure, machine_key
@@ -351,6 +411,46 @@ METHODS: dict[str, MethodInfo] = {
             _build_swift,
             takes_tokenizer=True,
             native_only=True,
+        ),
+        MethodInfo(
+            "bpd",
+            True,
+            "blockwise parallel decoding: trained heads' argmax chain (--drafter or shipped)",
+            _build_heads("bpd"),
+            native_only=True,
+            drafter_kind="heads",
+        ),
+        MethodInfo(
+            "bpd+ngram",
+            True,
+            "BPD heads' top-k lattice rescored by an n-gram model, best paths as a tree",
+            _build_heads("bpd+ngram"),
+            native_only=True,
+            drafter_kind="heads",
+        ),
+        MethodInfo(
+            "bpd+lm",
+            True,
+            "BPD heads' top-k rescored position by position by a small neural LM (a chain)",
+            _build_heads("bpd+lm"),
+            native_only=True,
+            drafter_kind="heads",
+        ),
+        MethodInfo(
+            "medusa",
+            True,
+            "Medusa: trained heads' top-k in a static tree chosen from their accuracies",
+            _build_heads("medusa"),
+            native_only=True,
+            drafter_kind="heads",
+        ),
+        MethodInfo(
+            "eagle",
+            True,
+            "EAGLE-2: a one-layer feature drafter grows a dynamic tree by draft confidence",
+            _build_eagle,
+            native_only=True,
+            drafter_kind="eagle",
         ),
         MethodInfo(
             "calm",

@@ -104,9 +104,9 @@ def test_method_list():
     assert parse_methods("jacobi, ar ,pld,pld") == ["ar", "jacobi", "pld"]
     assert parse_methods("hf_generate") == ["ar", "hf_generate"]
     with pytest.raises(ConfigError) as e:
-        parse_methods("pld,medusa")
+        parse_methods("pld,hydra")
     msg = str(e.value)
-    assert "'medusa'" in msg
+    assert "'hydra'" in msg
     for name in ("ar", "pld", "jacobi", "auto", "hf_generate", "hf_prompt_lookup"):
         assert name in msg
     assert parse_methods("hf_assisted,sps") == ["ar", "hf_assisted", "sps"]  # need --draft-model

@@ -32,7 +32,7 @@ from genrefine.models.runtime import NativeModel
 from genrefine.policy import CostTable, machine_key
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
-from tiny import ShallowModel, tiny_hf_model
+from tiny import ShallowModel, tiny_drafter, tiny_hf_model
 
 LOSSLESS = [name for name, info in METHODS.items() if info.lossless]
 
@@ -73,9 +73,13 @@ def draft_model() -> ShallowModel:
     return ShallowModel(model("native", "llama"), 2)
 
 
-def options_for(name: str, base: MethodOptions | None = None) -> MethodOptions | None:
-    """``base`` plus what a method needs beyond its name (sps: a draft model)."""
-    if not METHODS[name].needs_draft_model:
+def options_for(name: str, m, base: MethodOptions | None = None) -> MethodOptions | None:
+    """``base`` plus what a method needs beyond its name (sps: a draft model; trained-drafter
+    methods: a drafter for ``m``)."""
+    info = METHODS[name]
+    if info.drafter_kind is not None:
+        return dataclasses.replace(base or MethodOptions(), drafter=tiny_drafter(m, info.drafter_kind))
+    if not info.needs_draft_model:
         return base
     return dataclasses.replace(base or MethodOptions(), draft_model=draft_model())
 
@@ -95,7 +99,7 @@ PROMPTS = {
 def run(m, method, prompt, max_new=NEW, params=GREEDY, eos=frozenset()):
     """Generate; returns (tokens, stats, finish_reason) after checking the stats' invariants."""
     if isinstance(method, str):
-        method = build_method(method, m, options_for(method))
+        method = build_method(method, m, options_for(method, m))
     stats = Stats(method.name)
     engine = Engine(m, method)
     chunks = list(engine.generate(prompt, max_new, params, eos_ids=eos, stats=stats))
@@ -178,7 +182,7 @@ def test_method_options() -> None:
     ref = greedy_reference("native", "gemma3_text", tuple(ids))
     opts = MethodOptions(draft_len=3, max_ngram=2, jacobi_block=5)
     for name in LOSSLESS:
-        method = build_method(name, m, options_for(name, opts))
+        method = build_method(name, m, options_for(name, m, opts))
         assert method.max_budget <= 3
         assert run(m, method, ids)[0] == ref, name
     # typical acceptance is lossy and says so; with greedy params it is still greedy

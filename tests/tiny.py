@@ -200,3 +200,28 @@ def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+_DRAFTERS: dict = {}
+
+
+def tiny_drafter(model, kind: str) -> str:
+    """A drafter folder of ``kind`` (heads or eagle) for ``model`` (a tiny native model with 97
+    ids), trained for 2 steps on random text: what methods that need a trained drafter load in
+    tests that only check losslessness. Cached per model and kind for the session."""
+    import tempfile
+
+    from genrefine.train.loop import TrainConfig
+    from genrefine.train.run import DrafterSpec, run_training
+
+    key = (id(model), kind)
+    if key not in _DRAFTERS:
+        g = torch.Generator().manual_seed(0)
+        texts = ["".join(CHARS[int(i)] for i in torch.randint(0, len(CHARS), (400,), generator=g))
+                 for _ in range(4)]
+        out = tempfile.mkdtemp(prefix=f"genrefine-tiny-{kind}-")
+        spec = DrafterSpec(kind=kind, seq_len=32, max_tokens=1600, tree_nodes=6)
+        cfg = TrainConfig(steps=2, warmup=1, batch=2)
+        run_training(model, char_tokenizer(), texts, spec, cfg, out, progress=False, eval_prompts=0)
+        _DRAFTERS[key] = out
+    return _DRAFTERS[key]

@@ -1,0 +1,214 @@
+"""Prediction heads on the target's last hidden state: BPD, Medusa and lattice rescoring.
+
+Blockwise parallel decoding (Stern et al. 2018) and Medusa (Cai et al. 2024) add ``K`` small heads
+to the target. Head ``j`` (``1 <= j <= K``) reads the target's final hidden state at the token
+before the root, the state that predicted the root, and predicts the token ``j`` places after the
+root. Each head here is one residual block, ``h + SiLU(W_j h + b_j)``, followed by the target's own
+output projection restricted to a reduced draft vocabulary (``vocab_ids``, the most frequent
+tokens), so a head adds ``hidden^2`` weights and no output matrix. ``W_j`` starts at zero: an
+untrained head repeats the target's next-token prediction.
+
+Drafts (all verified by the target, so every mode is lossless; drafts are deterministic):
+
+* ``bpd``: the chain of each head's argmax.
+* ``medusa``: a static tree of candidate index paths (head 1's ``i``-th best, then head 2's
+  ``j``-th best, ...), chosen after training from the heads' measured top-``i`` accuracies on
+  held-back text (:func:`static_tree`), best paths first.
+* ``bpd+ngram``: the lattice of the heads' top-``k`` is rescored with an n-gram model counted from
+  the training corpus (global p-best rescoring, :mod:`genrefine.drafters.lattice`); the best
+  ``p`` paths form a tree.
+* ``bpd+lm``: local rescoring with a small neural language model (:class:`WindowLM`, a
+  fixed-window MLP over the target's embedding rows, distilled from the target by the same
+  training run): position by position, the candidate maximising head log-probability plus
+  ``alpha`` times the LM's score given the chosen prefix; a chain.
+
+The heads need ``Context.hidden`` (``wants_hidden``), so they run on backends that return final
+hidden states: the native runtime (and the transformers adapter).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..types import Draft
+from .base import Context, StepFeedback
+
+
+class HeadsNet(nn.Module):
+    """``K`` residual blocks on the final hidden state: [..., H] -> [..., K, H]."""
+
+    def __init__(self, hidden: int, num_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, hidden, hidden))  # [K, H_out, H_in]
+        self.bias = nn.Parameter(torch.zeros(num_heads, hidden))  # [K, H]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, h: Tensor) -> Tensor:
+        y = torch.einsum("...i,koi->...ko", h, self.weight) + self.bias
+        return h.unsqueeze(-2) + F.silu(y)
+
+
+class WindowLM(nn.Module):
+    """A fixed-window neural LM: the last ``window`` tokens' embeddings (the target's rows,
+    frozen, passed in) -> MLP -> a state scored against the target's output rows.
+
+    ``forward(emb [..., window, H]) -> [..., H]``; logits are ``state @ head_rows.T``.
+    """
+
+    def __init__(self, hidden: int, window: int = 4, inner: int | None = None) -> None:
+        super().__init__()
+        inner = inner or hidden
+        self.window = window
+        self.norm = nn.Parameter(torch.ones(hidden))
+        self.up = nn.Linear(window * hidden, inner)
+        self.down = nn.Linear(inner, hidden)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        x = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm
+        x = x.flatten(-2)
+        return self.down(F.silu(self.up(x)))
+
+
+def output_logits(model, x: Tensor, rows: Tensor) -> Tensor:
+    """The target's output projection of already-normalised states ``x`` [m, H] onto ``rows``
+    [v, H] (its softcap included): [m, v] float32."""
+    logits = (x.to(rows.dtype) @ rows.T).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcap", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def static_tree(acc: Tensor, nodes: int) -> list[tuple[int, ...]]:
+    """Medusa's static tree: the ``nodes`` candidate paths of highest estimated acceptance.
+
+    acc: [K, k] float, ``acc[j, i]`` the rate at which head ``j + 1``'s ``i``-th candidate is
+    the target's token (measured on held-back text). A path ``(i_1, .., i_d)`` is worth
+    ``prod_j acc[j, i_j]``; paths are taken best first, each only after its parent, so any prefix
+    of the returned list is a tree."""
+    K, k = acc.shape
+    acc = acc.clamp(min=1e-6)
+    out: list[tuple[int, ...]] = []
+    heap = [(-float(acc[0, i]), (i,)) for i in range(k)]
+    heapq.heapify(heap)
+    while heap and len(out) < nodes:
+        neg, path = heapq.heappop(heap)
+        out.append(path)
+        d = len(path)
+        if d < K:
+            for i in range(k):
+                heapq.heappush(heap, (neg * float(acc[d, i]), path + (i,)))
+    return out
+
+
+def _paths_draft(paths: list[tuple[int, ...]], cand: Tensor) -> Draft:
+    """Index paths (each after its parent) into a draft of candidate tokens cand [K, k]."""
+    index = {(): -1}
+    tokens, parents = [], []
+    for p in paths:
+        index[p] = len(tokens)
+        tokens.append(int(cand[len(p) - 1, p[-1]]))
+        parents.append(index[p[:-1]])
+    return Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
+class HeadsDrafter:
+    """Drafts from trained prediction heads (see the module docstring for the modes)."""
+
+    wants_hidden = True
+
+    def __init__(
+        self,
+        model,
+        net: HeadsNet,
+        vocab_ids: Tensor,
+        mode: str = "bpd",
+        tree: list[tuple[int, ...]] | None = None,
+        topk: int = 4,
+        ngram=None,
+        lm: WindowLM | None = None,
+        alpha: float = 1.0,
+        num_paths: int = 4,
+    ) -> None:
+        if mode not in ("bpd", "medusa", "bpd+ngram", "bpd+lm"):
+            raise ConfigError(f"unknown heads mode {mode!r}")
+        if mode == "bpd+ngram" and ngram is None:
+            raise ConfigError("bpd+ngram needs the drafter's n-gram model (ngram.safetensors)")
+        if mode == "bpd+lm" and lm is None:
+            raise ConfigError("bpd+lm needs the drafter's window LM (train it with the heads)")
+        self.name = mode
+        self.model, self.mode = model, mode
+        self.net = net.to(model.device, model.dtype).eval()
+        self.ids = vocab_ids.to(model.device, torch.long)  # [v]
+        self.rows = model.lm_head.index_select(0, self.ids).contiguous()  # [v, H]
+        self.tree = tree or []
+        self.topk = max(1, topk)
+        self.ngram, self.alpha, self.num_paths = ngram, alpha, num_paths
+        self.lm = None if lm is None else lm.to(model.device, model.dtype).eval()
+
+    @property
+    def num_heads(self) -> int:
+        return self.net.num_heads
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, ctx: Context, feedback: StepFeedback) -> None:
+        pass
+
+    @torch.inference_mode()
+    def candidates(self, h: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each head's top-``k``: (token ids [K, k] long, log-probs [K, k] float32)."""
+        x = self.net(h.to(self.model.dtype))  # [K, H]
+        logp = output_logits(self.model, x, self.rows).log_softmax(-1)  # [K, v]
+        top, idx = logp.topk(k, dim=-1)
+        return self.ids[idx].cpu(), top.cpu()
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, budget: int) -> Draft:
+        if ctx.hidden is None or ctx.hidden.shape[0] == 0:
+            raise ConfigError("prediction heads need the target's hidden states (use the engine)")
+        h = ctx.hidden[-1]  # [H]: the state that predicted the root
+        if self.mode == "bpd":
+            ids, _ = self.candidates(h, 1)
+            return Draft.chain(ids[: min(budget, ids.shape[0]), 0])
+        if self.mode == "medusa":
+            ids, _ = self.candidates(h, self.topk)
+            return _paths_draft(self.tree[:budget], ids)
+        if self.mode == "bpd+ngram":
+            from .lattice import paths_to_draft, rescore_lattice
+
+            ids, logp = self.candidates(h, self.topk)
+            ctx_ids = ctx.tokens[-8:].tolist()
+            best = rescore_lattice(
+                ctx_ids, ids, logp, self.ngram, alpha=self.alpha, num_paths=self.num_paths
+            )
+            return paths_to_draft([p for p, _ in best])
+        return self._local_rescore(ctx, h, budget)
+
+    def _local_rescore(self, ctx: Context, h: Tensor, budget: int) -> Draft:
+        ids, logp = self.candidates(h, self.topk)  # [K, k]
+        lm, w = self.lm, self.lm.window
+        prefix = ctx.tokens[-w:].to(self.model.device)
+        if prefix.shape[0] < w:  # a context shorter than the window: repeat its first token
+            prefix = torch.cat([prefix[:1].expand(w - prefix.shape[0]), prefix])
+        embed = self.model.embed_tokens
+        out = []
+        for j in range(min(budget, ids.shape[0])):
+            cand = ids[j].to(self.model.device)  # [k]
+            state = lm(embed(prefix[-w:]).unsqueeze(0))[0]  # [H]
+            rows = self.model.lm_head.index_select(0, cand)  # [k, H]
+            lm_score = output_logits(self.model, state.unsqueeze(0), rows)[0].cpu()  # [k]
+            best = int((logp[j] + self.alpha * lm_score).argmax())
+            tok = ids[j, best]
+            out.append(int(tok))
+            prefix = torch.cat([prefix, tok.view(1).to(prefix.device)])
+        return Draft.chain(out)
