@@ -52,6 +52,16 @@ def _add_draft_model_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_drafter_option(p) -> None:
+    p.add_argument(
+        "--drafter",
+        default=None,
+        metavar="DIR",
+        help="bpd, bpd+ngram, bpd+lm, medusa, eagle: a drafter trained with `genrefine train` "
+        "(default: the one shipped for the embedded model)",
+    )
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     from .methods import method_names
 
@@ -84,6 +94,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    "(default for early-exit-draft and swift: 32768 when the vocabulary has over "
                    "65536 tokens; a number >= the vocabulary size means all)")
     _add_draft_model_option(g)
+    _add_drafter_option(g)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=96)
     _add_model_options(d)
     _add_draft_model_option(d)
+    _add_drafter_option(d)
 
     b = sub.add_parser(
         "bench",
@@ -159,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(b)
     _add_draft_model_option(b)
+    _add_drafter_option(b)
 
     ix = sub.add_parser(
         "index",
@@ -195,6 +208,35 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--layers", type=int, required=True, metavar="K", help="layers to keep")
     ds.add_argument("--out", required=True, metavar="DIR", help="new directory to write")
     ds.add_argument("--dtype", default="bfloat16", help="weights as saved (default bfloat16)")
+
+    tr = sub.add_parser(
+        "train",
+        help="train a drafter against a model: prediction heads (bpd, medusa) or EAGLE",
+        description="Record teacher-forced passes of the model over a corpus, train the "
+        "drafter (checkpoints in --out; rerunning the same command resumes), save it as "
+        "--out/drafter.safetensors and print its tokens per step on held-back text. Load it "
+        "with --drafter DIR.",
+    )
+    tr.add_argument("kind", choices=["heads", "eagle"],
+                    help="heads: BPD/Medusa heads + rescoring LM and n-gram; eagle: feature drafter")
+    _add_model_options(tr)
+    tr.add_argument("--corpus", default=None, metavar="DIR",
+                    help="folder of .txt/.md/.rst files (default: the standard library's "
+                    "docstrings and language reference, see genrefine/train/corpus.py)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="folder for the drafter and checkpoints")
+    tr.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    tr.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; eagle 3e-3)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    tr.add_argument("--max-tokens", type=int, default=300_000, help="corpus tokens used (default 300000)")
+    tr.add_argument("--heads", type=int, default=4, help="heads: how many (default 4)")
+    tr.add_argument("--topk", type=int, default=4, help="candidates per head / per draft node (default 4)")
+    tr.add_argument("--draft-vocab", type=int, default=32768,
+                    help="tokens the drafter projects onto (default 32768)")
+    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sv = sub.add_parser(
         "serve",
@@ -265,6 +307,7 @@ def _options(args):
         exit_layer=args.exit_layer,
         draft_vocab=args.draft_vocab,
         draft_model=args.draft_model,
+        drafter=args.drafter,
     )
 
 
@@ -361,7 +404,7 @@ def cmd_demo(args) -> int:
     if "ar" not in methods:
         methods.insert(0, "ar")
     _validate_before_load(args, methods)
-    opts = MethodOptions(draft_model=args.draft_model)
+    opts = MethodOptions(draft_model=args.draft_model, drafter=args.drafter)
     prompt = args.prompt or DEMO_PROMPT
     t0 = time.perf_counter()
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
@@ -398,6 +441,7 @@ def cmd_bench(args) -> int:
         methods=args.methods,
         model=args.model,
         draft_model=args.draft_model,
+        drafter=args.drafter,
         dtype=args.dtype,
         device=args.device,
         backend=args.backend,
@@ -428,7 +472,7 @@ def cmd_bench(args) -> int:
 def _bench_argv(args) -> list[str]:
     """The bench options as a command line (for the report, when sys.argv is not ours)."""
     out = ["bench"]
-    for opt in ("questions", "methods", "model", "draft_model", "categories", "limit_per_category",
+    for opt in ("questions", "methods", "model", "draft_model", "drafter", "categories", "limit_per_category",
                 "max_new_tokens", "temperature", "repeats", "dtype", "device", "backend", "json",
                 "report",
                 "plot"):
@@ -455,6 +499,38 @@ def cmd_draft_model(args) -> int:
     if args.draft_model_command != "shrink":
         raise GenrefineError("say what to do: genrefine draft-model shrink --layers K --out DIR")
     return shrink_main(args.model, args.layers, args.out, args.dtype)
+
+
+def cmd_train(args) -> int:
+    from .api import load
+    from .train.corpus import default_corpus, read_corpus
+    from .train.loop import TrainConfig
+    from .train.run import DrafterSpec, run_training
+
+    lr = args.lr if args.lr is not None else (3e-3 if args.kind == "eagle" else 1e-3)
+    cfg = TrainConfig(steps=args.steps, lr=lr, batch=args.batch, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, warmup=min(50, args.steps // 10 + 1))
+    spec = DrafterSpec(kind=args.kind, num_heads=args.heads, topk=args.topk,
+                       draft_vocab=args.draft_vocab, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    texts = read_corpus(args.corpus) if args.corpus is not None else None
+    _validate_before_load(args, [])
+    if args.backend not in ("native", None):
+        raise GenrefineError("training runs on the native runtime: drop --backend")
+    gen = load(args.model, dtype=args.dtype, device=args.device)
+    if texts is None:
+        texts = default_corpus(gen.tokenizer)
+    res = run_training(gen.model, gen.tokenizer, texts, spec, cfg, args.out,
+                       resume=not args.fresh, progress=not args.no_progress)
+    method = "medusa" if args.kind == "heads" else "eagle"
+    print(
+        f"genrefine: saved {res.out / 'drafter.safetensors'} in {res.seconds:.0f} s; "
+        f"{method} on held-back text: {res.tokens_per_step:.2f} tokens/step "
+        f"({'same tokens as ar' if res.ar_steps_equal else 'OUTPUT DIFFERS FROM ar'})",
+        file=sys.stderr,
+    )
+    for k, v in res.extra.items():
+        print(f"genrefine: {k}: {v}", file=sys.stderr)
+    return 0 if res.ar_steps_equal else 1
 
 
 def cmd_serve(args) -> int:
@@ -508,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         "index": cmd_index,
         "serve": cmd_serve,
         "draft-model": cmd_draft_model,
+        "train": cmd_train,
     }[args.command]
     try:
         return handler(args)

@@ -513,3 +513,27 @@ def test_float32_and_bfloat16_batching_modes(gen32) -> None:
     s = create_app(gen32, ServerConfig(method="ar", batching="always"), warm=False)
     assert s.state.server.scheduler.batched
     assert torch.float32 == gen32.model.dtype
+
+
+def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(gen16, tmp_path) -> None:
+    """Heads and EAGLE read the target's hidden states: their steps run a forward of their own
+    beside the batched one, and every request still gets its text alone."""
+    from genrefine.methods import MethodOptions
+    from genrefine.train.loop import TrainConfig
+    from genrefine.train.run import DrafterSpec, run_training
+
+    texts = [p * 20 for p in PROMPTS]
+    cfg = TrainConfig(steps=3, warmup=1, batch=2)
+    for kind in ("heads", "eagle"):
+        run_training(gen16.model, gen16.tokenizer, texts,
+                     DrafterSpec(kind=kind, seq_len=32, max_tokens=4000), cfg, tmp_path / kind,
+                     progress=False, eval_prompts=1)
+    for kind, methods in (("heads", ["bpd", "medusa", "pld"]), ("eagle", ["eagle", "ar", "eagle"])):
+        s = Live(gen16, max_batch=4, options=MethodOptions(drafter=str(tmp_path / kind)))
+        try:
+            jobs = [(p, m) for p, m in zip(PROMPTS, methods)]
+            alone = [s.complete(p, 24, extra_body={"method": m})[0] for p, m in jobs]
+            assert _concurrent(s, jobs, 24) == alone
+            assert alone == [gen16.generate(p, max_new_tokens=24).text for p, _ in jobs]
+        finally:
+            s.close()

@@ -59,6 +59,7 @@ class BenchConfig:
     methods: str = "ar,pld,jacobi,auto"
     model: str | None = None
     draft_model: str | None = None  # sps and hf_assisted: the draft model
+    drafter: str | None = None  # trained-drafter methods: a `genrefine train` folder (None: shipped)
     dtype: str = "auto"
     device: str = "auto"
     backend: str = "native"  # genrefine's backend: native, llama.cpp, hf, auto
@@ -89,6 +90,7 @@ class Settings:
     questions: str  # the resolved question file
     draft_model: str | None = None  # the resolved draft model path (sps, hf_assisted)
     backend: str | None = None  # genrefine's backend; None: native (files from before --backend)
+    drafter: str | None = None  # the trained drafter's folder; None: the shipped one (or unused)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -182,6 +184,7 @@ def plan_bench(config: BenchConfig) -> Plan:
         questions=str(Path(qpath).resolve()),
         draft_model=str(draft.path) if draft is not None else None,
         backend=None if backend == "native" else backend,
+        drafter=str(Path(config.drafter).expanduser().resolve()) if config.drafter else None,
     )
     done = {} if config.fresh else read_results(jsonl, settings)
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
@@ -507,6 +510,8 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
             backends[m] = HFBackend(hf, gen.eos_ids, pad, lookup, assistant, tokenizers)
         elif METHODS[m].needs_draft_model:
             backends[m] = GenrefineBackend(gen, m, MethodOptions(draft_model=draft))
+        elif plan.config.drafter is not None:
+            backends[m] = GenrefineBackend(gen, m, MethodOptions(drafter=plan.config.drafter))
         else:
             backends[m] = GenrefineBackend(gen, m)
     return backends
