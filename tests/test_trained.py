@@ -254,7 +254,7 @@ def test_cli_train_and_generate(tmp_path, capsys) -> None:
     out = tmp_path / "heads"
     rc = main(["train", "heads", "--model", str(model_dir), "--corpus", str(corpus_dir),
                "--out", str(out), "--steps", "4", "--seq-len", "32", "--max-tokens", "3000",
-               "--dtype", "float32", "--no-progress"])
+               "--dtype", "float32", "--no-progress", "--self-generated", "2"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "tokens/step" in err and "same tokens as ar" in err
@@ -271,3 +271,44 @@ def test_cli_train_and_generate(tmp_path, capsys) -> None:
     assert main(["generate", "x", "--model", str(model_dir), "--method", "eagle",
                  "--drafter", str(out), "--dtype", "float32"]) == 2
     assert "'heads' drafter" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- self-generated data
+def test_self_generated_answers_are_the_greedy_answers() -> None:
+    from genrefine.train.selfgen import generate_batched, prompts, self_generated_texts
+
+    m, tok = native("llama"), char_tokenizer()
+    ps = prompts(tok, 5, max_tokens=200)
+    assert len(ps) == 5 and max(map(len, ps)) <= 200 and all(p and p[0] == 1 for p in ps)  # BOS, no chat template: plain text
+    eos = {ps[0][-1]}  # some token that comes up: answers must stop before it
+    one = generate_batched(m, ps, 12, eos, batch=1, progress=False)
+    for p, a in zip(ps, one):
+        ref, _ = run(m, Method("ar"), p, 12)
+        cut = next((i for i, t in enumerate(ref) if t in eos), len(ref))
+        assert a == ref[:cut]
+    many = generate_batched(m, ps, 12, eos, batch=3, progress=False)
+    assert all(len(a) <= 12 and not (set(a) & eos) for a in many)
+    texts = self_generated_texts(m, tok, eos, 3, max_new=8, progress=False)
+    assert texts == self_generated_texts(m, tok, eos, 3, max_new=8, progress=False)  # cached
+    assert len(texts) == 3
+
+
+# --------------------------------------------------------------------------- distilled draft model
+def test_distilled_draft_model_beats_its_shallow_start_and_stays_lossless(tmp_path) -> None:
+    import genrefine
+
+    model_dir = save_tiny_model_dir(tmp_path / "model", "llama")
+    gen = genrefine.load(str(model_dir), dtype="float32", quiet=True)
+    m, tok = gen.model, gen.tokenizer
+    texts = [" ".join(["the cat sat on the mat", "a dog ran in the park"][i % 2] for i in range(60))
+             for _ in range(8)]
+    spec = DrafterSpec(kind="draft", layers=1, seq_len=64, max_tokens=6000)
+    cfg = TrainConfig(steps=60, lr=3e-3, warmup=5, batch=4)
+    res = run_training(m, tok, texts, spec, cfg, tmp_path / "draft", progress=False,
+                       source=str(model_dir), eval_prompts=3)
+    assert res.ar_steps_equal
+    assert (tmp_path / "draft" / "config.json").exists()
+    start = build_method("sps", m, MethodOptions(draft_model=str(tmp_path / "draft" / "init")), tok)
+    test = record(m, tok, texts, 64, 6000, progress=False).split(0.05, 0)[1]
+    tps0, same0 = measure_tokens_per_step(m, start, test, prompts=3)
+    assert same0 and res.tokens_per_step > tps0, (res.tokens_per_step, tps0)

@@ -13,7 +13,8 @@ features, which the engine hands over in ``Context.hidden``) and writes draft no
 Draft trees are dynamic (EAGLE-2): each node's score is the sum of draft log-probabilities along
 its path; at every depth the ``width`` best nodes of that depth are expanded (one batched pass of
 the layer, each node attending to the prefix and its own ancestors) into their ``topk`` best
-children; finally the ``budget`` best nodes of the whole tree are kept. Since a child never scores
+children, until a depth's best path probability falls under ``min_prob``; finally the ``budget``
+best nodes of the whole tree are kept. Since a child never scores
 above its parent, the kept set is a tree. Verification is the target's, so the method is lossless.
 """
 
@@ -132,6 +133,7 @@ class EagleDrafter:
         width: int = 4,
         topk: int = 4,
         name: str = "eagle",
+        min_prob: float = 0.02,
     ) -> None:
         if depth < 1 or width < 1 or topk < 1:
             raise ConfigError("eagle: depth, width and topk must be >= 1")
@@ -141,6 +143,9 @@ class EagleDrafter:
         self.ids = vocab_ids.to(model.device, torch.long)  # [v]
         self.rows = model.lm_head.index_select(0, self.ids).contiguous()  # [v, H]
         self.depth, self.width, self.topk = depth, width, topk
+        # stop growing the tree once no node of the newest depth has a path probability above
+        # this (a draft pass costs a few ms on a CPU; such nodes are rarely accepted)
+        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         self.reset()
 
     def reset(self) -> None:
@@ -193,6 +198,13 @@ class EagleDrafter:
         self._last = out[0, -1]
         return self._last
 
+    def _top(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """Each feature's ``topk`` draft tokens: (log-probs [m, k] on the CPU, positions in the
+        draft vocabulary [m, k]); one log-sum-exp instead of a full log-softmax."""
+        logits = output_logits(self.model, feats, self.rows)  # [m, v]
+        top, idx = logits.topk(min(self.topk, logits.shape[-1]), dim=-1)
+        return (top - logits.logsumexp(-1, keepdim=True)).cpu(), idx
+
     @torch.inference_mode()
     def propose(self, ctx: Context, budget: int) -> Draft:
         if ctx.hidden is None:
@@ -200,8 +212,8 @@ class EagleDrafter:
         dev, model = self.model.device, self.model
         f0 = self._catch_up(ctx)
         C = self._done
-        logp = output_logits(model, f0.unsqueeze(0), self.rows).log_softmax(-1)[0]  # [v]
-        top, idx = logp.topk(min(self.topk, logp.shape[0]))
+        top, idx = self._top(f0.unsqueeze(0))
+        top, idx = top[0], idx[0]
         # candidate nodes: token, parent (-1 = root), score, depth, feature source
         tok = [self.ids[i] for i in idx]
         tokens: list[Tensor] = list(tok)
@@ -213,7 +225,7 @@ class EagleDrafter:
         frontier = list(range(len(tok)))
         used = C
         for d in range(1, self.depth):
-            if not frontier or len(tokens) >= 4 * budget + 64:
+            if not frontier or max(scores[i] for i in frontier) < self.min_logp:
                 break
             expand = sorted(frontier, key=lambda i: -scores[i])[: self.width]
             m = len(expand)
@@ -236,9 +248,7 @@ class EagleDrafter:
             for r, i in enumerate(expand):
                 feat[i], slot[i] = out[0, r], used + r
             used += m
-            lp = output_logits(model, out[0], self.rows).log_softmax(-1)  # [m, v]
-            ctop, cidx = lp.topk(min(self.topk, lp.shape[1]), dim=-1)  # [m, k]
-            ctop = ctop.cpu()
+            ctop, cidx = self._top(out[0])  # [m, k]
             frontier = []
             for r, i in enumerate(expand):
                 for c in range(ctop.shape[1]):

@@ -70,7 +70,9 @@ def batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor:
 def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    # trained parameters only: frozen ones (a draft model's embedding) come back from the init
+    trained = {k for k, p in net.named_parameters() if p.requires_grad}
+    tensors = {f"net.{k}": v.detach().contiguous() for k, v in net.state_dict().items() if k in trained}
     names = {id(p): k for k, p in net.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -98,7 +100,11 @@ def _load(path: Path, net: nn.Module, opt: torch.optim.Optimizer, meta: dict) ->
             f"the checkpoint in {path.parent} is from a run with other settings: rerun with the "
             "same options to resume, or pass --fresh to start over"
         )
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    missing = net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")},
+                                  strict=False).missing_keys
+    frozen = {k for k, p in net.named_parameters() if not p.requires_grad}
+    if set(missing) - frozen - {k for k, _ in net.named_buffers()}:
+        raise ConfigError(f"the checkpoint in {path.parent} lacks trained weights; pass --fresh")
     params = dict(net.named_parameters())
     for k, v in tensors.items():
         if k.startswith("opt."):

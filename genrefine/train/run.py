@@ -30,7 +30,7 @@ NGRAM_MIN_COUNT = 2  # the rescoring n-gram keeps m-grams (m >= 2) seen at least
 class DrafterSpec:
     """What to train besides the loop's settings."""
 
-    kind: str = "heads"  # "heads" | "eagle"
+    kind: str = "heads"  # "heads" | "eagle" | "draft"
     num_heads: int = 4  # heads: K
     topk: int = 4  # heads: candidates per head in trees and lattices; eagle: children per node
     tree_nodes: int = 16  # heads: nodes of Medusa's static tree
@@ -39,12 +39,15 @@ class DrafterSpec:
     draft_vocab: int = 32768  # tokens the drafter projects onto (all when >= vocabulary)
     unroll: int = 2  # eagle: passes per step, later ones fed the drafter's own features
     p_weight: float = 0.5  # eagle: weight of the distribution loss beside feature regression
+    layers: int = 2  # draft: the target's first layers the draft model starts from
     seq_len: int = 256
     max_tokens: int = 300_000
 
     def __post_init__(self) -> None:
-        if self.kind not in ("heads", "eagle"):
-            raise ConfigError(f"unknown drafter kind {self.kind!r}: heads or eagle")
+        if self.kind not in ("heads", "eagle", "draft"):
+            raise ConfigError(f"unknown drafter kind {self.kind!r}: heads, eagle or draft")
+        if self.layers < 1:
+            raise ConfigError(f"--layers must be >= 1, got {self.layers}")
         if self.num_heads < 1 or self.topk < 1 or self.tree_nodes < 1:
             raise ConfigError("--heads, --topk and --tree-nodes must be >= 1")
         if self.draft_vocab < 1:
@@ -222,9 +225,11 @@ def run_training(
     progress: bool = True,
     stop_after: int | None = None,
     eval_prompts: int = 4,
+    source=None,
 ) -> TrainResult:
     """The whole run (see the module docstring). ``stop_after``: interrupt after that many steps
-    (for tests), leaving a checkpoint and no drafter."""
+    (for tests), leaving a checkpoint and no drafter. ``source``: the target's path (None: the
+    embedded model), which ``draft`` cuts its initial layers from."""
     from ..drafters.store import save_drafter
     from .record import record
 
@@ -240,6 +245,13 @@ def run_training(
     if spec.kind == "heads":
         net: nn.Module = HeadsBundle(model.hidden_size, spec.num_heads, spec.lm_window)
         loss_fn = heads_loss(model, rows, train_rec, net)
+    elif spec.kind == "draft":
+        from .distill import draft_loss, load_trainable, shrunk_init
+
+        out.mkdir(parents=True, exist_ok=True)
+        init = shrunk_init(source, spec.layers, out)
+        net = load_trainable(init)
+        loss_fn = draft_loss(model, rows, ids.to(model.device), train_rec, net)
     else:
         from ..drafters.eagle import EagleNet
 
@@ -251,6 +263,14 @@ def run_training(
         return TrainResult(out, logs, float("nan"), True, time.perf_counter() - t0)
     net.eval()
     extra: dict = {}
+    if spec.kind == "draft":
+        from ..methods import MethodOptions, build_method
+        from .distill import save_draft
+
+        save_draft(net, out / "init", out)
+        method = build_method("sps", model, MethodOptions(draft_model=str(out)), tokenizer)
+        tps, same = measure_tokens_per_step(model, method, test_rec, prompts=eval_prompts)
+        return TrainResult(out, logs, tps, same, time.perf_counter() - t0, extra)
     if spec.kind == "heads":
         acc = head_accuracy(model, rows, test_rec, net.heads, spec.topk)
         tree = static_tree(acc, spec.tree_nodes)
