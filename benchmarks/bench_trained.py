@@ -1,0 +1,68 @@
+"""Block efficiency of the trained drafters on held-back training text (not benchmark text).
+
+The paper's table for lattice rescoring (Kim et al. 2024) compares tokens per step of BPD drafts
+before and after rescoring. This prints that comparison for the embedded model's drafters (or
+the folders given), on prompts cut from the held-back windows of the training corpus, greedy,
+each output checked equal to ``ar``'s::
+
+    python benchmarks/bench_trained.py --prompts 8
+    python benchmarks/bench_trained.py --heads DIR --eagle DIR --self-generated 400 --max-tokens 250000
+
+``bpd+ngram (chain)`` verifies only the best rescored path (``p = 1``), the like-for-like
+comparison with ``bpd``; ``bpd+ngram`` is the method's default, the best 4 paths as a tree.
+The corpus options must match the training run's for the held-back windows to be held back.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import genrefine
+from genrefine.methods import FixedPolicy, Method, MethodOptions, build_method
+from genrefine.train.corpus import default_corpus
+from genrefine.train.record import record
+from genrefine.train.run import HELD_OUT, measure_tokens_per_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", default=None, help="heads drafter folder (default: shipped)")
+    ap.add_argument("--eagle", default=None, help="eagle drafter folder (default: shipped)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--self-generated", type=int, default=400)
+    ap.add_argument("--max-tokens", type=int, default=250_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    g = genrefine.load(quiet=True)
+    m, tok = g.model, g.tokenizer
+    texts = default_corpus(tok)
+    if args.self_generated:
+        from genrefine.train.selfgen import self_generated_texts
+
+        texts = self_generated_texts(m, tok, set(g.eos_ids), args.self_generated) + texts
+    rec = record(m, tok, texts, 256, args.max_tokens)
+    test = rec.split(HELD_OUT, args.seed)[1]
+    rows = []
+    for name in ("bpd", "bpd+ngram (chain)", "bpd+ngram", "bpd+lm", "medusa", "eagle"):
+        base = name.split(" ")[0]
+        folder = args.eagle if base == "eagle" else args.heads
+        method = build_method(base, m, MethodOptions(drafter=folder), tok)
+        if name.endswith("(chain)"):
+            d = method.drafters[0]
+            d.num_paths = 1
+            method = Method(name, [d], FixedPolicy(d, d.num_heads), d.num_heads)
+        tps, same = measure_tokens_per_step(m, method, test, prompts=args.prompts)
+        rows.append((name, tps, same))
+        print(f"{name:<20} {tps:5.2f} tokens/step  {'same as ar' if same else 'DIFFERS FROM ar'}",
+              flush=True)
+    bpd = rows[0][1]
+    print()
+    for name, tps, _ in rows[1:4]:
+        print(f"{name:<20} {100 * (tps / bpd - 1):+5.1f}% tokens/step over bpd")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
