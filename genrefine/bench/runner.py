@@ -371,7 +371,7 @@ class HFBackend:
 
         def pre_hook(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            pkv = kwargs.get("past_key_values")
+            pkv = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
             start = None
             if pkv is not None and hasattr(pkv, "get_seq_length"):
                 try:

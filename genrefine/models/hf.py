@@ -7,6 +7,7 @@ custom masks, which transformers does not promise for every architecture.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -63,6 +64,10 @@ class HFModel:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048))
         p = next(hf_model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name
+        # warns, and goes in 5.40); pass whichever this version's forward declares.
+        params = inspect.signature(type(hf_model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def new_cache(self, capacity: int | None = None) -> HFCache:
         return HFCache(min(capacity or self.max_context, self.max_context))
@@ -94,8 +99,8 @@ class HFModel:
         out = self.hf(
             input_ids=tokens.to(self.device)[None],
             position_ids=positions.to(self.device)[None],
-            past_key_values=cache.inner,
             use_cache=True,
+            **{self._cache_kw: cache.inner},
             output_hidden_states=bool(hidden_layers),
         )
         cache.length = start + n
