@@ -6,6 +6,7 @@ the folders given), on prompts cut from the held-back windows of the training co
 each output checked equal to ``ar``'s::
 
     python benchmarks/bench_trained.py --prompts 8
+    python benchmarks/bench_trained.py --prompts 8 --draft-vocab 32768
     python benchmarks/bench_trained.py --heads DIR --eagle DIR --self-generated 400 --max-tokens 250000
 
 ``bpd+ngram (chain)`` verifies only the best rescored path (``p = 1``), the like-for-like
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--self-generated", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=250_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft-vocab", type=int, default=None,
+                    help="draft onto the N most frequent trained tokens (default: the methods')")
     args = ap.parse_args()
     g = genrefine.load(quiet=True)
     m, tok = g.model, g.tokenizer
@@ -48,7 +51,7 @@ def main() -> None:
     for name in ("bpd", "bpd+ngram (chain)", "bpd+ngram", "bpd+lm", "medusa", "eagle"):
         base = name.split(" ")[0]
         folder = args.eagle if base == "eagle" else args.heads
-        method = build_method(base, m, MethodOptions(drafter=folder), tok)
+        method = build_method(base, m, MethodOptions(drafter=folder, draft_vocab=args.draft_vocab), tok)
         if name.endswith("(chain)"):
             d = method.drafters[0]
             d.num_paths = 1

@@ -292,6 +292,39 @@ def load_draft_model(model, opts: MethodOptions):
     return spec, opts.draft_tokenizer
 
 
+# Trained drafters project onto the rows they were trained with (32768 by default); at inference
+# they draft onto the most frequent of those only: each draft pass multiplies features by these
+# rows, and on the embedded model cutting them to 8192 kept the held-back tokens per step of every
+# trained method (benchmarks/bench_trained.py --draft-vocab) while the drafting got cheaper.
+TRAINED_DRAFT_VOCAB = 8192
+
+
+def _trained_vocab(model, opts: MethodOptions, tokenizer, ids):
+    """The stored draft ids ``ids`` restricted to the ``--draft-vocab`` most frequent tokens
+    (unset: :data:`TRAINED_DRAFT_VOCAB` when the tokenizer is at hand, else all of them)."""
+    n = opts.draft_vocab
+    if n is None:
+        if tokenizer is None:
+            return ids
+        n = TRAINED_DRAFT_VOCAB
+    if n >= ids.shape[0]:
+        return ids
+    if tokenizer is None:
+        raise ConfigError(
+            "--draft-vocab needs the model's tokenizer: pass tokenizer= to build_method "
+            "(genrefine.load() does)"
+        )
+    import torch
+
+    from .vocab import token_ranking
+
+    ranking = token_ranking(getattr(model, "name", "model"), tokenizer, model.vocab_size)
+    order = torch.empty_like(ranking)
+    order[ranking] = torch.arange(ranking.shape[0])  # token id -> its rank
+    keep = ids[order[ids].argsort()[:n]]
+    return keep.sort().values
+
+
 def _load_heads(model, opts: MethodOptions):
     """(stored drafter, heads, rescoring LM, vocabulary ids) of a trained heads drafter."""
     from .drafters.heads import HeadsNet, WindowLM
@@ -307,10 +340,11 @@ def _load_heads(model, opts: MethodOptions):
 
 
 def _build_heads(mode: str):
-    def build(model, opts: MethodOptions) -> Method:
+    def build(model, opts: MethodOptions, tokenizer=None) -> Method:
         from .drafters.heads import HeadsDrafter
 
         d, net, lm, ids = _load_heads(model, opts)
+        ids = _trained_vocab(model, opts, tokenizer, ids)
         cfg = d.config
         K, k = int(cfg["num_heads"]), int(cfg["topk"])
         kw: dict = {"topk": k}
@@ -333,7 +367,7 @@ def _build_heads(mode: str):
     return build
 
 
-def _build_eagle(model, opts: MethodOptions) -> Method:
+def _build_eagle(model, opts: MethodOptions, tokenizer=None) -> Method:
     from .drafters.eagle import EagleDrafter, EagleNet
     from .drafters.store import find_drafter
 
@@ -343,7 +377,8 @@ def _build_eagle(model, opts: MethodOptions) -> Method:
     net = EagleNet(**cfg)
     net.load_state_dict({k[4:]: v.float() for k, v in d.tensors.items() if k.startswith("net.")})
     budget = opts.draft_len or 16
-    drafter = EagleDrafter(model, net, d.tensors["vocab_ids"].long(), topk=topk)
+    ids = _trained_vocab(model, opts, tokenizer, d.tensors["vocab_ids"].long())
+    drafter = EagleDrafter(model, net, ids, topk=topk)
     return Method("eagle", [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
 
 
@@ -417,6 +452,7 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "blockwise parallel decoding: trained heads' argmax chain (--drafter or shipped)",
             _build_heads("bpd"),
+            takes_tokenizer=True,
             native_only=True,
             drafter_kind="heads",
         ),
@@ -425,6 +461,7 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "BPD heads' top-k lattice rescored by an n-gram model, best paths as a tree",
             _build_heads("bpd+ngram"),
+            takes_tokenizer=True,
             native_only=True,
             drafter_kind="heads",
         ),
@@ -433,6 +470,7 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "BPD heads' top-k rescored position by position by a small neural LM (a chain)",
             _build_heads("bpd+lm"),
+            takes_tokenizer=True,
             native_only=True,
             drafter_kind="heads",
         ),
@@ -441,6 +479,7 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "Medusa: trained heads' top-k in a static tree chosen from their accuracies",
             _build_heads("medusa"),
+            takes_tokenizer=True,
             native_only=True,
             drafter_kind="heads",
         ),
@@ -449,6 +488,7 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "EAGLE-2: a one-layer feature drafter grows a dynamic tree by draft confidence",
             _build_eagle,
+            takes_tokenizer=True,
             native_only=True,
             drafter_kind="eagle",
         ),
