@@ -350,6 +350,7 @@ def _build_heads(mode: str):
         kw: dict = {"topk": k}
         if mode == "medusa":
             kw["tree"] = [tuple(p) for p in cfg["tree"]]
+            kw["cost"] = _cost_table(model)  # the tree is cut to what pays on this machine
             budget = len(kw["tree"])
         elif mode == "bpd+ngram":
             from .drafters.lattice import NgramLM
@@ -378,17 +379,24 @@ def _build_eagle(model, opts: MethodOptions, tokenizer=None) -> Method:
     net.load_state_dict({k[4:]: v.float() for k, v in d.tensors.items() if k.startswith("net.")})
     budget = opts.draft_len or 16
     ids = _trained_vocab(model, opts, tokenizer, d.tensors["vocab_ids"].long())
-    drafter = EagleDrafter(model, net, ids, topk=topk)
+    # the tree is cut to the size that maximises expected tokens per second on this machine
+    drafter = EagleDrafter(model, net, ids, topk=topk, cost=_cost_table(model))
     return Method("eagle", [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
+
+
+def _cost_table(model):
+    """The target's forward times on this machine (measured on first use, cached on disk)."""
+    from .policy import load_or_measure, machine_key
+
+    key = f"{getattr(model, 'name', 'model')}|{model.dtype}|{machine_key(model.device)}"
+    return load_or_measure(model, key)
 
 
 def _build_auto(model, opts: MethodOptions) -> Method:
     from .drafters.jacobi import JacobiDrafter
-    from .policy import load_or_measure, machine_key
 
     max_len = opts.draft_len or 16
-    key = f"{getattr(model, 'name', 'model')}|{model.dtype}|{machine_key(model.device)}"
-    table = load_or_measure(model, key)
+    table = _cost_table(model)
     drafters = [_pld(model, opts), JacobiDrafter(block=max_len)]
     return Method("auto", drafters, CostPolicy(table, max_len), max_len, opts.acceptance)
 

@@ -271,6 +271,55 @@ def load_or_measure(model, key: str, **measure_kwargs) -> CostTable:
     return table
 
 
+# --------------------------------------------------------------------------- tree size
+
+
+class TreeCut:
+    """How many of a tree's best nodes to verify, for drafters that know each node's path
+    probability (the product of draft probabilities from the root to it).
+
+    A node's path probability estimates the chance that the target accepts it, and the nodes a
+    step accepts form one path, so the sum over the kept nodes estimates the accepted length. The
+    cut keeps the ``n`` best nodes maximising ``(1 + c * sum of their probabilities) / cost(n + 1)``,
+    the expected tokens per second of the step; ``c`` calibrates the draft's confidence against
+    the accepted lengths seen so far in the generation (each sum starts with a step's worth, so
+    ``c`` starts at 1). With flat forward times (a GPU) every node is kept; on a CPU, where each
+    verified node costs a few percent of a step, trees stay small while the draft is unsure.
+    Nothing here reads a clock, so a seeded sample gives the same tokens every time.
+    """
+
+    def __init__(self, cost) -> None:
+        self.cost = cost  # callable: n new tokens -> seconds of one target forward
+        self.reset()
+
+    def reset(self) -> None:
+        self.expected, self.got, self._pending = 2.0, 2.0, 0.0
+
+    def size(self, probs: Sequence[float]) -> int:
+        """How many of ``probs`` (path probabilities, best first, a parent before its children)
+        to keep: at least one."""
+        c = self.got / self.expected
+        best_n, best_rate, gain = 1, -1.0, 1.0
+        for n, p in enumerate(probs, 1):
+            gain += c * p
+            rate = gain / self.cost(n + 1)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def __call__(self, probs: Sequence[float]) -> int:
+        """:meth:`size`, remembering the kept nodes' expected count for :meth:`observe`."""
+        n = self.size(probs)
+        self._pending = float(sum(probs[:n]))
+        return n
+
+    def observe(self, accepted: int) -> None:
+        """The target accepted ``accepted`` nodes of the last cut tree."""
+        self.expected += self._pending
+        self.got += accepted
+        self._pending = 0.0
+
+
 # --------------------------------------------------------------------------- acceptance
 
 

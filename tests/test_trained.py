@@ -24,6 +24,7 @@ from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError
 from genrefine.methods import FixedPolicy, Method, MethodOptions, build_method
 from genrefine.models.runtime import NativeModel
+from genrefine.policy import TreeCut
 from genrefine.sampling import logits_to_probs
 from genrefine.train.loop import CHECKPOINT, TrainConfig
 from genrefine.train.record import record
@@ -126,6 +127,42 @@ def test_trees_are_trees_and_budgets_hold() -> None:
     tree = static_tree(acc, 6)
     assert tree[:3] == [(0,), (0, 0), (1,)]  # 0.6, 0.3, 0.2 (ties: the heap's order)
     assert all(p[:-1] in tree[: i] or len(p) == 1 for i, p in enumerate(tree))
+
+
+def test_tree_cut_keeps_what_pays_on_this_machine() -> None:
+    """TreeCut: with flat forward times (a GPU) every node is kept; when each verified node costs
+    a tenth of a step, only the nodes likely enough to be accepted are; accepted lengths above
+    what the draft expected raise the calibration and so the kept count."""
+    probs = [0.9, 0.8, 0.5, 0.2, 0.1, 0.05, 0.01]
+    assert TreeCut(lambda n: 1.0)(probs) == len(probs)
+    cut = TreeCut(lambda n: 1.0 + 0.1 * (n - 1))
+    # (1 + sum p[:n]) / (1 + 0.1 n): 2.7/1.2 (n=2) < 3.2/1.3 (n=3) > 3.4/1.4 (n=4)
+    assert cut(probs) == 3
+    for _ in range(3):  # 8 accepted each time where 2.2 were expected: c = 26 / 8.6
+        cut(probs)
+        cut.observe(8)
+    assert cut(probs) > 3  # n = 4 pays once c > 2.5
+    cut.reset()
+    assert cut(probs) == 3
+    assert TreeCut(lambda n: 1.0 + 10.0 * (n - 1))(probs) == 1  # never fewer than one node
+
+
+@pytest.mark.parametrize("name", ["eagle", "medusa"])
+def test_cut_trees_stay_lossless_and_deterministic(name: str) -> None:
+    """eagle and medusa cut their trees with the forward times measured for the model on first
+    use; no clock is read while generating, so a seeded sample is the same twice."""
+    m = native("llama")
+    kind = "eagle" if name == "eagle" else "heads"
+    method = build_method(name, m, MethodOptions(drafter=str(trained("llama", kind))))
+    assert method.drafters[0].cut is not None
+    prompt = char_tokenizer().encode(corpus("llama")[1][:24], add_special_tokens=False)
+    ref, _ = run(m, Method("ar"), prompt, 30)
+    got, stats = run(m, method, prompt, 30)
+    assert got == ref and stats.accepted > 0
+    sample = SamplingParams(0.8, seed=5)
+    first, _ = run(m, method, prompt, 30, sample)
+    again, _ = run(m, method, prompt, 30, sample)
+    assert first == again
 
 
 # --------------------------------------------------------------------------- training

@@ -16,6 +16,10 @@ the layer, each node attending to the prefix and its own ancestors) into their `
 children, until a depth's best path probability falls under ``min_prob``; finally the ``budget``
 best nodes of the whole tree are kept. Since a child never scores
 above its parent, the kept set is a tree. Verification is the target's, so the method is lossless.
+
+With a cost table (``cost``: seconds of one target forward of ``n`` new tokens) the kept set is
+cut further to the size that maximises the expected tokens per second of the step
+(:class:`genrefine.policy.TreeCut`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..policy import TreeCut
 from ..types import Draft
 from .base import Context, StepFeedback
 from .heads import output_logits
@@ -134,6 +139,7 @@ class EagleDrafter:
         topk: int = 4,
         name: str = "eagle",
         min_prob: float = 0.02,
+        cost=None,
     ) -> None:
         if depth < 1 or width < 1 or topk < 1:
             raise ConfigError("eagle: depth, width and topk must be >= 1")
@@ -146,6 +152,7 @@ class EagleDrafter:
         # stop growing the tree once no node of the newest depth has a path probability above
         # this (a draft pass costs a few ms on a CPU; such nodes are rarely accepted)
         self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
+        self.cut = None if cost is None else TreeCut(cost)
         self.reset()
 
     def reset(self) -> None:
@@ -153,9 +160,12 @@ class EagleDrafter:
         self._v: Tensor | None = None
         self._done = 0  # committed positions in the drafter's cache
         self._last: Tensor | None = None  # [H] feature predicted at the last committed position
+        if self.cut is not None:
+            self.cut.reset()
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        pass
+        if self.cut is not None:
+            self.cut.observe(feedback.result.num_accepted)
 
     def _ensure(self, need: int) -> None:
         net = self.net
@@ -224,9 +234,16 @@ class EagleDrafter:
         slot: dict[int, int] = {}  # node -> its slot in the drafter's cache
         frontier = list(range(len(tok)))
         used = C
-        for d in range(1, self.depth):
+        # a kept tree of ``budget`` nodes is at most ``budget`` deep: deeper passes would be wasted
+        for d in range(1, min(self.depth, budget)):
             if not frontier or max(scores[i] for i in frontier) < self.min_logp:
                 break
+            if self.cut is not None:
+                # stop once no frontier node would be verified: their children score lower still
+                ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:budget]
+                kept = set(ranked[: self.cut.size([math.exp(scores[i]) for i in ranked])])
+                if not kept.intersection(frontier):
+                    break
             expand = sorted(frontier, key=lambda i: -scores[i])[: self.width]
             m = len(expand)
             pf = torch.stack([f0 if parents[i] < 0 else feat[parents[i]] for i in expand])  # [m, H]
@@ -258,6 +275,8 @@ class EagleDrafter:
                     depths.append(d + 1)
                     frontier.append(len(tokens) - 1)
         order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:budget]
+        if self.cut is not None:
+            order = order[: self.cut([math.exp(scores[i]) for i in order])]
         keep = sorted(order, key=lambda i: (depths[i], i))
         new = {old: j for j, old in enumerate(keep)}
         toks = torch.stack([tokens[i] for i in keep]).cpu()

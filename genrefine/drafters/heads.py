@@ -29,12 +29,14 @@ hidden states: the native runtime (and the transformers adapter).
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..policy import TreeCut
 from ..types import Draft
 from .base import Context, StepFeedback
 
@@ -137,6 +139,7 @@ class HeadsDrafter:
         lm: WindowLM | None = None,
         alpha: float = 1.0,
         num_paths: int = 4,
+        cost=None,
     ) -> None:
         if mode not in ("bpd", "medusa", "bpd+ngram", "bpd+lm"):
             raise ConfigError(f"unknown heads mode {mode!r}")
@@ -153,16 +156,20 @@ class HeadsDrafter:
         self.topk = max(1, topk)
         self.ngram, self.alpha, self.num_paths = ngram, alpha, num_paths
         self.lm = None if lm is None else lm.to(model.device, model.dtype).eval()
+        # medusa: cut the static tree to what pays on this machine (see TreeCut), given a cost
+        self.cut = None if cost is None or mode != "medusa" else TreeCut(cost)
 
     @property
     def num_heads(self) -> int:
         return self.net.num_heads
 
     def reset(self) -> None:
-        pass
+        if self.cut is not None:
+            self.cut.reset()
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        pass
+        if self.cut is not None:
+            self.cut.observe(feedback.result.num_accepted)
 
     @torch.inference_mode()
     def candidates(self, h: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -181,8 +188,16 @@ class HeadsDrafter:
             ids, _ = self.candidates(h, 1)
             return Draft.chain(ids[: min(budget, ids.shape[0]), 0])
         if self.mode == "medusa":
-            ids, _ = self.candidates(h, self.topk)
-            return _paths_draft(self.tree[:budget], ids)
+            ids, logp = self.candidates(h, self.topk)
+            paths = self.tree[:budget]
+            if self.cut is not None and len(paths) > 1:
+                # best path probability first (a parent never scores below its child; on ties the
+                # shorter goes first), so every prefix of the order is a tree
+                lp = [float(sum(logp[j, i] for j, i in enumerate(p))) for p in paths]
+                order = sorted(range(len(paths)), key=lambda n: (-lp[n], len(paths[n]), n))
+                order = order[: self.cut([math.exp(lp[n]) for n in order])]
+                paths = [paths[n] for n in sorted(order, key=lambda n: (len(paths[n]), n))]
+            return _paths_draft(paths, ids)
         if self.mode == "bpd+ngram":
             from .lattice import paths_to_draft, rescore_lattice
 
