@@ -1,13 +1,15 @@
-"""Block efficiency of the trained drafters on held-back training text (not benchmark text).
+"""Block efficiency and speed of the trained drafters on held-back training text (not benchmark text).
 
 The paper's table for lattice rescoring (Kim et al. 2024) compares tokens per step of BPD drafts
 before and after rescoring. This prints that comparison for the embedded model's drafters (or
 the folders given), on prompts cut from the held-back windows of the training corpus, greedy,
-each output checked equal to ``ar``'s::
+each output checked equal to ``ar``'s, with each method's speed over ``ar`` (the methods run one
+after another on each prompt, so slow drifts of the machine hit all alike)::
 
     python benchmarks/bench_trained.py --prompts 8
     python benchmarks/bench_trained.py --prompts 8 --draft-vocab 32768
     python benchmarks/bench_trained.py --heads DIR --eagle DIR --self-generated 400 --max-tokens 250000
+    python benchmarks/bench_trained.py --prompts 8 --no-cut    # eagle and medusa verify whole trees
 
 ``bpd+ngram (chain)`` verifies only the best rescored path (``p = 1``), the like-for-like
 comparison with ``bpd``; ``bpd+ngram`` is the method's default, the best 4 paths as a tree.
@@ -17,6 +19,7 @@ The corpus options must match the training run's for the held-back windows to be
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -24,7 +27,9 @@ import genrefine
 from genrefine.methods import FixedPolicy, Method, MethodOptions, build_method
 from genrefine.train.corpus import default_corpus
 from genrefine.train.record import record
-from genrefine.train.run import HELD_OUT, measure_tokens_per_step
+from genrefine.engine import Engine, Stats
+from genrefine.train.run import HELD_OUT
+from genrefine.types import SamplingParams
 
 
 def main() -> None:
@@ -35,6 +40,10 @@ def main() -> None:
     ap.add_argument("--self-generated", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=250_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--no-cut", action="store_true",
+                    help="eagle and medusa verify their whole trees (no cost-aware cut)")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="draft onto the N most frequent trained tokens (default: the methods')")
     args = ap.parse_args()
@@ -47,7 +56,8 @@ def main() -> None:
         texts = self_generated_texts(m, tok, set(g.eos_ids), args.self_generated) + texts
     rec = record(m, tok, texts, 256, args.max_tokens)
     test = rec.split(HELD_OUT, args.seed)[1]
-    rows = []
+    prompts = [test.tokens[i, : args.prompt_len] for i in range(min(args.prompts, test.tokens.shape[0]))]
+    methods = {"ar": Method("ar")}
     for name in ("bpd", "bpd+ngram (chain)", "bpd+ngram", "bpd+lm", "medusa", "eagle"):
         base = name.split(" ")[0]
         folder = args.eagle if base == "eagle" else args.heads
@@ -56,10 +66,36 @@ def main() -> None:
             d = method.drafters[0]
             d.num_paths = 1
             method = Method(name, [d], FixedPolicy(d, d.num_heads), d.num_heads)
-        tps, same = measure_tokens_per_step(m, method, test, prompts=args.prompts)
+        if args.no_cut and getattr(method.drafters[0], "cut", None) is not None:
+            method.drafters[0].cut = None
+        methods[name] = method
+
+    def one(method, prompt):
+        st = Stats(method.name)
+        t0 = time.perf_counter()
+        out = [t for piece in Engine(m, method).generate(prompt, args.new_tokens, SamplingParams(), stats=st)
+               for t in piece]
+        return time.perf_counter() - t0, st.steps, st.decode_tokens, out
+
+    one(methods["ar"], prompts[0])  # warm-up
+    tot = {name: [0.0, 0, 0, True] for name in methods}
+    for prompt in prompts:
+        ref = None
+        for name, method in methods.items():
+            secs, steps, toks, out = one(method, prompt)
+            ref = out if ref is None else ref
+            t = tot[name]
+            t[0], t[1], t[2], t[3] = t[0] + secs, t[1] + steps, t[2] + toks, t[3] and out == ref
+    ar_rate = tot["ar"][2] / tot["ar"][0]
+    rows = []
+    print(f"{'method':<20} tokens/step  speedup over ar  output")
+    for name, (secs, steps, toks, same) in tot.items():
+        tps = toks / steps if steps else 1.0
+        rate = toks / secs
         rows.append((name, tps, same))
-        print(f"{name:<20} {tps:5.2f} tokens/step  {'same as ar' if same else 'DIFFERS FROM ar'}",
-              flush=True)
+        print(f"{name:<20} {tps:11.2f}  {rate / ar_rate:14.2f}x  {'same as ar' if same else 'DIFFERS FROM ar'}"
+              + (f"  ({rate:.1f} tokens/s)" if name == "ar" else ""), flush=True)
+    rows = rows[1:]
     bpd = rows[0][1]
     print()
     for name, tps, _ in rows[1:4]:
