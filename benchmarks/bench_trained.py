@@ -9,7 +9,7 @@ after another on each prompt, so slow drifts of the machine hit all alike)::
     python benchmarks/bench_trained.py --prompts 8
     python benchmarks/bench_trained.py --prompts 8 --draft-vocab 32768
     python benchmarks/bench_trained.py --heads DIR --eagle DIR --self-generated 400 --max-tokens 250000
-    python benchmarks/bench_trained.py --prompts 8 --no-cut    # eagle and medusa verify whole trees
+    python benchmarks/bench_trained.py --prompts 8 --no-cut    # whole drafts, as the papers compare
 
 ``bpd+ngram (chain)`` verifies only the best rescored path (``p = 1``), the like-for-like
 comparison with ``bpd``; ``bpd+ngram`` is the method's default, the best 4 paths as a tree.
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--no-cut", action="store_true",
-                    help="eagle and medusa verify their whole trees (no cost-aware cut)")
+                    help="verify whole drafts (no cost-aware cut; --no-tree-cut of the CLI)")
     ap.add_argument("--draft-vocab", type=int, default=None,
                     help="draft onto the N most frequent trained tokens (default: the methods')")
     args = ap.parse_args()
@@ -61,13 +61,12 @@ def main() -> None:
     for name in ("bpd", "bpd+ngram (chain)", "bpd+ngram", "bpd+lm", "medusa", "eagle"):
         base = name.split(" ")[0]
         folder = args.eagle if base == "eagle" else args.heads
-        method = build_method(base, m, MethodOptions(drafter=folder, draft_vocab=args.draft_vocab), tok)
+        opts = MethodOptions(drafter=folder, draft_vocab=args.draft_vocab, tree_cut=not args.no_cut)
+        method = build_method(base, m, opts, tok)
         if name.endswith("(chain)"):
             d = method.drafters[0]
             d.num_paths = 1
             method = Method(name, [d], FixedPolicy(d, d.num_heads), d.num_heads)
-        if args.no_cut and getattr(method.drafters[0], "cut", None) is not None:
-            method.drafters[0].cut = None
         methods[name] = method
 
     def one(method, prompt):

@@ -94,6 +94,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    "frequent tokens (default for early-exit-draft and swift: 32768 when the "
                    "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
                    "they were trained on; a number >= the vocabulary size means all)")
+    g.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
+                   help="trained methods: verify whole drafts instead of cutting them to the "
+                   "nodes that pay on this machine (measured forward times)")
     _add_draft_model_option(g)
     _add_drafter_option(g)
 
@@ -315,6 +318,7 @@ def _options(args):
         draft_vocab=args.draft_vocab,
         draft_model=args.draft_model,
         drafter=args.drafter,
+        tree_cut=getattr(args, "tree_cut", True),
     )
 
 

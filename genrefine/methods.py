@@ -41,6 +41,9 @@ class MethodOptions:
     # bpd, medusa, bpd+ngram, bpd+lm, eagle: a trained drafter's folder (`genrefine train`);
     # None: the one shipped for this model, if any
     drafter: str | None = None
+    # the same: cut each draft to the nodes that pay on this machine (policy.TreeCut); False
+    # verifies whole drafts (the block-efficiency comparison of the papers)
+    tree_cut: bool = True
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= 64:
@@ -347,10 +350,10 @@ def _build_heads(mode: str):
         ids = _trained_vocab(model, opts, tokenizer, ids)
         cfg = d.config
         K, k = int(cfg["num_heads"]), int(cfg["topk"])
-        kw: dict = {"topk": k}
+        # drafts are cut to what pays on this machine (TreeCut)
+        kw: dict = {"topk": k, "cost": _cost_table(model) if opts.tree_cut else None}
         if mode == "medusa":
             kw["tree"] = [tuple(p) for p in cfg["tree"]]
-            kw["cost"] = _cost_table(model)  # the tree is cut to what pays on this machine
             budget = len(kw["tree"])
         elif mode == "bpd+ngram":
             from .drafters.lattice import NgramLM
@@ -380,7 +383,8 @@ def _build_eagle(model, opts: MethodOptions, tokenizer=None) -> Method:
     budget = opts.draft_len or 16
     ids = _trained_vocab(model, opts, tokenizer, d.tensors["vocab_ids"].long())
     # the tree is cut to the size that maximises expected tokens per second on this machine
-    drafter = EagleDrafter(model, net, ids, topk=topk, cost=_cost_table(model))
+    cost = _cost_table(model) if opts.tree_cut else None
+    drafter = EagleDrafter(model, net, ids, topk=topk, cost=cost)
     return Method("eagle", [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
 
 

@@ -147,14 +147,16 @@ def test_tree_cut_keeps_what_pays_on_this_machine() -> None:
     assert TreeCut(lambda n: 1.0 + 10.0 * (n - 1))(probs) == 1  # never fewer than one node
 
 
-@pytest.mark.parametrize("name", ["eagle", "medusa"])
+@pytest.mark.parametrize("name", ["eagle", "medusa", "bpd", "bpd+ngram", "bpd+lm"])
 def test_cut_trees_stay_lossless_and_deterministic(name: str) -> None:
-    """eagle and medusa cut their trees with the forward times measured for the model on first
-    use; no clock is read while generating, so a seeded sample is the same twice."""
+    """eagle and the heads methods cut their drafts with the forward times measured for the model
+    on first use; no clock is read while generating, so a seeded sample is the same twice."""
     m = native("llama")
     kind = "eagle" if name == "eagle" else "heads"
     method = build_method(name, m, MethodOptions(drafter=str(trained("llama", kind))))
     assert method.drafters[0].cut is not None
+    whole_opts = MethodOptions(drafter=str(trained("llama", kind)), tree_cut=False)
+    assert build_method(name, m, whole_opts).drafters[0].cut is None  # --no-tree-cut
     prompt = char_tokenizer().encode(corpus("llama")[1][:24], add_special_tokens=False)
     ref, _ = run(m, Method("ar"), prompt, 30)
     got, stats = run(m, method, prompt, 30)
@@ -163,6 +165,16 @@ def test_cut_trees_stay_lossless_and_deterministic(name: str) -> None:
     first, _ = run(m, method, prompt, 30, sample)
     again, _ = run(m, method, prompt, 30, sample)
     assert first == again
+    d = method.drafters[0]
+    d.cut = TreeCut(lambda n: 1.0 + 10.0 * (n - 1))  # every extra node costs 10 steps
+    got, steep = run(m, method, prompt, 30)
+    assert got == ref and steep.drafted <= steep.steps  # at most one node a step
+    d.cut = None
+    _, whole = run(m, method, prompt, 30)
+    d.cut = TreeCut(lambda n: 1.0)  # flat times: nothing is cut
+    _, flat = run(m, method, prompt, 30)
+    assert (flat.drafted, flat.steps) == (whole.drafted, whole.steps)
+    assert whole.drafted > steep.drafted
 
 
 # --------------------------------------------------------------------------- training

@@ -156,8 +156,8 @@ class HeadsDrafter:
         self.topk = max(1, topk)
         self.ngram, self.alpha, self.num_paths = ngram, alpha, num_paths
         self.lm = None if lm is None else lm.to(model.device, model.dtype).eval()
-        # medusa: cut the static tree to what pays on this machine (see TreeCut), given a cost
-        self.cut = None if cost is None or mode != "medusa" else TreeCut(cost)
+        # given the target's forward times, drafts are cut to what pays on this machine
+        self.cut = None if cost is None else TreeCut(cost)
 
     @property
     def num_heads(self) -> int:
@@ -185,19 +185,11 @@ class HeadsDrafter:
             raise ConfigError("prediction heads need the target's hidden states (use the engine)")
         h = ctx.hidden[-1]  # [H]: the state that predicted the root
         if self.mode == "bpd":
-            ids, _ = self.candidates(h, 1)
-            return Draft.chain(ids[: min(budget, ids.shape[0]), 0])
+            ids, logp = self.candidates(h, 1)
+            return self._cut(Draft.chain(ids[: min(budget, ids.shape[0]), 0]), ids, logp)
         if self.mode == "medusa":
             ids, logp = self.candidates(h, self.topk)
-            paths = self.tree[:budget]
-            if self.cut is not None and len(paths) > 1:
-                # best path probability first (a parent never scores below its child; on ties the
-                # shorter goes first), so every prefix of the order is a tree
-                lp = [float(sum(logp[j, i] for j, i in enumerate(p))) for p in paths]
-                order = sorted(range(len(paths)), key=lambda n: (-lp[n], len(paths[n]), n))
-                order = order[: self.cut([math.exp(lp[n]) for n in order])]
-                paths = [paths[n] for n in sorted(order, key=lambda n: (len(paths[n]), n))]
-            return _paths_draft(paths, ids)
+            return self._cut(_paths_draft(self.tree[:budget], ids), ids, logp)
         if self.mode == "bpd+ngram":
             from .lattice import paths_to_draft, rescore_lattice
 
@@ -206,8 +198,32 @@ class HeadsDrafter:
             best = rescore_lattice(
                 ctx_ids, ids, logp, self.ngram, alpha=self.alpha, num_paths=self.num_paths
             )
-            return paths_to_draft([p for p, _ in best])
+            return self._cut(paths_to_draft([p for p, _ in best]), ids, logp)
         return self._local_rescore(ctx, h, budget)
+
+    def _cut(self, draft: Draft, ids: Tensor, logp: Tensor) -> Draft:
+        """The draft cut to its nodes that pay on this machine (:class:`TreeCut`), a node's
+        acceptance estimated by the product of the heads' probabilities along its path."""
+        n = int(draft.tokens.shape[0])
+        if self.cut is None or n <= 1:
+            return draft
+        toks, par = draft.tokens.tolist(), draft.parents.tolist()
+        by_head = [dict(zip(ids[j].tolist(), logp[j].tolist())) for j in range(ids.shape[0])]
+        depth: list[int] = []
+        lp: list[float] = []
+        for t, p in zip(toks, par):
+            d = 0 if p < 0 else depth[p] + 1
+            depth.append(d)
+            lp.append((0.0 if p < 0 else lp[p]) + by_head[d].get(t, -math.inf))
+        # best path probability first (a child never above its parent; on ties the shallower
+        # first), so every prefix of the order is closed under parents
+        order = sorted(range(n), key=lambda i: (-lp[i], depth[i], i))
+        keep = sorted(order[: self.cut([math.exp(lp[i]) for i in order])])
+        new = {old: j for j, old in enumerate(keep)}
+        return Draft(
+            torch.tensor([toks[i] for i in keep], dtype=torch.long),
+            torch.tensor([-1 if par[i] < 0 else new[par[i]] for i in keep], dtype=torch.long),
+        )
 
     def _local_rescore(self, ctx: Context, h: Tensor, budget: int) -> Draft:
         ids, logp = self.candidates(h, self.topk)  # [K, k]
@@ -226,4 +242,4 @@ class HeadsDrafter:
             tok = ids[j, best]
             out.append(int(tok))
             prefix = torch.cat([prefix, tok.view(1).to(prefix.device)])
-        return Draft.chain(out)
+        return self._cut(Draft.chain(out), ids, logp)
