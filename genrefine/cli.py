@@ -318,7 +318,7 @@ def _options(args):
         draft_vocab=args.draft_vocab,
         draft_model=args.draft_model,
         drafter=args.drafter,
-        tree_cut=getattr(args, "tree_cut", True),
+        tree_cut=args.tree_cut,
     )
 
 

@@ -234,13 +234,17 @@ class EagleDrafter:
         slot: dict[int, int] = {}  # node -> its slot in the drafter's cache
         frontier = list(range(len(tok)))
         used = C
+
+        def best() -> list[int]:  # the ``budget`` best nodes so far, best first (a parent first)
+            return sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:budget]
+
         # a kept tree of ``budget`` nodes is at most ``budget`` deep: deeper passes would be wasted
         for d in range(1, min(self.depth, budget)):
             if not frontier or max(scores[i] for i in frontier) < self.min_logp:
                 break
             if self.cut is not None:
                 # stop once no frontier node would be verified: their children score lower still
-                ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:budget]
+                ranked = best()
                 kept = set(ranked[: self.cut.size([math.exp(scores[i]) for i in ranked])])
                 if not kept.intersection(frontier):
                     break
@@ -274,7 +278,7 @@ class EagleDrafter:
                     scores.append(scores[i] + float(ctop[r, c]))
                     depths.append(d + 1)
                     frontier.append(len(tokens) - 1)
-        order = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[:budget]
+        order = best()
         if self.cut is not None:
             order = order[: self.cut([math.exp(scores[i]) for i in order])]
         keep = sorted(order, key=lambda i: (depths[i], i))
