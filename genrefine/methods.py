@@ -168,9 +168,20 @@ def _build_ar(model, opts: MethodOptions) -> Method:
     return Method("ar")
 
 
+def _chain_cut(model, opts: MethodOptions):
+    """A :class:`~genrefine.policy.ChainCut` for copying drafters on a backend that verifies
+    chains only (llama.cpp), where each verified row costs a large share of a step; None with
+    ``tree_cut=False`` or on backends that verify trees (their drafts are trees, not cut)."""
+    if not opts.tree_cut or model.supports_trees:
+        return None
+    from .policy import ChainCut
+
+    return ChainCut(_cost_table(model))
+
+
 def _build_pld(model, opts: MethodOptions) -> Method:
     budget = opts.draft_len or 10
-    d = _pld(model, opts)
+    d = _pld(model, opts, cut=_chain_cut(model, opts))
     return Method("pld", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 
 
@@ -200,7 +211,7 @@ def _build_rest(model, opts: MethodOptions) -> Method:
     if opts.datastore is not None:
         store = Datastore.load(opts.datastore, getattr(model, "name", None), model.vocab_size)
     budget = opts.draft_len or 16
-    d = RetrievalDrafter(store, grow=True, tree=model.supports_trees)
+    d = RetrievalDrafter(store, grow=True, tree=model.supports_trees, cut=_chain_cut(model, opts))
     return Method("rest", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 
 

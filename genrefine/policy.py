@@ -127,13 +127,18 @@ def measure_verify_cost(
 
     Fills a fresh cache with ``context_len`` random tokens, warms up once per size, then times
     ``repeats`` forwards of ``n`` tokens (logits for every row, as verification asks) each followed
-    by ``cache.rollback(n)``, and reports the median.
+    by ``cache.rollback(n)``, and reports the median. On a model with a shorter context
+    (``model.max_context``) the sizes that do not fit are dropped and the context shortened.
     """
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ConfigError(f"sizes must be positive token counts, got {sizes}")
     if context_len < 1 or repeats < 1:
         raise ConfigError(f"need context_len >= 1 and repeats >= 1, got {context_len}, {repeats}")
+    limit = getattr(model, "max_context", None)
+    if limit:  # a short-context model: fewer sizes, a shorter context
+        sizes = [n for n in sizes if n < limit] or [1]
+        context_len = max(1, min(context_len, limit - sizes[-1]))
     device = torch.device(getattr(model, "device", "cpu"))
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.vocab_size)
@@ -318,6 +323,116 @@ class TreeCut:
         self.expected += self._pending
         self.got += accepted
         self._pending = 0.0
+
+
+class ChainCut:
+    """How many tokens of a deterministic chain draft (prompt lookup, retrieval) to verify.
+
+    Copying drafters give no probabilities, but how a copy came about predicts its acceptance
+    well: a token copied after a 3-gram match is accepted far more often than after a 1-gram
+    one, and a copy that the previous step accepted in full usually goes on. Each drafted token
+    gets a *key* ``(context, depth)``, where ``context`` is a small tuple the drafter chooses
+    (here: the match length, capped at 3, and whether the previous draft was accepted in full) and
+    ``depth`` counts from 0 (capped at :attr:`MAX_DEPTH`). Its acceptance rate, conditional on the
+    tokens before it being accepted, is learned online per key, shrunk towards the rate at that
+    depth over all contexts, which is shrunk towards an optimistic ``prior``.
+
+    The cut keeps the ``n`` leading tokens (``0 <= n <= len``) maximising the expected tokens per
+    second of the step, ``(1 + sum_j prod_{i<=j} p_i) / cost(n + 1)``; ``n = 0`` is a plain
+    step. Where verifying a row costs a large share of a step (llama.cpp on a CPU) only confident
+    copies are drafted; with flat forward times (a GPU) everything the drafter found is kept.
+    Two kinds of exploration keep the rates from freezing where nothing is drafted: a cut chain
+    gets one token more while the depth past its end has been tried fewer than ``explore_tries``
+    times in its context, and a context the cut has skipped ``explore_every`` times in a row gets
+    a draft of up to ``explore_len`` tokens anyway. No clock is read, so seeded samples repeat.
+    """
+
+    MAX_DEPTH = 3
+
+    def __init__(
+        self,
+        cost,
+        prior: float = 0.9,
+        weight: float = 2.0,
+        explore_every: int = 16,
+        explore_len: int = 4,
+        explore_tries: int = 4,
+    ) -> None:
+        if not (0.0 < prior < 1.0) or weight <= 0 or explore_every < 1 or explore_len < 1:
+            raise ConfigError(
+                "need 0 < prior < 1, weight > 0, explore_every >= 1 and explore_len >= 1, got "
+                f"{prior}, {weight}, {explore_every}, {explore_len}"
+            )
+        self.cost = cost  # callable: n new tokens -> seconds of one target forward
+        self.prior, self.weight = prior, weight
+        self.explore_every, self.explore_len = explore_every, explore_len
+        self.explore_tries = explore_tries
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every rate learnt."""
+        self._key: dict[tuple, list[float]] = {}  # (context, depth) -> [tries, accepted]
+        self._depth = [[0.0, 0.0] for _ in range(self.MAX_DEPTH + 1)]
+        self._skips: dict[tuple, int] = {}  # context -> drafts skipped in a row
+        self._pending: tuple | None = None  # (context, kept) of the last cut
+
+    def rates(self, context: tuple, n: int) -> list[float]:
+        """Estimated conditional acceptance rates of the first ``n`` tokens of a chain."""
+        w, out = self.weight, []
+        for j in range(n):
+            d = min(j, self.MAX_DEPTH)
+            dt, da = self._depth[d]
+            p_depth = (da + w * self.prior) / (dt + w)
+            kt, ka = self._key.get((context, d), (0.0, 0.0))
+            out.append((ka + w * p_depth) / (kt + w))
+        return out
+
+    def size(self, context: tuple, n: int) -> int:
+        """How many of a chain's ``n`` tokens, drafted in ``context``, to verify (0 to ``n``)."""
+        if n <= 0:
+            return 0
+        best_n, best_rate = 0, 1.0 / self.cost(1)
+        gain, reach = 1.0, 1.0
+        for j, p in enumerate(self.rates(context, n), 1):
+            reach *= p
+            gain += reach
+            rate = gain / self.cost(j + 1)
+            if rate > best_rate:
+                best_n, best_rate = j, rate
+        return best_n
+
+    def __call__(self, context: tuple, n: int) -> int:
+        """:meth:`size`, with exploration, remembering the cut for :meth:`observe`."""
+        kept = self.size(context, n)
+        if 0 < kept < n:  # one token deeper while that depth has few observations here
+            tries = self._key.get((context, min(kept, self.MAX_DEPTH)), (0.0, 0.0))[0]
+            if tries < self.explore_tries:
+                kept += 1
+        if n > 0 and kept == 0:
+            skips = self._skips.get(context, 0) + 1
+            if skips >= self.explore_every:
+                kept, skips = min(n, self.explore_len), 0
+            self._skips[context] = skips
+        elif n > 0:
+            self._skips[context] = 0
+        self._pending = (context, kept) if kept > 0 else None
+        return kept
+
+    def observe(self, accepted: int, drafted: int | None = None) -> None:
+        """The target accepted ``accepted`` tokens of the last cut chain (of which ``drafted``
+        were verified, when the caller shortened the chain further)."""
+        if self._pending is None:
+            return
+        context, kept = self._pending
+        self._pending = None
+        if drafted is not None:
+            kept = min(kept, drafted)
+        for j in range(min(accepted + 1, kept)):
+            d = min(j, self.MAX_DEPTH)
+            hit = 1.0 if j < accepted else 0.0
+            for stat in (self._key.setdefault((context, d), [0.0, 0.0]), self._depth[d]):
+                stat[0] += 1.0
+                stat[1] += hit
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -157,6 +157,32 @@ def test_greedy_equals_ar_through_the_adapter_with_windows() -> None:
         assert run(m, name, ids)[0] == ref, name
 
 
+def test_copying_drafters_cut_their_chains_on_a_chain_backend() -> None:
+    """On a backend that verifies chains only (the adapter; llama.cpp), pld and rest cut each
+    chain to what pays under the forward times (policy.ChainCut). Where every extra row costs 70%
+    of a step they verify fewer tokens than whole chains, and the output is still ar's; seeded
+    samples repeat. Native models draft trees, which are not cut."""
+    m = model("hf", "llama")
+    ids = PROMPTS["repeated"]
+    ref = greedy_reference("hf", "llama", tuple(ids))
+    for name in ("pld", "rest"):
+        method = build_method(name, m, MethodOptions())
+        cut = method.drafters[0]._chains.chain_cut
+        assert cut is not None
+        cut.cost = lambda n: 1.0 + 0.7 * (n - 1)
+        out, stats, _ = run(m, method, ids)
+        whole = build_method(name, m, MethodOptions(tree_cut=False))
+        assert whole.drafters[0]._chains.chain_cut is None
+        out_whole, stats_whole, _ = run(m, whole, ids)
+        assert out == ref == out_whole, name
+        assert 0 < stats.drafted < stats_whole.drafted, name
+        if name == "pld":  # (rest remembers earlier generations, so its drafts change anyway)
+            params = SamplingParams(temperature=0.8, seed=3)
+            assert run(m, method, ids, 30, params)[0] == run(m, method, ids, 30, params)[0]
+        native = build_method(name, model("native", "llama"), MethodOptions())
+        assert native.drafters[0]._chains.chain_cut is None
+
+
 def test_chunked_prefill(monkeypatch) -> None:
     ids = PROMPTS["repeated"]
     ref = greedy_reference("native", "llama", tuple(ids))

@@ -11,6 +11,7 @@ import torch
 from genrefine.errors import ConfigError
 from genrefine.policy import (
     AcceptanceEstimator,
+    ChainCut,
     CostModelPolicy,
     CostTable,
     HeuristicLength,
@@ -231,3 +232,67 @@ def test_load_or_measure_caches(tmp_path, monkeypatch) -> None:
     calls = len(model.calls)
     t2 = load_or_measure(model, "fake|cpu", sizes=(1, 2), context_len=8, repeats=1)
     assert len(model.calls) == calls and t1 == t2 and t1.context_len == 8
+
+
+# --------------------------------------------------------------------------- chain cut
+def steep(n: float) -> float:
+    """llama.cpp-like forward times: each extra row costs 70% of a one-token step."""
+    return 1.0 + 0.7 * (n - 1)
+
+
+def test_chain_cut_keeps_everything_with_flat_costs() -> None:
+    cut = ChainCut(lambda n: 1.0)
+    assert cut((1, False), 10) == 10
+    assert cut((1, False), 0) == 0
+    for _ in range(20):  # even a context that always misses: rows are free
+        cut((1, False), 10)
+        cut.observe(0)
+    assert cut((1, False), 10) == 10
+
+
+def test_chain_cut_learns_which_contexts_pay() -> None:
+    cut = ChainCut(steep, explore_every=1000)
+    good, bad = (3, True), (1, False)
+    assert cut.size(good, 8) == cut.size(bad, 8) > 0  # nothing learnt yet: the prior drafts
+    for _ in range(30):
+        cut(good, 8)
+        cut.observe(8)
+        cut(bad, 8)
+        cut.observe(0)
+    assert cut.rates(good, 1)[0] > 0.9 > 0.7 > cut.rates(bad, 1)[0]
+    assert cut.size(good, 8) == 8
+    assert cut.size(bad, 8) == 0  # (and so it stopped drafting, and learning, there)
+    # a context never seen starts from the rates at each depth over all contexts
+    unseen = cut.rates((2, False), 2)
+    assert cut.rates(bad, 2)[0] < unseen[0] < cut.rates(good, 2)[0]
+    # and a chain accepted up to its third token teaches depths 0..3, not beyond
+    before = [list(x) for x in cut._depth]
+    cut((2, False), 8)
+    cut.observe(2)
+    assert [t - b[0] for (t, _), b in zip(cut._depth, before)] == [1, 1, 1, 0]
+    assert [a - b[1] for (_, a), b in zip(cut._depth, before)] == [1, 1, 0, 0]
+
+
+def test_chain_cut_explores_a_skipped_context() -> None:
+    cut = ChainCut(steep, explore_every=3, explore_len=2)
+    for _ in range(20):
+        cut((1, False), 6)
+        cut.observe(0)
+    got = []
+    for _ in range(6):
+        got.append(cut((1, False), 6))
+        cut.observe(0)
+    first = got.index(2)
+    assert got == [2 if i % 3 == first % 3 else 0 for i in range(6)]
+    # a caller that verified fewer tokens than were kept: only those count
+    cut = ChainCut(lambda n: 1.0)
+    cut((1, False), 6)
+    cut.observe(1, drafted=1)
+    assert cut._key[((1, False), 0)] == [1.0, 1.0] and ((1, False), 1) not in cut._key
+
+
+def test_chain_cut_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        ChainCut(steep, prior=1.0)
+    with pytest.raises(ConfigError):
+        ChainCut(steep, explore_every=0)

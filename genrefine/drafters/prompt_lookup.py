@@ -217,10 +217,59 @@ def continuation_draft(
     return Draft(torch.tensor(toks, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
 
+class ChainCutState:
+    """A copying drafter's use of a :class:`~genrefine.policy.ChainCut` (None: no cut).
+
+    Keys each chain by ``(match length capped at match_cap, previous draft accepted in full)``.
+    A sampled generation starts with a fresh cut, so that a seed gives the same tokens every time;
+    greedy generations share what earlier ones learnt (their output cannot depend on it)."""
+
+    def __init__(self, cut, match_cap: int = 3) -> None:
+        self.chain_cut = cut
+        self.match_cap = match_cap
+        self.reset()
+
+    def reset(self) -> None:
+        self._fresh = True
+        self._prev_full = False
+
+    def cut(self, ctx: Context, draft: Draft, match_len: int) -> Draft:
+        """``draft`` (a chain) cut to the tokens worth verifying."""
+        cut = self.chain_cut
+        if cut is None:
+            return draft
+        if self._fresh:
+            self._fresh = False
+            if ctx.params is not None and not ctx.params.greedy:
+                cut.reset()
+        context = (min(int(match_len), self.match_cap), self._prev_full)
+        self._prev_full = False  # set again by observe() after a draft accepted in full
+        n = len(draft)
+        if n == 0:
+            return draft
+        kept = cut(context, n)
+        return draft if kept == n else _chain_prefix(draft, kept)
+
+    def observe(self, feedback: StepFeedback) -> None:
+        if self.chain_cut is None:
+            return
+        a, n = feedback.result.num_accepted, len(feedback.draft)
+        self.chain_cut.observe(a, n)
+        self._prev_full = n > 0 and a == n
+
+
+def _chain_prefix(draft: Draft, n: int) -> Draft:
+    if n == 0:
+        return Draft.empty()
+    return Draft(draft.tokens[:n], draft.parents[:n])
+
+
 class PromptLookupDrafter:
     """Drafts by prompt lookup (see the module docstring).
 
-    ``tree=False`` drafts only the main chain (for models that verify chains only).
+    ``tree=False`` drafts only the main chain (for models that verify chains only). ``cut``, a
+    :class:`~genrefine.policy.ChainCut`, then decides how many of its tokens pay to verify, from
+    the match length and whether the previous draft was accepted in full.
     """
 
     name = "pld"
@@ -232,6 +281,7 @@ class PromptLookupDrafter:
         max_candidates: int = 8,
         tree: bool = True,
         depth_decay: float = 0.8,
+        cut=None,
     ) -> None:
         _check_ngrams(max_ngram, min_ngram)
         if max_candidates < 1:
@@ -245,11 +295,14 @@ class PromptLookupDrafter:
         self.depth_decay = depth_decay
         self._index = NgramIndex(max_ngram, min_ngram)
         self._seen: Tensor | None = None  # [len(index)] the tokens indexed, on their device
+        self.cut = cut if not tree else None
+        self._chains = ChainCutState(self.cut)
 
     def reset(self) -> None:
         """Forget the indexed context."""
         self._index.clear()
         self._seen = None
+        self._chains.reset()
 
     def _sync(self, tokens: Tensor) -> None:
         """Bring the index up to ``tokens`` [L]: keep the common prefix, index the rest."""
@@ -272,8 +325,12 @@ class PromptLookupDrafter:
     def propose(self, ctx: Context, budget: int) -> Draft:
         """A chain or tree of at most ``budget`` nodes copied from earlier context, or empty."""
         self._sync(ctx.tokens)
-        conts = self._index.candidates(budget, self.max_candidates)
-        return continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
+        m, ends = self._index.match_ends(self.max_candidates)
+        toks = self._index.tokens
+        conts = [toks[e + 1 : e + 1 + budget] for e in ends]
+        draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
+        return self._chains.cut(ctx, draft, m)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        """Nothing to learn: the next ``propose`` indexes the tokens accepted meanwhile."""
+        """Tell the chain cut what was accepted (the next ``propose`` indexes the new tokens)."""
+        self._chains.observe(feedback)

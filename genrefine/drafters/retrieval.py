@@ -56,7 +56,7 @@ from torch import Tensor
 from ..errors import ConfigError, GenrefineError
 from ..types import Draft
 from .base import Context, StepFeedback
-from .prompt_lookup import continuation_draft
+from .prompt_lookup import ChainCutState, continuation_draft
 
 SEP = -1  # ends every document in Datastore.tokens
 FORMAT = "genrefine-datastore"
@@ -533,7 +533,8 @@ class RetrievalDrafter:
 
     The longest match wins; at equal lengths the continuations of all the sources that match are
     pooled (the context's first, so they win ties in the tree). ``tree=False`` drafts the main
-    chain only.
+    chain only; ``cut`` (a :class:`~genrefine.policy.ChainCut`) then keeps the part of it that
+    pays to verify, keyed by the match length (capped at 6) and the previous draft's fate.
     """
 
     name = "rest"
@@ -549,6 +550,7 @@ class RetrievalDrafter:
         tree: bool = True,
         depth_decay: float = 0.8,
         max_grow_tokens: int = 1 << 20,
+        cut=None,
     ) -> None:
         if min_match < 1:
             raise ConfigError(f"min_match must be >= 1, got {min_match}")
@@ -571,6 +573,8 @@ class RetrievalDrafter:
         self.grown: Datastore | None = None  # earlier generations, one document each
         self._grown_docs: list[np.ndarray] = []
         self._current: Tensor | None = None  # [L] the current generation's tokens so far
+        self._chains = ChainCutState(cut if not tree else None, match_cap=6)
+        self.last_match = 0  # the match length of the last candidates() call
 
     # ---------------------------------------------------------------- growing
     def add_document(self, tokens: Sequence[int] | Tensor) -> None:
@@ -591,6 +595,7 @@ class RetrievalDrafter:
         if self.grow and self._current is not None:
             self.add_document(self._current)
         self._current = None
+        self._chains.reset()
 
     # ---------------------------------------------------------------- drafting
     def candidates(self, tokens: Sequence[int] | np.ndarray, max_len: int) -> list[list[int]]:
@@ -615,6 +620,7 @@ class RetrievalDrafter:
                 best_m, found = m, conts
             else:
                 found = found + conts
+        self.last_match = best_m
         return found
 
     def propose(self, ctx: Context, budget: int) -> Draft:
@@ -623,10 +629,14 @@ class RetrievalDrafter:
         tokens = ctx.tokens.detach().cpu()
         if self.grow:
             self._current = tokens.clone()
+        self.last_match = 0
         conts = self.candidates(tokens.numpy(), budget) if budget > 0 else []
-        return continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
+        draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
+        return self._chains.cut(ctx, draft, self.last_match)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        """Keep the context plus the tokens this step emitted (for ``grow``)."""
+        """Keep the context plus the tokens this step emitted (for ``grow``); tell the chain cut
+        what was accepted."""
+        self._chains.observe(feedback)
         if self.grow:
             self._current = torch.cat([ctx.tokens.cpu(), feedback.result.tokens.cpu()])
