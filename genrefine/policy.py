@@ -329,22 +329,24 @@ class ChainCut:
     """How many tokens of a deterministic chain draft (prompt lookup, retrieval) to verify.
 
     Copying drafters give no probabilities, but how a copy came about predicts its acceptance
-    well: a token copied after a 3-gram match is accepted far more often than after a 1-gram
-    one, and a copy that the previous step accepted in full usually goes on. Each drafted token
-    gets a *key* ``(context, depth)``, where ``context`` is a small tuple the drafter chooses
-    (here: the match length, capped at 3, and whether the previous draft was accepted in full) and
-    ``depth`` counts from 0 (capped at :attr:`MAX_DEPTH`). Its acceptance rate, conditional on the
-    tokens before it being accepted, is learned online per key, shrunk towards the rate at that
-    depth over all contexts, which is shrunk towards an optimistic ``prior``.
+    well: a token that every earlier match agrees on is accepted far more often than one a single
+    match proposes, a copy that the previous step accepted in full usually goes on, and longer
+    matches copy better. The drafter describes each token by a *context*, a short tuple of such
+    features, most telling first. The token's acceptance rate (conditional on the tokens before it
+    being accepted) is learned online for its context and depth (from 0, capped at
+    :attr:`MAX_DEPTH`), shrunk towards the rate of the context's shorter prefixes at that depth,
+    down to the empty one, which is shrunk towards an optimistic ``prior``. Sparse contexts thus
+    borrow from coarser ones until they have data of their own.
 
     The cut keeps the ``n`` leading tokens (``0 <= n <= len``) maximising the expected tokens per
     second of the step, ``(1 + sum_j prod_{i<=j} p_i) / cost(n + 1)``; ``n = 0`` is a plain
     step. Where verifying a row costs a large share of a step (llama.cpp on a CPU) only confident
     copies are drafted; with flat forward times (a GPU) everything the drafter found is kept.
     Two kinds of exploration keep the rates from freezing where nothing is drafted: a cut chain
-    gets one token more while the depth past its end has been tried fewer than ``explore_tries``
-    times in its context, and a context the cut has skipped ``explore_every`` times in a row gets
-    a draft of up to ``explore_len`` tokens anyway. No clock is read, so seeded samples repeat.
+    gets one token more while the token past its end has been tried fewer than ``explore_tries``
+    times in its context, and a chain whose first context the cut has skipped ``explore_every``
+    times in a row gets up to ``explore_len`` tokens anyway. No clock is read, so seeded samples
+    repeat.
     """
 
     MAX_DEPTH = 3
@@ -371,29 +373,31 @@ class ChainCut:
 
     def reset(self) -> None:
         """Forget every rate learnt."""
-        self._key: dict[tuple, list[float]] = {}  # (context, depth) -> [tries, accepted]
-        self._depth = [[0.0, 0.0] for _ in range(self.MAX_DEPTH + 1)]
-        self._skips: dict[tuple, int] = {}  # context -> drafts skipped in a row
-        self._pending: tuple | None = None  # (context, kept) of the last cut
+        self._stats: dict[tuple, list[float]] = {}  # (context prefix, depth) -> [tries, accepted]
+        self._skips: dict[tuple, int] = {}  # first context -> chains skipped in a row
+        self._pending: list[tuple] = []  # the kept tokens' contexts of the last cut
 
-    def rates(self, context: tuple, n: int) -> list[float]:
-        """Estimated conditional acceptance rates of the first ``n`` tokens of a chain."""
-        w, out = self.weight, []
-        for j in range(n):
-            d = min(j, self.MAX_DEPTH)
-            dt, da = self._depth[d]
-            p_depth = (da + w * self.prior) / (dt + w)
-            kt, ka = self._key.get((context, d), (0.0, 0.0))
-            out.append((ka + w * p_depth) / (kt + w))
-        return out
+    def _tries(self, context: tuple, depth: int) -> float:
+        return self._stats.get((tuple(context), min(depth, self.MAX_DEPTH)), (0.0, 0.0))[0]
 
-    def size(self, context: tuple, n: int) -> int:
-        """How many of a chain's ``n`` tokens, drafted in ``context``, to verify (0 to ``n``)."""
-        if n <= 0:
-            return 0
+    def rate(self, context: tuple, depth: int) -> float:
+        """Estimated acceptance rate of a token in ``context`` at ``depth``, given the tokens
+        before it were accepted."""
+        d, w, p = min(depth, self.MAX_DEPTH), self.weight, self.prior
+        for k in range(len(context) + 1):
+            tries, acc = self._stats.get((tuple(context[:k]), d), (0.0, 0.0))
+            p = (acc + w * p) / (tries + w)
+        return p
+
+    def rates(self, contexts: Sequence[tuple]) -> list[float]:
+        """:meth:`rate` of each token of a chain (token ``j`` at depth ``j``)."""
+        return [self.rate(c, j) for j, c in enumerate(contexts)]
+
+    def size(self, contexts: Sequence[tuple]) -> int:
+        """How many leading tokens of a chain, given each token's context, to verify (0 to all)."""
         best_n, best_rate = 0, 1.0 / self.cost(1)
         gain, reach = 1.0, 1.0
-        for j, p in enumerate(self.rates(context, n), 1):
+        for j, p in enumerate(self.rates(contexts), 1):
             reach *= p
             gain += reach
             rate = gain / self.cost(j + 1)
@@ -401,36 +405,36 @@ class ChainCut:
                 best_n, best_rate = j, rate
         return best_n
 
-    def __call__(self, context: tuple, n: int) -> int:
+    def __call__(self, contexts: Sequence[tuple]) -> int:
         """:meth:`size`, with exploration, remembering the cut for :meth:`observe`."""
-        kept = self.size(context, n)
-        if 0 < kept < n:  # one token deeper while that depth has few observations here
-            tries = self._key.get((context, min(kept, self.MAX_DEPTH)), (0.0, 0.0))[0]
-            if tries < self.explore_tries:
-                kept += 1
-        if n > 0 and kept == 0:
-            skips = self._skips.get(context, 0) + 1
-            if skips >= self.explore_every:
-                kept, skips = min(n, self.explore_len), 0
-            self._skips[context] = skips
-        elif n > 0:
-            self._skips[context] = 0
-        self._pending = (context, kept) if kept > 0 else None
+        n = len(contexts)
+        kept = self.size(contexts)
+        if 0 < kept < n and self._tries(contexts[kept], kept) < self.explore_tries:
+            kept += 1  # one token deeper while that token's context has few observations
+        if n > 0:
+            first = tuple(contexts[0])
+            if kept == 0:
+                skips = self._skips.get(first, 0) + 1
+                if skips >= self.explore_every:
+                    kept, skips = min(n, self.explore_len), 0
+                self._skips[first] = skips
+            else:
+                self._skips[first] = 0
+        self._pending = [tuple(c) for c in contexts[:kept]]
         return kept
 
     def observe(self, accepted: int, drafted: int | None = None) -> None:
         """The target accepted ``accepted`` tokens of the last cut chain (of which ``drafted``
         were verified, when the caller shortened the chain further)."""
-        if self._pending is None:
-            return
-        context, kept = self._pending
-        self._pending = None
+        kept = self._pending
+        self._pending = []
         if drafted is not None:
-            kept = min(kept, drafted)
-        for j in range(min(accepted + 1, kept)):
+            kept = kept[:drafted]
+        for j, context in enumerate(kept[: accepted + 1]):
             d = min(j, self.MAX_DEPTH)
             hit = 1.0 if j < accepted else 0.0
-            for stat in (self._key.setdefault((context, d), [0.0, 0.0]), self._depth[d]):
+            for k in range(len(context) + 1):
+                stat = self._stats.setdefault((context[:k], d), [0.0, 0.0])
                 stat[0] += 1.0
                 stat[1] += hit
 

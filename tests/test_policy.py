@@ -242,53 +242,59 @@ def steep(n: float) -> float:
 
 def test_chain_cut_keeps_everything_with_flat_costs() -> None:
     cut = ChainCut(lambda n: 1.0)
-    assert cut((1, False), 10) == 10
-    assert cut((1, False), 0) == 0
+    assert cut([(1,)] * 10) == 10
+    assert cut([]) == 0
     for _ in range(20):  # even a context that always misses: rows are free
-        cut((1, False), 10)
+        cut([(1,)] * 10)
         cut.observe(0)
-    assert cut((1, False), 10) == 10
+    assert cut([(1,)] * 10) == 10
 
 
 def test_chain_cut_learns_which_contexts_pay() -> None:
     cut = ChainCut(steep, explore_every=1000)
-    good, bad = (3, True), (1, False)
-    assert cut.size(good, 8) == cut.size(bad, 8) > 0  # nothing learnt yet: the prior drafts
+    good, bad = (True, 1), (False, 3)
+    assert cut.size([good] * 8) == cut.size([bad] * 8) > 0  # nothing learnt yet: the prior drafts
     for _ in range(30):
-        cut(good, 8)
+        cut([good] * 8)
         cut.observe(8)
-        cut(bad, 8)
+        cut([bad] * 8)
         cut.observe(0)
-    assert cut.rates(good, 1)[0] > 0.9 > 0.7 > cut.rates(bad, 1)[0]
-    assert cut.size(good, 8) == 8
-    assert cut.size(bad, 8) == 0  # (and so it stopped drafting, and learning, there)
-    # a context never seen starts from the rates at each depth over all contexts
-    unseen = cut.rates((2, False), 2)
-    assert cut.rates(bad, 2)[0] < unseen[0] < cut.rates(good, 2)[0]
-    # and a chain accepted up to its third token teaches depths 0..3, not beyond
-    before = [list(x) for x in cut._depth]
-    cut((2, False), 8)
+    assert cut.rate(good, 0) > 0.9 > 0.7 > cut.rate(bad, 0)
+    assert cut.size([good] * 8) == 8
+    assert cut.size([bad] * 8) == 0  # (and so it stopped drafting, and learning, there)
+    assert cut.size([bad] + [good] * 7) == 0  # an unsure first token holds back the rest
+    # an unseen context borrows from its prefix: (True, 2) from (True,), which only saw good
+    assert cut.rate((True, 2), 0) > cut.rate((False, 2), 0)
+    assert cut.rate((False, 2), 0) == pytest.approx(
+        (0 + 2 * cut.rate((False,), 0)) / (0 + 2)
+    )
+    # a chain accepted up to its third token teaches depths 0..2 (and the miss), not beyond
+    before = {k: list(v) for k, v in cut._stats.items()}
+    cut([(True, 0)] * 8)
     cut.observe(2)
-    assert [t - b[0] for (t, _), b in zip(cut._depth, before)] == [1, 1, 1, 0]
-    assert [a - b[1] for (_, a), b in zip(cut._depth, before)] == [1, 1, 0, 0]
+    new = {k: v for k, v in cut._stats.items() if v != before.get(k)}
+    assert {(ctx, d) for ctx, d in new} == {
+        (ctx, d) for ctx in [(), (True,), (True, 0)] for d in (0, 1, 2)
+    }
+    assert new[((True, 0), 2)] == [1.0, 0.0] and new[((True, 0), 1)] == [1.0, 1.0]
 
 
 def test_chain_cut_explores_a_skipped_context() -> None:
     cut = ChainCut(steep, explore_every=3, explore_len=2)
     for _ in range(20):
-        cut((1, False), 6)
+        cut([(1,)] * 6)
         cut.observe(0)
     got = []
     for _ in range(6):
-        got.append(cut((1, False), 6))
+        got.append(cut([(1,)] * 6))
         cut.observe(0)
     first = got.index(2)
     assert got == [2 if i % 3 == first % 3 else 0 for i in range(6)]
     # a caller that verified fewer tokens than were kept: only those count
     cut = ChainCut(lambda n: 1.0)
-    cut((1, False), 6)
+    cut([(1,)] * 6)
     cut.observe(1, drafted=1)
-    assert cut._key[((1, False), 0)] == [1.0, 1.0] and ((1, False), 1) not in cut._key
+    assert cut._stats[((1,), 0)] == [1.0, 1.0] and ((1,), 1) not in cut._stats
 
 
 def test_chain_cut_bad_arguments() -> None:
@@ -296,3 +302,14 @@ def test_chain_cut_bad_arguments() -> None:
         ChainCut(steep, prior=1.0)
     with pytest.raises(ConfigError):
         ChainCut(steep, explore_every=0)
+
+
+def test_agreement_of_chain_tokens() -> None:
+    from genrefine.drafters.prompt_lookup import ChainCutState as S
+
+    conts = [[5, 6, 7], [5, 6, 8], [5, 9], [4]]
+    # 5: 3 of 4 agree; 6: 2 of 3; 7: 1 of 2 (a half is a majority); then nothing is left
+    assert S.agreement([5, 6, 7], conts) == [S.MAJORITY, S.MAJORITY, S.MAJORITY]
+    assert S.agreement([4], conts) == [S.MINORITY]
+    assert S.agreement([5, 6, 8, 1], [[5, 6, 8, 1]] * 2) == [S.ALL] * 4
+    assert S.agreement([5, 6], [[5, 6]]) == [S.UNIQUE, S.UNIQUE]

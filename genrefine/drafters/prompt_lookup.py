@@ -220,9 +220,14 @@ def continuation_draft(
 class ChainCutState:
     """A copying drafter's use of a :class:`~genrefine.policy.ChainCut` (None: no cut).
 
-    Keys each chain by ``(match length capped at match_cap, previous draft accepted in full)``.
-    A sampled generation starts with a fresh cut, so that a seed gives the same tokens every time;
-    greedy generations share what earlier ones learnt (their output cannot depend on it)."""
+    Describes each chain token by ``(previous draft accepted in full, agreement, match length
+    capped at match_cap)``, where agreement says how the continuations that led to the token
+    split on it: ``UNIQUE`` (one continuation), ``ALL`` (every one agrees), ``MAJORITY`` (at
+    least half) or ``MINORITY``. A sampled generation starts with a fresh cut, so that a seed
+    gives the same tokens every time; greedy generations share what earlier ones learnt (their
+    output cannot depend on it)."""
+
+    UNIQUE, ALL, MAJORITY, MINORITY = range(4)
 
     def __init__(self, cut, match_cap: int = 3) -> None:
         self.chain_cut = cut
@@ -233,8 +238,23 @@ class ChainCutState:
         self._fresh = True
         self._prev_full = False
 
-    def cut(self, ctx: Context, draft: Draft, match_len: int) -> Draft:
-        """``draft`` (a chain) cut to the tokens worth verifying."""
+    @classmethod
+    def agreement(cls, chain: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[int]:
+        """For each token of ``chain``, how the continuations still on its path split on it."""
+        alive, out = list(continuations), []
+        for j, t in enumerate(chain):
+            before = len(alive)
+            alive = [c for c in alive if len(c) > j and c[j] == t]
+            if before <= 1:
+                out.append(cls.UNIQUE)
+            elif len(alive) == before:
+                out.append(cls.ALL)
+            else:
+                out.append(cls.MAJORITY if 2 * len(alive) >= before else cls.MINORITY)
+        return out
+
+    def cut(self, ctx: Context, draft: Draft, match_len: int, continuations) -> Draft:
+        """``draft`` (a chain made from ``continuations``) cut to the tokens worth verifying."""
         cut = self.chain_cut
         if cut is None:
             return draft
@@ -242,13 +262,15 @@ class ChainCutState:
             self._fresh = False
             if ctx.params is not None and not ctx.params.greedy:
                 cut.reset()
-        context = (min(int(match_len), self.match_cap), self._prev_full)
+        prev_full = self._prev_full
         self._prev_full = False  # set again by observe() after a draft accepted in full
-        n = len(draft)
-        if n == 0:
+        if len(draft) == 0:
             return draft
-        kept = cut(context, n)
-        return draft if kept == n else _chain_prefix(draft, kept)
+        m = min(int(match_len), self.match_cap)
+        chain = draft.tokens.tolist()
+        contexts = [(prev_full, a, m) for a in self.agreement(chain, continuations)]
+        kept = cut(contexts)
+        return draft if kept == len(chain) else _chain_prefix(draft, kept)
 
     def observe(self, feedback: StepFeedback) -> None:
         if self.chain_cut is None:
@@ -329,7 +351,7 @@ class PromptLookupDrafter:
         toks = self._index.tokens
         conts = [toks[e + 1 : e + 1 + budget] for e in ends]
         draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
-        return self._chains.cut(ctx, draft, m)
+        return self._chains.cut(ctx, draft, m, conts)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         """Tell the chain cut what was accepted (the next ``propose`` indexes the new tokens)."""

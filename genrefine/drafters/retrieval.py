@@ -632,7 +632,7 @@ class RetrievalDrafter:
         self.last_match = 0
         conts = self.candidates(tokens.numpy(), budget) if budget > 0 else []
         draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
-        return self._chains.cut(ctx, draft, self.last_match)
+        return self._chains.cut(ctx, draft, self.last_match, conts)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         """Keep the context plus the tokens this step emitted (for ``grow``); tell the chain cut
