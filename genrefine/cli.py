@@ -95,8 +95,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
                    "they were trained on; a number >= the vocabulary size means all)")
     g.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
-                   help="trained methods: verify whole drafts instead of cutting them to the "
-                   "nodes that pay on this machine (measured forward times)")
+                   help="trained methods (and pld, rest on llama.cpp): verify whole drafts "
+                   "instead of cutting them to what pays on this machine (measured forward times)")
     _add_draft_model_option(g)
     _add_drafter_option(g)
 
@@ -173,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--fresh", action="store_true",
                    help="discard earlier per-question results instead of resuming")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
+                   help="verify whole drafts instead of cutting them to what pays on this machine "
+                   "(trained methods; pld and rest on llama.cpp): block efficiency as the papers "
+                   "measure it")
     _add_model_options(b)
     _add_draft_model_option(b)
     _add_drafter_option(b)
@@ -467,6 +471,7 @@ def cmd_bench(args) -> int:
         fresh=args.fresh,
         progress=not args.no_progress,
         command=command_line(argv),
+        tree_cut=args.tree_cut,
     )
     plan = plan_bench(config)  # every check that needs no model
     result = execute(plan)
@@ -493,6 +498,8 @@ def _bench_argv(args) -> list[str]:
     for flag in ("quick", "fresh"):
         if getattr(args, flag):
             out.append(f"--{flag}")
+    if not getattr(args, "tree_cut", True):
+        out.append("--no-tree-cut")
     return out
 
 

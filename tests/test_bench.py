@@ -337,6 +337,33 @@ def test_bench_resumes_and_refuses_other_settings(capsys, tiny_dir, qfile, tmp_p
     assert len(err.strip().splitlines()) == 1
     code, _, err = bench(capsys, *args[:-1], str(tmp_path / "b.json"), "--max-new-tokens", "5")
     assert code == 0  # --quick fixes max_new_tokens at 24: same settings
+    code, _, err = bench(capsys, *args, "--no-tree-cut")
+    assert code == 2 and "other settings" in err and "tree_cut" in err
+
+
+def test_bench_no_tree_cut_reaches_the_methods(capsys, tiny_dir, qfile, tmp_path, monkeypatch):
+    """--no-tree-cut builds every method with MethodOptions(tree_cut=False), and says so in the
+    settings header and the report's command."""
+    import genrefine.bench.runner as runner
+
+    seen = []
+    real = runner.GenrefineBackend
+
+    def spy(gen, method, options=None):
+        seen.append((method, options))
+        return real(gen, method, options)
+
+    monkeypatch.setattr(runner, "GenrefineBackend", spy)
+    out = tmp_path / "c.json"
+    code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
+                         "float32", "--methods", "pld,rest", "--quick", "--json", str(out),
+                         "--no-tree-cut")
+    assert code == 0, err
+    assert {m for m, _ in seen} == {"ar", "pld", "rest"}
+    assert all(o is not None and o.tree_cut is False for _, o in seen)
+    header = json.loads((tmp_path / "c.questions.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["tree_cut"] is False
+    assert "--no-tree-cut" in json.loads(out.read_text())["command"]
 
 
 @pytest.mark.parametrize(

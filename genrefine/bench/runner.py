@@ -74,6 +74,7 @@ class BenchConfig:
     fresh: bool = False  # discard earlier results in the JSONL instead of resuming
     progress: bool = True
     command: str = ""
+    tree_cut: bool = True  # False: verify whole drafts (--no-tree-cut; MethodOptions.tree_cut)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Settings:
     draft_model: str | None = None  # the resolved draft model path (sps, hf_assisted)
     backend: str | None = None  # genrefine's backend; None: native (files from before --backend)
     drafter: str | None = None  # the trained drafter's folder; None: the shipped one (or unused)
+    tree_cut: bool | None = None  # False: --no-tree-cut; None: drafts cut (files from before it)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -185,6 +187,7 @@ def plan_bench(config: BenchConfig) -> Plan:
         draft_model=str(draft.path) if draft is not None else None,
         backend=None if backend == "native" else backend,
         drafter=str(Path(config.drafter).expanduser().resolve()) if config.drafter else None,
+        tree_cut=None if config.tree_cut else False,
     )
     done = {} if config.fresh else read_results(jsonl, settings)
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
@@ -485,6 +488,7 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
     backends = {}
     hf = None
     st, draft = plan.settings, plan.config.draft_model
+    cut = plan.config.tree_cut
     for m in st.methods:
         if m in LLAMACPP_METHODS:
             from ..models.llamacpp import DEFAULT_CONTEXT, default_threads
@@ -509,11 +513,10 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
                     tokenizers = (gen.tokenizer, draft_tok)
             backends[m] = HFBackend(hf, gen.eos_ids, pad, lookup, assistant, tokenizers)
         elif METHODS[m].needs_draft_model:
-            backends[m] = GenrefineBackend(gen, m, MethodOptions(draft_model=draft))
-        elif plan.config.drafter is not None:
-            backends[m] = GenrefineBackend(gen, m, MethodOptions(drafter=plan.config.drafter))
+            backends[m] = GenrefineBackend(gen, m, MethodOptions(draft_model=draft, tree_cut=cut))
         else:
-            backends[m] = GenrefineBackend(gen, m)
+            opts = MethodOptions(drafter=plan.config.drafter, tree_cut=cut)
+            backends[m] = GenrefineBackend(gen, m, opts)
     return backends
 
 
