@@ -353,8 +353,8 @@ def _validate_before_load(args, methods: list[str]) -> None:
         for m in methods:
             if m in METHODS and METHODS[m].native_only:
                 raise GenrefineError(
-                    f"method {m} needs the native runtime (intermediate layers); the {backend} "
-                    "backend runs the whole model only: use --backend native"
+                    f"method {m} needs the native runtime ({METHODS[m].native_reason}); the "
+                    f"{backend} backend runs the whole model only: use --backend native"
                 )
     draft = getattr(args, "draft_model", None)
     needs = [m for m in methods if METHODS[m].needs_draft_model]

@@ -157,6 +157,13 @@ class MethodInfo:
     # a trained drafter of this kind is needed: MethodOptions.drafter, or one shipped for the model
     drafter_kind: str | None = None
 
+    @property
+    def native_reason(self) -> str:
+        """Why a ``native_only`` method cannot run on a backend that runs the whole model only."""
+        if self.drafter_kind is not None:
+            return "its trained drafter reads the target's own weights and hidden states"
+        return "it runs a subset of the target's layers"
+
 
 def _pld(model, opts: MethodOptions, **kw):
     from .drafters.prompt_lookup import PromptLookupDrafter

@@ -358,8 +358,12 @@ def test_auto_without_the_extra_is_native(monkeypatch):
     assert backend_choice.choose_backend(src, None, "cpu", lambda msg: None) == "native"
 
 
-def test_native_only_methods_refused_before_loading(capsys):
-    rc = main(["generate", "hi", "--backend", "llama.cpp", "--method", "swift"])
+@pytest.mark.parametrize(
+    "method, reason", [("swift", "subset of the target's layers"), ("eagle", "trained drafter")]
+)
+def test_native_only_methods_refused_before_loading(capsys, method, reason):
+    rc = main(["generate", "hi", "--backend", "llama.cpp", "--method", method])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
-    assert ("native runtime" in err) or ("genrefine[llamacpp]" in err)  # without the extra
+    if "genrefine[llamacpp]" not in err:  # (without the extra, that is the one line)
+        assert "native runtime" in err and reason in err

@@ -203,9 +203,10 @@ def _check_backend(backend: str, src, methods: Sequence[str]) -> str:
     if name in ("llama.cpp", "hf"):
         bad = [m for m in methods if m in METHODS and METHODS[m].native_only]
         if bad:
+            why = "; ".join(f"{m}: {METHODS[m].native_reason}" for m in bad)
             raise ConfigError(
                 f"{', '.join(bad)} need{'s' if len(bad) == 1 else ''} the native runtime "
-                f"(intermediate layers); the {name} backend runs the whole model only: use "
+                f"({why}); the {name} backend runs the whole model only: use "
                 "--backend native or leave them out"
             )
     if any(m in LLAMACPP_METHODS for m in methods):
