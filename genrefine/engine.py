@@ -240,7 +240,7 @@ class Decoder:
             budget = max(0, min(budget, max_nodes))
         draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()
         if len(draft) > budget:
-            draft = _prefix_nodes(draft, budget)
+            draft = draft.prefix(budget)
         self._ctx, self._drafter, self._draft = ctx, drafter, draft
         self._t1 = time.perf_counter()
         self.stats.time_draft += self._t1 - self._t0
@@ -403,12 +403,6 @@ class Engine:
             self.finish_reason = dec.finish_reason
             if dec._t_start:
                 stats.time_total = time.perf_counter() - dec._t_start
-
-
-def _prefix_nodes(draft: Draft, budget: int) -> Draft:
-    """The first ``budget`` nodes of a draft (a valid tree: parents precede children)."""
-    probs = None if draft.probs is None else draft.probs[:budget]
-    return Draft(draft.tokens[:budget], draft.parents[:budget], probs)
 
 
 def _generator(params: SamplingParams, device) -> torch.Generator:

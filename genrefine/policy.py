@@ -378,14 +378,14 @@ class ChainCut:
         self._pending: list[tuple] = []  # the kept tokens' contexts of the last cut
 
     def _tries(self, context: tuple, depth: int) -> float:
-        return self._stats.get((tuple(context), min(depth, self.MAX_DEPTH)), (0.0, 0.0))[0]
+        return self._stats.get((context, min(depth, self.MAX_DEPTH)), (0.0, 0.0))[0]
 
     def rate(self, context: tuple, depth: int) -> float:
         """Estimated acceptance rate of a token in ``context`` at ``depth``, given the tokens
         before it were accepted."""
         d, w, p = min(depth, self.MAX_DEPTH), self.weight, self.prior
         for k in range(len(context) + 1):
-            tries, acc = self._stats.get((tuple(context[:k]), d), (0.0, 0.0))
+            tries, acc = self._stats.get((context[:k], d), (0.0, 0.0))
             p = (acc + w * p) / (tries + w)
         return p
 
@@ -412,7 +412,7 @@ class ChainCut:
         if 0 < kept < n and self._tries(contexts[kept], kept) < self.explore_tries:
             kept += 1  # one token deeper while that token's context has few observations
         if n > 0:
-            first = tuple(contexts[0])
+            first = contexts[0]
             if kept == 0:
                 skips = self._skips.get(first, 0) + 1
                 if skips >= self.explore_every:
@@ -420,7 +420,7 @@ class ChainCut:
                 self._skips[first] = skips
             else:
                 self._skips[first] = 0
-        self._pending = [tuple(c) for c in contexts[:kept]]
+        self._pending = list(contexts[:kept])
         return kept
 
     def observe(self, accepted: int, drafted: int | None = None) -> None:

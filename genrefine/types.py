@@ -66,6 +66,11 @@ class Draft:
         z = torch.zeros(0, dtype=torch.long)
         return Draft(z, z.clone(), None)
 
+    def prefix(self, n: int) -> "Draft":
+        """The first ``n`` nodes (a valid tree: parents precede children)."""
+        probs = None if self.probs is None else self.probs[:n]
+        return Draft(self.tokens[:n], self.parents[:n], probs)
+
 
 @dataclass(frozen=True)
 class VerifyResult:

@@ -112,11 +112,16 @@ class NgramIndex:
             return n, [lst[i] for i in range(len(lst) - 2, stop, -1)]
         return 0, []
 
+    def match(self, max_len: int, max_candidates: int) -> tuple[int, list[list[int]]]:
+        """``(n, continuations)``: the matched suffix length and the continuations (up to
+        ``max_len`` tokens each) of its earlier occurrences, most recent first."""
+        n, ends = self.match_ends(max_candidates)
+        toks = self.tokens
+        return n, [toks[e + 1 : e + 1 + max_len] for e in ends]
+
     def candidates(self, max_len: int, max_candidates: int) -> list[list[int]]:
         """Continuations (up to ``max_len`` tokens each) of the best matches, most recent first."""
-        _, match = self.match_ends(max_candidates)
-        toks = self.tokens
-        return [toks[e + 1 : e + 1 + max_len] for e in match]
+        return self.match(max_len, max_candidates)[1]
 
 
 def find_candidates(
@@ -270,7 +275,7 @@ class ChainCutState:
         chain = draft.tokens.tolist()
         contexts = [(prev_full, a, m) for a in self.agreement(chain, continuations)]
         kept = cut(contexts)
-        return draft if kept == len(chain) else _chain_prefix(draft, kept)
+        return draft if kept == len(chain) else draft.prefix(kept)
 
     def observe(self, feedback: StepFeedback) -> None:
         if self.chain_cut is None:
@@ -280,18 +285,12 @@ class ChainCutState:
         self._prev_full = n > 0 and a == n
 
 
-def _chain_prefix(draft: Draft, n: int) -> Draft:
-    if n == 0:
-        return Draft.empty()
-    return Draft(draft.tokens[:n], draft.parents[:n])
-
-
 class PromptLookupDrafter:
     """Drafts by prompt lookup (see the module docstring).
 
     ``tree=False`` drafts only the main chain (for models that verify chains only). ``cut``, a
     :class:`~genrefine.policy.ChainCut`, then decides how many of its tokens pay to verify, from
-    the match length and whether the previous draft was accepted in full.
+    the features :class:`ChainCutState` gives each token.
     """
 
     name = "pld"
@@ -317,8 +316,7 @@ class PromptLookupDrafter:
         self.depth_decay = depth_decay
         self._index = NgramIndex(max_ngram, min_ngram)
         self._seen: Tensor | None = None  # [len(index)] the tokens indexed, on their device
-        self.cut = cut if not tree else None
-        self._chains = ChainCutState(self.cut)
+        self._chains = ChainCutState(cut if not tree else None)
 
     def reset(self) -> None:
         """Forget the indexed context."""
@@ -347,9 +345,7 @@ class PromptLookupDrafter:
     def propose(self, ctx: Context, budget: int) -> Draft:
         """A chain or tree of at most ``budget`` nodes copied from earlier context, or empty."""
         self._sync(ctx.tokens)
-        m, ends = self._index.match_ends(self.max_candidates)
-        toks = self._index.tokens
-        conts = [toks[e + 1 : e + 1 + budget] for e in ends]
+        m, conts = self._index.match(budget, self.max_candidates)
         draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
         return self._chains.cut(ctx, draft, m, conts)
 

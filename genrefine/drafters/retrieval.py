@@ -534,7 +534,8 @@ class RetrievalDrafter:
     The longest match wins; at equal lengths the continuations of all the sources that match are
     pooled (the context's first, so they win ties in the tree). ``tree=False`` drafts the main
     chain only; ``cut`` (a :class:`~genrefine.policy.ChainCut`) then keeps the part of it that
-    pays to verify, keyed by the match length (capped at 6) and the previous draft's fate.
+    pays to verify, from the features :class:`~.prompt_lookup.ChainCutState` gives each token
+    (match length capped at 6).
     """
 
     name = "rest"
