@@ -90,8 +90,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer", type=int, default=None,
                    help="early-exit-draft: how many layers the draft runs")
     g.add_argument("--draft-vocab", type=int, default=None,
-                   help="self-drafting and trained methods: project drafts onto the N most "
-                   "frequent tokens (default for early-exit-draft and swift: 32768 when the "
+                   help="self-drafting, trained methods and sps: project drafts onto the N most "
+                   "frequent tokens (default for early-exit-draft, swift and sps: 32768 when the "
                    "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
                    "they were trained on; a number >= the vocabulary size means all)")
     g.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",

@@ -26,8 +26,9 @@ class MethodOptions:
     acceptance: str = "exact"  # "exact" (lossless speculative sampling) | "typical" (lossy)
     datastore: str | None = None  # rest: saved datastore path; None = earlier outputs only
     exit_layer: int | None = None  # early-exit-draft: layers the draft runs (None: L - L // 6)
-    # self-drafting heads: the N most frequent tokens (N >= vocabulary size: all); None = the
-    # default (early-exit-draft, swift: 32768 for vocabularies over 65536 tokens; calm: all)
+    # self-drafting heads and sps's draft model: the N most frequent tokens (N >= vocabulary
+    # size: all); None = the default (early-exit-draft, swift and sps with a native draft model
+    # sharing the tokenizer: 32768 for vocabularies over 65536 tokens; calm: all)
     draft_vocab: int | None = None
     # self-drafting and sps: stop a draft after a token whose top draft probability is below this
     # (None: 0.5 for self-drafting, 0.4 for sps)
@@ -289,9 +290,14 @@ def _build_calm(model, opts: MethodOptions, tokenizer=None) -> Method:
 def _build_sps(model, opts: MethodOptions, tokenizer=None) -> Method:
     from .drafters.draft_model import DEFAULT_CONFIDENCE, make_draft_model_drafter
 
+    from .drafters.draft_model import same_tokenizer
+
     draft, draft_tok = load_draft_model(model, opts)
     conf = DEFAULT_CONFIDENCE if opts.draft_confidence is None else opts.draft_confidence
-    d = make_draft_model_drafter(model, draft, tokenizer, draft_tok, confidence=conf)
+    ids = None  # a reduced head, as for self-drafting: a small draft model's head is most of it
+    if hasattr(draft, "reduced_head") and same_tokenizer(model, draft, tokenizer, draft_tok):
+        ids = _draft_vocab(model, opts, tokenizer, default=True)
+    d = make_draft_model_drafter(model, draft, tokenizer, draft_tok, confidence=conf, vocab_ids=ids)
     budget = opts.draft_len or 8
     return Method("sps", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 

@@ -116,6 +116,47 @@ def test_greedy_equals_ar(family: str, prompt: str) -> None:
                 assert stats.tokens_per_step > draft_len * 0.8
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_draft_vocabulary_drafts_only_its_ids_and_equals_ar(family: str) -> None:
+    """A draft model projecting onto a subset of the vocabulary (FR-Spec's reduced head) drafts
+    only those ids, and greedy output stays ``ar``'s; ids past the shared vocabulary are dropped
+    and a subset with none left is refused."""
+    m = native(family)
+    ids = PROMPTS["repeated"]
+    sub = torch.tensor(sorted(set(ids)) + [1, 2, 500])  # the prompt's tokens (500: out of range)
+    for draft in (m, ShallowModel(m, 2)):
+        d = DraftModelDrafter(draft, m.vocab_size, confidence=0.0, vocab_ids=sub)
+        assert d.runner.head is not None and d.draft_vocab == len(sub) - 1
+        out, stats = run(m, Method("sps", [d], FixedPolicy(d, 6), 6), ids)
+        assert out == reference(m, tuple(ids)) and stats.drafted > 0
+        drafted = d.propose(Context(torch.tensor(ids), 2), 6).tokens.tolist()
+        assert drafted and set(drafted) <= set(sub.tolist())
+    full = DraftModelDrafter(m, m.vocab_size, vocab_ids=torch.arange(m.vocab_size))
+    assert full.runner.head is None  # the whole vocabulary: no reduced head
+    with pytest.raises(ConfigError, match="no token id"):
+        DraftModelDrafter(m, m.vocab_size, vocab_ids=torch.tensor([500, 600]))
+    adapter = HFModel(tiny_hf_model(family))  # cannot project onto a subset: full vocabulary
+    assert DraftModelDrafter(adapter, m.vocab_size, vocab_ids=sub).runner.head is None
+
+
+def test_sps_draft_vocab_option_reaches_the_draft_model(monkeypatch, tmp_path) -> None:
+    """``--draft-vocab N`` (and the default for large vocabularies) gives a native draft model
+    sharing the tokenizer a reduced head; a draft model with another tokenizer keeps all ids."""
+    import genrefine.vocab as vocab
+
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(vocab, "default_corpus", lambda: ["the cat sat on the mat. " * 20])
+    tok = byte_tokenizer()
+    m = native("gemma3_text")
+    method = sps(m, m, tokenizer=tok, draft_vocab=40, draft_confidence=0.0)
+    d = method.drafters[0]
+    assert isinstance(d, DraftModelDrafter) and d.runner.head.ids.shape == (40,)
+    assert torch.equal(d.runner.head.ids.cpu(), vocab.frequent_ids("model", tok, 40, vocab_size=97))
+    ids = PROMPTS["repeated"]
+    assert run(m, method, ids)[0] == reference(m, tuple(ids))
+    assert sps(m, m, tokenizer=tok).drafters[0].runner.head is None  # 97 tokens: no default cut
+
+
 def test_draft_model_through_the_transformers_adapter() -> None:
     """A draft model the native runtime does not run (here: forced through the adapter)."""
     m = native("gemma3_text")
@@ -249,14 +290,18 @@ def continue_with_target(into: torch.Tensor, ctx, seq: tuple[int, ...], mass: fl
             continue_with_target(into, ctx, seq + (y,), mass * float(p[y]), params)
 
 
+@pytest.mark.parametrize("subset", [None, (4, 0, 2, 6)], ids=["full", "reduced"])
 @pytest.mark.parametrize("pname", list(SAMPLED))
-def test_sampled_drafts_are_exact(pname: str) -> None:
+def test_sampled_drafts_are_exact(pname: str, subset) -> None:
     """The drafter's q is the draft model's processed distribution (a draft vocabulary of 7 cut
-    to the target's 5); chains of 2 tokens drawn from it and verified by speculative sampling
-    give exactly the target's joint of the next 3 tokens (enumerated, no sampling)."""
+    to the target's 5, or a reduced head onto ids 0, 2, 4: q is the distribution over those and
+    zero elsewhere); chains of 2 tokens drawn from it and verified by speculative sampling give
+    exactly the target's joint of the next 3 tokens (enumerated, no sampling)."""
     params = SAMPLED[pname]
     draft = native("qwen3", 1, 7)
-    d = DraftModelDrafter(draft, V, confidence=0.0)
+    vocab_ids = None if subset is None else torch.tensor(subset)
+    d = DraftModelDrafter(draft, V, confidence=0.0, vocab_ids=vocab_ids)
+    cols = torch.arange(V) if subset is None else torch.tensor([0, 2, 4])
     g = torch.Generator().manual_seed(0)
     ctx = (1, 3)
 
@@ -267,8 +312,9 @@ def test_sampled_drafts_are_exact(pname: str) -> None:
         return got.probs[0]
 
     for prefix in [ctx, ctx + (4,), ctx + (0, 2)]:
-        logits = draft.forward(torch.tensor(prefix), draft.new_cache(8)).logits[-1, :V]
-        torch.testing.assert_close(q_of(prefix), logits_to_probs(logits, params))
+        logits = draft.forward(torch.tensor(prefix), draft.new_cache(8)).logits[-1, cols]
+        want = torch.zeros(V).index_copy_(0, cols, logits_to_probs(logits, params))
+        torch.testing.assert_close(q_of(prefix), want)
     # a chain's second row is q after its first token; its tokens are possible under q
     for _ in range(5):
         chain = d.propose(Context(torch.tensor(ctx), 2, params=params, generator=g), 2)

@@ -176,6 +176,9 @@ class ShallowModel:
     def forward(self, tokens, cache, **kw):
         return self.model.forward(tokens, cache, layers=self.layers, **kw)
 
+    def reduced_head(self, ids):
+        return self.model.reduced_head(ids)
+
 
 def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
     """Write a tiny random model + byte tokenizer as a Hugging Face directory; returns path."""

@@ -28,6 +28,13 @@ back (O(1)) and feeds only what is new: after a fully accepted draft its last to
 after a rejection just the bonus. No ``observe`` is needed, so the drafter also stays right when
 another drafter served some steps.
 
+Reduced head (same tokenizer, native draft models): the draft model may project onto a subset
+of the vocabulary (``vocab_ids``; :func:`genrefine.methods._draft_vocab` gives the 32768 most
+frequent tokens by default for vocabularies over 65536, as for self-drafting). A small model's
+head is then a small part of a draft token's cost instead of most of it. Greedy drafts are the
+argmax over the subset; sampled drafts are drawn from ``q`` over the subset, zero elsewhere, and
+speculative sampling stays exact for any ``q`` it is told. Verification uses the whole vocabulary.
+
 Early stop: drafting stops after the first token whose top draft probability (the softmax of the
 draft logits; under sampling the top of ``q``) is below ``confidence``; that token is still
 proposed, as in transformers' ``assistant_confidence_threshold`` (whose default, 0.4, is ours).
@@ -69,8 +76,9 @@ class DraftRunner:
     longer fits; ``ids[:cache.length]`` are the tokens it holds.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, head=None) -> None:
         self.model = model
+        self.head = head  # a ReducedHead: logits over head.ids only (column j is token head.ids[j])
         self.cache = None
         self.ids = torch.zeros(0, dtype=torch.long)  # [capacity] long, CPU
 
@@ -105,9 +113,29 @@ class DraftRunner:
             chunk = ids[s : s + PREFILL_CHUNK]
             last = s + PREFILL_CHUNK >= L
             rows = torch.tensor([chunk.shape[0] - 1]) if last else torch.zeros(0, dtype=torch.long)
-            logits = self.model.forward(chunk.to(self.model.device), cache, logits_rows=rows).logits
+            logits = self._forward(chunk, cache, rows)
         self.ids[keep:L] = ids[keep:]
         return logits
+
+    def _forward(self, tokens: Tensor, cache, rows: Tensor | None = None) -> Tensor | None:
+        """The draft model's logits for ``tokens``' rows ``rows`` (None: all), over the reduced
+        head's columns when there is one."""
+        tokens = tokens.to(self.model.device)
+        if self.head is None:
+            return self.model.forward(tokens, cache, logits_rows=rows).logits
+        return self.model.forward(tokens, cache, logits_rows=rows, vocab_subset=self.head).logits
+
+    def token_ids(self, cols: Tensor) -> Tensor:
+        """Token ids of logit columns ``cols`` (the same without a reduced head)."""
+        return cols if self.head is None else self.head.ids[cols.to(self.head.ids.device)]
+
+    def expand(self, q: Tensor, vocab: int) -> Tensor:
+        """``q`` [n, columns] as a distribution over token ids ``0 .. vocab - 1`` ([n, vocab],
+        zero for ids the draft cannot propose)."""
+        if self.head is None:
+            return q if q.shape[1] == vocab else torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
+        full = q.new_zeros(q.shape[0], vocab)
+        return full.index_copy_(1, self.head.ids.to(q.device), q)
 
     def draft(
         self,
@@ -120,13 +148,15 @@ class DraftRunner:
     ) -> tuple[Tensor, Tensor | None]:
         """A chain of at most ``k`` tokens after :meth:`sync` returned ``logits`` ([1, V]).
 
-        Only ids below ``vocab`` are drafted. Greedy ``params``: the argmax, returns
-        ``(tokens [n], None)``. Sampling: each token drawn from ``q`` = :func:`logits_to_probs`
-        of the draft logits with ``params``, returns ``(tokens [n], q [n, vocab])``. Tokens are on
-        the CPU; the cache ends up holding the context and the first ``n - 1`` draft tokens.
+        Only the first ``vocab`` columns are drafted (ids below ``vocab``, or with a reduced head
+        its columns, all of them). Greedy ``params``: the argmax, returns ``(tokens [n], None)``.
+        Sampling: each token drawn from ``q`` = :func:`logits_to_probs` of the draft logits with
+        ``params``, returns ``(tokens [n], q [n, vocab])`` over the columns (:meth:`expand` maps
+        it onto token ids). Tokens are token ids on the CPU; the cache ends up holding the context
+        and the first ``n - 1`` draft tokens.
         """
         assert logits.shape[0] == 1 and k >= 1, (tuple(logits.shape), k)
-        model, cache = self.model, self.cache
+        cache = self.cache
         start = cache.length
         toks: list[Tensor] = []
         qs: list[Tensor] = []
@@ -143,10 +173,11 @@ class DraftRunner:
                 dev = generator.device if generator is not None else q.device
                 tok = sample(q.to(dev), generator).to(q.device)  # [1]
                 top = q.max(dim=-1).values if confidence > 0.0 else None
+            tok = self.token_ids(tok)
             toks.append(tok)
             if i + 1 == k or (top is not None and float(top) < confidence):  # one host sync
                 break
-            logits = model.forward(tok.to(model.device), cache).logits  # [1, V]
+            logits = self._forward(tok, cache)  # [1, V]
         out = torch.cat(toks).cpu()  # [n]
         self.ids[start : start + out.shape[0] - 1] = out[:-1]
         return out, (torch.cat(qs) if qs else None)
@@ -163,12 +194,35 @@ class DraftModelDrafter:
 
     name = "draft-model"
 
-    def __init__(self, model, target_vocab: int, confidence: float = DEFAULT_CONFIDENCE) -> None:
+    def __init__(
+        self,
+        model,
+        target_vocab: int,
+        confidence: float = DEFAULT_CONFIDENCE,
+        vocab_ids: Tensor | None = None,
+    ) -> None:
+        """``vocab_ids``: draft onto these token ids only ([v] long, FR-Spec's reduced head, see
+        :mod:`genrefine.vocab`), for draft models that can project onto a subset
+        (``reduced_head``, the native runtime); ignored for others."""
         _check_confidence(confidence)
-        self.runner = DraftRunner(model)
         self.target_vocab = int(target_vocab)
-        self.vocab = min(self.target_vocab, int(model.vocab_size))  # ids both models have
+        both = min(self.target_vocab, int(model.vocab_size))  # ids both models have
+        head = None
+        if vocab_ids is not None and hasattr(model, "reduced_head"):
+            ids = torch.unique(vocab_ids.long().cpu())
+            ids = ids[ids < both]
+            if ids.numel() == 0:
+                raise ConfigError("the draft vocabulary has no token id that both models have")
+            if ids.numel() < both:
+                head = model.reduced_head(ids)
+        self.runner = DraftRunner(model, head)
+        self.vocab = both if head is None else int(head.ids.shape[0])  # columns drafted
         self.confidence = confidence
+
+    @property
+    def draft_vocab(self) -> int:
+        """How many token ids the drafts can use."""
+        return self.vocab
 
     @property
     def model(self):
@@ -187,8 +241,8 @@ class DraftModelDrafter:
             assert ctx.generator is not None, "sampled drafts need the generation's generator"
         logits = self.runner.sync(ids, extra=k - 1)
         toks, q = self.runner.draft(logits, k, params, ctx.generator, self.confidence, self.vocab)
-        if q is not None and self.vocab < self.target_vocab:
-            q = torch.nn.functional.pad(q, (0, self.target_vocab - self.vocab))  # [n, target_vocab]
+        if q is not None:
+            q = self.runner.expand(q, self.target_vocab)  # [n, target_vocab]
         return Draft.chain(toks, q)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
@@ -399,9 +453,11 @@ def make_draft_model_drafter(
     target_tokenizer=None,
     draft_tokenizer=None,
     confidence: float = DEFAULT_CONFIDENCE,
+    vocab_ids: Tensor | None = None,
 ):
     """The drafter for ``draft_model``: token-level when it shares the target's tokenizer, else
-    the text bridge (ConfigError when the two cannot be bridged)."""
+    the text bridge (ConfigError when the two cannot be bridged). ``vocab_ids``: a reduced draft
+    vocabulary for the token-level drafter (see :class:`DraftModelDrafter`)."""
     for name in ("forward", "new_cache", "vocab_size", "max_context"):
         if not hasattr(draft_model, name):
             raise ConfigError(
@@ -409,7 +465,7 @@ def make_draft_model_drafter(
                 f"(genrefine.models.loading.load_model), got {type(draft_model).__name__}"
             )
     if same_tokenizer(target_model, draft_model, target_tokenizer, draft_tokenizer):
-        return DraftModelDrafter(draft_model, target_model.vocab_size, confidence)
+        return DraftModelDrafter(draft_model, target_model.vocab_size, confidence, vocab_ids)
     if target_tokenizer is None or draft_tokenizer is None:
         check_bridgeable(target_tokenizer, draft_tokenizer)  # raises: a tokenizer is missing
     return TextBridgeDrafter(

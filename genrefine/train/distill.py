@@ -7,9 +7,11 @@ next-token distribution (its top-k, over the drafter's reduced vocabulary, see
 :func:`genrefine.train.run.topk_ce`) on the recorded windows; the embedding and head stay frozen.
 The output folder is a Hugging Face model directory that ``--draft-model`` loads.
 
-Only the layers are trained, so a distilled draft still reads the whole output head per draft
-token: on a model whose head is most of its weights (Gemma 3 270M) it cannot be cheap, whatever
-its acceptance (see the README's figures).
+Only the layers are trained, against the reduced vocabulary of ``--draft-vocab`` (default 32768)
+most frequent tokens. ``sps`` drafts onto the same most frequent tokens by default for large
+vocabularies (:class:`genrefine.drafters.draft_model.DraftModelDrafter`'s reduced head), so a
+draft token reads the draft's few layers and an eighth of the head: on a model whose head is most
+of its weights (Gemma 3 270M) the full head would cost more than the layers.
 """
 
 from __future__ import annotations
