@@ -177,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="verify whole drafts instead of cutting them to what pays on this machine "
                    "(trained methods; pld and rest on llama.cpp): block efficiency as the papers "
                    "measure it")
+    b.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="self-drafting, trained methods and sps: project drafts onto the N most "
+                   "frequent tokens (default: each method's own, see genrefine generate --help)")
     _add_model_options(b)
     _add_draft_model_option(b)
     _add_drafter_option(b)
@@ -472,6 +475,7 @@ def cmd_bench(args) -> int:
         progress=not args.no_progress,
         command=command_line(argv),
         tree_cut=args.tree_cut,
+        draft_vocab=args.draft_vocab,
     )
     plan = plan_bench(config)  # every check that needs no model
     result = execute(plan)
@@ -489,7 +493,8 @@ def _bench_argv(args) -> list[str]:
     """The bench options as a command line (for the report, when sys.argv is not ours)."""
     out = ["bench"]
     for opt in ("questions", "methods", "model", "draft_model", "drafter", "categories", "limit_per_category",
-                "max_new_tokens", "temperature", "repeats", "dtype", "device", "backend", "json",
+                "max_new_tokens", "temperature", "repeats", "draft_vocab", "dtype", "device",
+                "backend", "json",
                 "report",
                 "plot"):
         v = getattr(args, opt)

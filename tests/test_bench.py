@@ -339,11 +339,13 @@ def test_bench_resumes_and_refuses_other_settings(capsys, tiny_dir, qfile, tmp_p
     assert code == 0  # --quick fixes max_new_tokens at 24: same settings
     code, _, err = bench(capsys, *args, "--no-tree-cut")
     assert code == 2 and "other settings" in err and "tree_cut" in err
+    code, _, err = bench(capsys, *args, "--draft-vocab", "50")
+    assert code == 2 and "other settings" in err and "draft_vocab" in err
 
 
 def test_bench_no_tree_cut_reaches_the_methods(capsys, tiny_dir, qfile, tmp_path, monkeypatch):
-    """--no-tree-cut builds every method with MethodOptions(tree_cut=False), and says so in the
-    settings header and the report's command."""
+    """--no-tree-cut and --draft-vocab N build every method with MethodOptions(tree_cut=False,
+    draft_vocab=N), and say so in the settings header and the report's command."""
     import genrefine.bench.runner as runner
 
     seen = []
@@ -357,13 +359,14 @@ def test_bench_no_tree_cut_reaches_the_methods(capsys, tiny_dir, qfile, tmp_path
     out = tmp_path / "c.json"
     code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
                          "float32", "--methods", "pld,rest", "--quick", "--json", str(out),
-                         "--no-tree-cut")
+                         "--no-tree-cut", "--draft-vocab", "5000")
     assert code == 0, err
     assert {m for m, _ in seen} == {"ar", "pld", "rest"}
-    assert all(o is not None and o.tree_cut is False for _, o in seen)
+    assert all(o is not None and o.tree_cut is False and o.draft_vocab == 5000 for _, o in seen)
     header = json.loads((tmp_path / "c.questions.jsonl").read_text().splitlines()[0])
-    assert header["settings"]["tree_cut"] is False
-    assert "--no-tree-cut" in json.loads(out.read_text())["command"]
+    assert header["settings"]["tree_cut"] is False and header["settings"]["draft_vocab"] == 5000
+    command = json.loads(out.read_text())["command"]
+    assert "--no-tree-cut" in command and "--draft-vocab 5000" in command
 
 
 @pytest.mark.parametrize(
@@ -377,6 +380,7 @@ def test_bench_no_tree_cut_reaches_the_methods(capsys, tiny_dir, qfile, tmp_path
         (["--limit-per-category", "0"], "--limit-per-category"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--repeats", "0"], "--repeats"),
+        (["--draft-vocab", "0"], "--draft-vocab must be >= 1"),
         (["--temperature", "-1"], "temperature"),
         (["--model", "/no/such/model"], "does not exist"),
         (["--methods", "pld,sps"], "method sps needs a draft model: add --draft-model PATH"),

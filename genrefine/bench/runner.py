@@ -75,6 +75,7 @@ class BenchConfig:
     progress: bool = True
     command: str = ""
     tree_cut: bool = True  # False: verify whole drafts (--no-tree-cut; MethodOptions.tree_cut)
+    draft_vocab: int | None = None  # --draft-vocab N (MethodOptions.draft_vocab); None: defaults
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Settings:
     backend: str | None = None  # genrefine's backend; None: native (files from before --backend)
     drafter: str | None = None  # the trained drafter's folder; None: the shipped one (or unused)
     tree_cut: bool | None = None  # False: --no-tree-cut; None: drafts cut (files from before it)
+    draft_vocab: int | None = None  # --draft-vocab N; None: each method's default
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +137,8 @@ def plan_bench(config: BenchConfig) -> Plan:
     if config.repeats < 1:
         raise ConfigError("--repeats must be a positive integer")
     SamplingParams(temperature=config.temperature)  # validates
+    if config.draft_vocab is not None and config.draft_vocab < 1:
+        raise ConfigError(f"--draft-vocab must be >= 1 token (or unset), got {config.draft_vocab}")
     needs = [m for m in methods if m in DRAFT_MODEL_METHODS]
     if needs and config.draft_model is None:
         plural = len(needs) > 1
@@ -188,6 +192,7 @@ def plan_bench(config: BenchConfig) -> Plan:
         backend=None if backend == "native" else backend,
         drafter=str(Path(config.drafter).expanduser().resolve()) if config.drafter else None,
         tree_cut=None if config.tree_cut else False,
+        draft_vocab=config.draft_vocab,
     )
     done = {} if config.fresh else read_results(jsonl, settings)
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
@@ -489,7 +494,7 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
     backends = {}
     hf = None
     st, draft = plan.settings, plan.config.draft_model
-    cut = plan.config.tree_cut
+    cut, vocab = plan.config.tree_cut, plan.config.draft_vocab
     for m in st.methods:
         if m in LLAMACPP_METHODS:
             from ..models.llamacpp import DEFAULT_CONTEXT, default_threads
@@ -514,9 +519,10 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
                     tokenizers = (gen.tokenizer, draft_tok)
             backends[m] = HFBackend(hf, gen.eos_ids, pad, lookup, assistant, tokenizers)
         elif METHODS[m].needs_draft_model:
-            backends[m] = GenrefineBackend(gen, m, MethodOptions(draft_model=draft, tree_cut=cut))
+            opts = MethodOptions(draft_model=draft, tree_cut=cut, draft_vocab=vocab)
+            backends[m] = GenrefineBackend(gen, m, opts)
         else:
-            opts = MethodOptions(drafter=plan.config.drafter, tree_cut=cut)
+            opts = MethodOptions(drafter=plan.config.drafter, tree_cut=cut, draft_vocab=vocab)
             backends[m] = GenrefineBackend(gen, m, opts)
     return backends
 
