@@ -268,7 +268,8 @@ def run_training(
         from .distill import save_draft
 
         save_draft(net, out / "init", out)
-        method = build_method("sps", model, MethodOptions(draft_model=str(out)), tokenizer)
+        opts = MethodOptions(draft_model=str(out), draft_vocab=spec.draft_vocab)  # as trained
+        method = build_method("sps", model, opts, tokenizer)
         tps, same = measure_tokens_per_step(model, method, test_rec, prompts=eval_prompts)
         return TrainResult(out, logs, tps, same, time.perf_counter() - t0, extra)
     if spec.kind == "heads":
