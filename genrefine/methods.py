@@ -31,7 +31,8 @@ class MethodOptions:
     # sharing the tokenizer: 32768 for vocabularies over 65536 tokens; calm: all)
     draft_vocab: int | None = None
     # self-drafting and sps: stop a draft after a token whose top draft probability is below this
-    # (None: 0.5 for self-drafting, 0.4 for sps)
+    # (None: 0.5 for self-drafting; sps with the target's tokenizer: an adaptive length from
+    # calibrated draft probabilities and measured costs, policy.DraftStop; else 0.4)
     draft_confidence: float | None = None
     calm_threshold: float = 0.9  # calm (lossy): exit when the top probability exceeds this
     # sps: the draft model, a path (loaded like the target, same dtype and device) or a loaded
@@ -288,7 +289,7 @@ def _build_calm(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 def _build_sps(model, opts: MethodOptions, tokenizer=None) -> Method:
-    from .drafters.draft_model import DEFAULT_CONFIDENCE, make_draft_model_drafter
+    from .drafters.draft_model import DEFAULT_CONFIDENCE, DraftModelDrafter, make_draft_model_drafter
 
     from .drafters.draft_model import same_tokenizer
 
@@ -298,6 +299,8 @@ def _build_sps(model, opts: MethodOptions, tokenizer=None) -> Method:
     if hasattr(draft, "reduced_head") and same_tokenizer(model, draft, tokenizer, draft_tok):
         ids = _draft_vocab(model, opts, tokenizer, default=True)
     d = make_draft_model_drafter(model, draft, tokenizer, draft_tok, confidence=conf, vocab_ids=ids)
+    if opts.draft_confidence is None and isinstance(d, DraftModelDrafter):
+        d.with_adaptive_stop(_cost_table(model))  # draft lengths from costs, not a threshold
     budget = opts.draft_len or 8
     return Method("sps", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 

@@ -122,6 +122,7 @@ def measure_verify_cost(
     sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     context_len: int = 128,
     repeats: int = 3,
+    forward_kwargs: dict | None = None,
 ) -> dict[int, float]:
     """Seconds per target forward of ``n`` new tokens, for each ``n`` in ``sizes``.
 
@@ -129,7 +130,9 @@ def measure_verify_cost(
     ``repeats`` forwards of ``n`` tokens (logits for every row, as verification asks) each followed
     by ``cache.rollback(n)``, and reports the median. On a model with a shorter context
     (``model.max_context``) the sizes that do not fit are dropped and the context shortened.
+    ``forward_kwargs`` go to every timed forward (a draft model's ``vocab_subset``).
     """
+    fwd = dict(forward_kwargs or {})
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ConfigError(f"sizes must be positive token counts, got {sizes}")
@@ -149,14 +152,14 @@ def measure_verify_cost(
         model.forward(prefix, cache, logits_rows=torch.tensor([context_len - 1], device=device))
         batches = {n: torch.randint(0, vocab, (n,), generator=gen).to(device) for n in sizes}
         for n in sizes:  # warm-up
-            model.forward(batches[n], cache)
+            model.forward(batches[n], cache, **fwd)
             cache.rollback(n)
         _synchronize(device)
         for n in sizes:
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                model.forward(batches[n], cache)
+                model.forward(batches[n], cache, **fwd)
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
                 cache.rollback(n)
@@ -320,6 +323,72 @@ class TreeCut:
 
     def observe(self, accepted: int) -> None:
         """The target accepted ``accepted`` nodes of the last cut tree."""
+        self.expected += self._pending
+        self.got += accepted
+        self._pending = 0.0
+
+
+class DraftStop:
+    """Adaptive draft length for a drafter that drafts one token per forward of its own (a draft
+    model): when to stop drafting, and how many of the drafted tokens to verify.
+
+    As in :class:`TreeCut`, the path probability ``P_n`` (the product of the top draft
+    probabilities of the first ``n`` tokens) estimates the chance that the target accepts them
+    all, so ``1 + c * (P_1 + .. + P_n)`` estimates the step's tokens, with ``c`` calibrated
+    against the accepted lengths seen so far in the generation. A step that drafts ``n`` tokens
+    costs ``n * draft_cost + verify(n + 1)``. After each token, drafting goes on while one more
+    token, as sure as the last, would raise the expected tokens per second. A greedy draft is then
+    cut to the prefix that maximises it (the drafting already paid); a sampled one is verified
+    whole (see :meth:`keep`). Each decision to draft on reads only the tokens before the next
+    one, which keeps speculative sampling exact. Costs come from cached measurements, never a
+    clock read during generation, so a seeded sample repeats.
+    """
+
+    def __init__(self, verify_cost, draft_cost: float) -> None:
+        if not draft_cost >= 0.0:
+            raise ConfigError(f"draft_cost must be >= 0 seconds, got {draft_cost}")
+        self.verify = verify_cost  # callable: n new tokens -> seconds of one target forward
+        self.draft_cost = float(draft_cost)
+        self.reset()
+
+    def reset(self) -> None:
+        self.expected, self.got, self._pending = 2.0, 2.0, 0.0
+        self.begin()
+
+    def begin(self) -> None:
+        """A new draft starts."""
+        self._paths: list[float] = []
+        self._gains = [1.0]
+
+    def add(self, p: float) -> bool:
+        """The next drafted token's top draft probability ``p``; returns whether to draft another."""
+        c = self.got / self.expected
+        path = (self._paths[-1] if self._paths else 1.0) * float(p)
+        self._paths.append(path)
+        gain = self._gains[-1] + c * path
+        self._gains.append(gain)
+        n, d = len(self._paths), self.draft_cost
+        now = gain / (n * d + self.verify(n + 1))
+        more = (gain + c * path * float(p)) / ((n + 1) * d + self.verify(n + 2))
+        return more > now
+
+    def keep(self, cut: bool = True) -> int:
+        """How many of the drafted tokens to verify (at least one; all of them unless ``cut``),
+        remembered for :meth:`observe`. Sampled drafts must not be cut: whether a token is
+        verified would then depend on the draft probabilities after it, so on the token itself,
+        and speculative sampling would no longer be exact."""
+        n = len(self._paths)
+        if n == 0:
+            return 0
+        spent = n * self.draft_cost
+        best = n
+        if cut:
+            best = max(range(1, n + 1), key=lambda k: self._gains[k] / (spent + self.verify(k + 1)))
+        self._pending = float(sum(self._paths[:best]))
+        return best
+
+    def observe(self, accepted: int) -> None:
+        """The target accepted ``accepted`` tokens of the last kept draft."""
         self.expected += self._pending
         self.got += accepted
         self._pending = 0.0

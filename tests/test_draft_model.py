@@ -26,6 +26,7 @@ from genrefine.drafters.draft_model import (
     make_draft_model_drafter,
 )
 from genrefine.engine import Engine, Stats
+from genrefine.policy import DraftStop
 from genrefine.errors import ConfigError
 from genrefine.methods import (
     METHODS,
@@ -137,6 +138,38 @@ def test_reduced_draft_vocabulary_drafts_only_its_ids_and_equals_ar(family: str)
         DraftModelDrafter(m, m.vocab_size, vocab_ids=torch.tensor([500, 600]))
     adapter = HFModel(tiny_hf_model(family))  # cannot project onto a subset: full vocabulary
     assert DraftModelDrafter(adapter, m.vocab_size, vocab_ids=sub).runner.head is None
+
+
+def test_adaptive_stop_cuts_greedy_drafts_and_stays_equal_to_ar() -> None:
+    """sps's default (no draft_confidence): a DraftStop from the target's cost table and the draft
+    model's measured time per token. The drafter drafts while the stop says so and proposes the
+    prefix it keeps: greedy drafts cut (the rest stays in the draft cache), sampled ones whole;
+    the output equals ar's."""
+
+    class KeepTwo(DraftStop):  # drafts on, keeps 2 of greedy drafts
+        def add(self, p: float) -> bool:
+            super().add(p)
+            return True
+
+        def keep(self, cut: bool = True) -> int:
+            n = super().keep(cut=False)
+            return min(2, n) if cut else n
+
+    m = native("llama")
+    ids = PROMPTS["repeated"]
+    method = sps(m, ShallowModel(m, 2))
+    d = method.drafters[0]
+    assert isinstance(d.stop, DraftStop) and d.stop.draft_cost > 0
+    assert sps(m, m, draft_confidence=0.4).drafters[0].stop is None  # a threshold when given
+    d.stop = KeepTwo(lambda n: 1.0, 0.0)
+    d.reset()
+    got = d.propose(Context(torch.tensor(ids), 2), 8)
+    assert len(got) == 2 and len(d.stop._paths) == 8  # drafted 8, verifies 2
+    sampled = SamplingParams(temperature=1.0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    assert len(d.propose(Context(torch.tensor(ids), 2, params=sampled, generator=g), 8)) == 8
+    out, stats = run(m, method, ids)
+    assert out == reference(m, tuple(ids)) and stats.drafted <= 2 * stats.steps
 
 
 def test_sps_draft_vocab_option_reaches_the_draft_model(monkeypatch, tmp_path) -> None:
@@ -348,24 +381,35 @@ def test_sampled_drafts_are_drawn_from_q() -> None:
     assert chi_square_ok(counts, {y: float(q[y]) for y in range(V)}, n)
 
 
-def test_engine_sampling_has_the_target_distribution() -> None:
+@pytest.mark.parametrize("adaptive", [False, True], ids=["threshold", "adaptive"])
+def test_engine_sampling_has_the_target_distribution(adaptive: bool) -> None:
     """End to end through the engine (Monte Carlo, seeded): 4 new tokens per run, so the first
     step drafts a chain of 2 with q; their joint matches the target's. A check of the plumbing
     (the sampling parameters and the generator reach the drafter, q reaches the verifier) that
-    catches gross errors only; exactness is the enumeration of test_sampled_drafts_are_exact."""
+    catches gross errors only; exactness is the enumeration of test_sampled_drafts_are_exact.
+    ``adaptive``: a DraftStop whose costs make a chain's second token depend on how sure q was
+    for the first, so on the context (drafted only where its top probability is high); sampled
+    drafts are never cut after drafting."""
     params = SAMPLED["t0.7_k3"]
     target, draft = native("llama", 0, V), native("qwen3", 1, 7)
-    d = DraftModelDrafter(draft, V, confidence=0.0)  # vocabulary 7 cut to 5: q padded with 0
+    stop = DraftStop(lambda n: 1.0, 0.13) if adaptive else None  # top q here: 0.35 to 0.49
+    d = DraftModelDrafter(draft, V, confidence=0.0, stop=stop)  # vocabulary 7 cut to 5: q padded
     method = Method("sps", [d], FixedPolicy(d, 2), 2)
     want = target_joint((1, 3), params, 4)
     probs = {seq: float(want[seq]) for seq in itertools.product(range(V), repeat=4)}
     counts, n, drafted = Counter(), 800, 0
+    lengths: list[int] = []
+    propose = d.propose
+    d.propose = lambda ctx, budget: (lambda x: lengths.append(len(x)) or x)(propose(ctx, budget))
     for seed in range(n):
         p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
         out, stats = run(target, method, [1, 3], 4, p)
         counts[tuple(out)] += 1
         drafted += stats.drafted
-    assert drafted >= n * 2  # every run drafted
+    if adaptive:  # both lengths occur, decided by the context
+        assert {1, 2} <= set(lengths), Counter(lengths)
+    else:
+        assert drafted >= n * 2  # every run drafted
     assert chi_square_ok(counts, probs, n)
 
 

@@ -14,6 +14,7 @@ from genrefine.policy import (
     ChainCut,
     CostModelPolicy,
     CostTable,
+    DraftStop,
     HeuristicLength,
     confident_prefix_len,
     load_or_measure,
@@ -199,7 +200,8 @@ class FakeModel:
         self.caches.append(cache)
         return cache
 
-    def forward(self, tokens, cache, positions=None, logits_rows=None):
+    def forward(self, tokens, cache, positions=None, logits_rows=None, **kw):
+        self.kwargs = kw
         n = tokens.shape[0]
         assert tokens.dtype == torch.long and int(tokens.max()) < self.vocab_size
         assert cache.length + n <= cache.capacity
@@ -223,6 +225,12 @@ def test_measure_verify_cost_with_a_fake_model() -> None:
     timed = model.calls[1:]
     assert len(timed) == len(sizes) * (1 + 3)  # warm-up + repeats
     assert all(start == 32 and rows is None for start, _, rows in timed)  # logits for every row
+
+
+def test_measure_verify_cost_passes_forward_kwargs() -> None:
+    model = FakeModel(per_token=1e-5)
+    measure_verify_cost(model, sizes=(1,), context_len=4, repeats=1, forward_kwargs={"x": 1})
+    assert model.kwargs == {"x": 1}
 
 
 def test_load_or_measure_caches(tmp_path, monkeypatch) -> None:
@@ -313,3 +321,55 @@ def test_agreement_of_chain_tokens() -> None:
     assert S.agreement([4], conts) == [S.MINORITY]
     assert S.agreement([5, 6, 8, 1], [[5, 6, 8, 1]] * 2) == [S.ALL] * 4
     assert S.agreement([5, 6], [[5, 6]]) == [S.UNIQUE, S.UNIQUE]
+
+
+# --------------------------------------------------------------------------- draft stop
+def draft_until_stop(stop: DraftStop, probs) -> int:
+    """Feed ``probs`` to ``stop`` as a drafter does; returns how many tokens were drafted."""
+    stop.begin()
+    for n, p in enumerate(probs, 1):
+        if not stop.add(p):
+            return n
+    return len(probs)
+
+
+def test_draft_stop_drafts_on_while_it_pays() -> None:
+    """Free drafting and flat verification: every token pays, all are kept. Drafting that costs
+    half a target step: an unsure draft stops at its first token, a sure one goes on; at a whole
+    step per draft token not even a sure draft pays."""
+    free = DraftStop(lambda n: 1.0, 0.0)
+    assert draft_until_stop(free, [0.3] * 8) == 8 and free.keep() == 8
+    dear = DraftStop(lambda n: 1.0, 0.5)
+    assert draft_until_stop(dear, [0.3] * 8) == 1
+    assert draft_until_stop(dear, [0.99] * 8) > 3
+    assert draft_until_stop(DraftStop(lambda n: 1.0, 1.0), [0.99] * 8) == 1
+    # the expected gain falls with the path probability: a sure start, then unsure tokens, stops
+    mid = DraftStop(lambda n: 1.0, 0.2)
+    assert draft_until_stop(mid, [0.95, 0.95, 0.2, 0.2, 0.2]) == 3
+
+
+def test_draft_stop_cuts_greedy_drafts_to_what_pays_to_verify() -> None:
+    stop = DraftStop(steep, 0.0)  # drafting is free, each verified row costs 0.7 of a step
+    assert draft_until_stop(stop, [0.99, 0.99, 0.3, 0.3]) >= 3
+    kept = stop.keep()
+    assert kept == 2 and stop._pending == pytest.approx(0.99 + 0.99**2)
+    draft_until_stop(stop, [0.99, 0.99, 0.3, 0.3])
+    assert stop.keep(cut=False) == len(stop._paths)  # sampled drafts are never cut
+    with pytest.raises(ConfigError, match="draft_cost"):
+        DraftStop(steep, -1.0)
+
+
+def test_draft_stop_calibrates_against_what_was_accepted() -> None:
+    """A draft that claims 0.9 but is never accepted past its first token gets shorter drafts;
+    reset() forgets it."""
+    stop = DraftStop(lambda n: 1.0, 0.15)
+    probs = [0.9] * 10
+    before = draft_until_stop(stop, probs)
+    for _ in range(20):
+        draft_until_stop(stop, probs)
+        stop.keep()
+        stop.observe(0)
+    after = draft_until_stop(stop, probs)
+    assert after < before
+    stop.reset()
+    assert draft_until_stop(stop, probs) == before

@@ -145,6 +145,7 @@ class DraftRunner:
         generator: torch.Generator | None,
         confidence: float,
         vocab: int,
+        stop=None,
     ) -> tuple[Tensor, Tensor | None]:
         """A chain of at most ``k`` tokens after :meth:`sync` returned ``logits`` ([1, V]).
 
@@ -153,9 +154,14 @@ class DraftRunner:
         Sampling: each token drawn from ``q`` = :func:`logits_to_probs` of the draft logits with
         ``params``, returns ``(tokens [n], q [n, vocab])`` over the columns (:meth:`expand` maps
         it onto token ids). Tokens are token ids on the CPU; the cache ends up holding the context
-        and the first ``n - 1`` draft tokens.
+        and the first ``n - 1`` draft tokens. ``stop``, a :class:`~genrefine.policy.DraftStop`,
+        replaces the ``confidence`` threshold: it is told each token's top draft probability and
+        says whether to draft another.
         """
         assert logits.shape[0] == 1 and k >= 1, (tuple(logits.shape), k)
+        if stop is not None:
+            stop.begin()
+            confidence = 1.0  # top probabilities are needed; the threshold itself is unused
         cache = self.cache
         start = cache.length
         toks: list[Tensor] = []
@@ -175,7 +181,10 @@ class DraftRunner:
                 top = q.max(dim=-1).values if confidence > 0.0 else None
             tok = self.token_ids(tok)
             toks.append(tok)
-            if i + 1 == k or (top is not None and float(top) < confidence):  # one host sync
+            if stop is not None:  # told every token, the last one too (it may be cut)
+                if not stop.add(float(top)) or i + 1 == k:
+                    break
+            elif i + 1 == k or (top is not None and float(top) < confidence):  # one host sync
                 break
             logits = self._forward(tok, cache)  # [1, V]
         out = torch.cat(toks).cpu()  # [n]
@@ -200,10 +209,13 @@ class DraftModelDrafter:
         target_vocab: int,
         confidence: float = DEFAULT_CONFIDENCE,
         vocab_ids: Tensor | None = None,
+        stop=None,
     ) -> None:
         """``vocab_ids``: draft onto these token ids only ([v] long, FR-Spec's reduced head, see
         :mod:`genrefine.vocab`), for draft models that can project onto a subset
-        (``reduced_head``, the native runtime); ignored for others."""
+        (``reduced_head``, the native runtime); ignored for others. ``stop``: a
+        :class:`~genrefine.policy.DraftStop` deciding the draft length (adaptive) instead of
+        the ``confidence`` threshold; :meth:`with_adaptive_stop` makes one."""
         _check_confidence(confidence)
         self.target_vocab = int(target_vocab)
         both = min(self.target_vocab, int(model.vocab_size))  # ids both models have
@@ -218,6 +230,27 @@ class DraftModelDrafter:
         self.runner = DraftRunner(model, head)
         self.vocab = both if head is None else int(head.ids.shape[0])  # columns drafted
         self.confidence = confidence
+        self.stop = stop
+
+    def draft_cost_key(self) -> str:
+        """What the draft model's per-token time depends on (for a cached measurement)."""
+        from ..policy import machine_key
+
+        m, head = self.model, self.runner.head
+        cols = "all" if head is None else str(int(head.ids.shape[0]))
+        return (f"draft:{getattr(m, 'name', type(m).__name__)}|head={cols}|{getattr(m, 'dtype', '')}"
+                f"|{machine_key(getattr(m, 'device', 'cpu'))}")
+
+    def with_adaptive_stop(self, verify_cost) -> "DraftModelDrafter":
+        """Decide draft lengths with a :class:`~genrefine.policy.DraftStop`: ``verify_cost``
+        (the target's forward times) and the draft model's time per draft token, measured once
+        per model, head and machine and cached on disk (see :func:`genrefine.policy.load_or_measure`)."""
+        from ..policy import DraftStop, load_or_measure
+
+        kw = {} if self.runner.head is None else {"forward_kwargs": {"vocab_subset": self.runner.head}}
+        table = load_or_measure(self.model, self.draft_cost_key(), sizes=(1,), **kw)
+        self.stop = DraftStop(verify_cost, table(1))
+        return self
 
     @property
     def draft_vocab(self) -> int:
@@ -230,6 +263,8 @@ class DraftModelDrafter:
 
     def reset(self) -> None:
         self.runner.reset()
+        if self.stop is not None:
+            self.stop.reset()
 
     def propose(self, ctx: Context, budget: int) -> Draft:
         ids = ctx.tokens
@@ -240,13 +275,21 @@ class DraftModelDrafter:
         if not params.greedy:
             assert ctx.generator is not None, "sampled drafts need the generation's generator"
         logits = self.runner.sync(ids, extra=k - 1)
-        toks, q = self.runner.draft(logits, k, params, ctx.generator, self.confidence, self.vocab)
+        toks, q = self.runner.draft(
+            logits, k, params, ctx.generator, self.confidence, self.vocab, self.stop
+        )
+        if self.stop is not None:  # greedy: verify only the prefix that pays (the rest is in
+            n = self.stop.keep(cut=params.greedy)  # the cache; the next sync rolls it back)
+            toks, q = toks[:n], (None if q is None else q[:n])
         if q is not None:
             q = self.runner.expand(q, self.target_vocab)  # [n, target_vocab]
         return Draft.chain(toks, q)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        """Nothing to learn: the next ``propose`` finds what was accepted in its context."""
+        """The adaptive stop learns how sure the draft is; the cache needs nothing: the next
+        ``propose`` finds what was accepted in its context."""
+        if self.stop is not None:
+            self.stop.observe(feedback.result.num_accepted)
 
 
 # --------------------------------------------------------------------------- different tokenizers
