@@ -31,8 +31,9 @@ class MethodOptions:
     # sharing the tokenizer: 32768 for vocabularies over 65536 tokens; calm: all)
     draft_vocab: int | None = None
     # self-drafting and sps: stop a draft after a token whose top draft probability is below this
-    # (None: 0.5 for self-drafting; sps with the target's tokenizer: an adaptive length from
-    # calibrated draft probabilities and measured costs, policy.DraftStop; else 0.4)
+    # (None: an adaptive length from calibrated draft probabilities and measured costs,
+    # policy.DraftStop, for early-exit-draft, swift and sps with the target's tokenizer; 0.4 for
+    # sps bridged through text)
     draft_confidence: float | None = None
     calm_threshold: float = 0.9  # calm (lossy): exit when the top probability exceeds this
     # sps: the draft model, a path (loaded like the target, same dtype and device) or a loaded
@@ -261,6 +262,8 @@ def _build_early_exit(model, opts: MethodOptions, tokenizer=None) -> Method:
     exit_layer = opts.exit_layer or default_exit_layer(model.num_layers)
     ids = _draft_vocab(model, opts, tokenizer, default=True)
     d = EarlyExitDrafter(model, exit_layer, ids, **_self_draft_kw(opts))
+    if opts.draft_confidence is None:
+        d.with_adaptive_stop(_cost_table(model))
     budget = opts.draft_len or 8
     return Method("early-exit-draft", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 
@@ -270,6 +273,8 @@ def _build_swift(model, opts: MethodOptions, tokenizer=None) -> Method:
 
     ids = _draft_vocab(model, opts, tokenizer, default=True)
     d = SkipLayerDrafter(model, vocab_ids=ids, **_self_draft_kw(opts))
+    if opts.draft_confidence is None:
+        d.with_adaptive_stop(_cost_table(model))
     budget = opts.draft_len or 8
     return Method("swift", [d], FixedPolicy(d, budget), budget, opts.acceptance)
 

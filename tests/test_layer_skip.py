@@ -144,6 +144,37 @@ def test_confidence_stop() -> None:
     assert 1 <= n <= 4 and short.tolist() == toks[:n].tolist()
 
 
+def test_adaptive_draft_length_is_the_default() -> None:
+    """Without a draft confidence both methods decide draft lengths with a DraftStop priced by
+    draft_cost and the target's cost table (swift re-prices it for the skip set in use); a given
+    confidence keeps the threshold. The stop decides: free drafting drafts the whole budget, a
+    draft token dearer than a target step drafts one."""
+    from genrefine.methods import _cost_table
+    from genrefine.policy import DraftStop
+
+    m = native("llama")
+    table = _cost_table(m)
+    ee = build_method("early-exit-draft", m).drafters[0]
+    assert isinstance(ee.stop, DraftStop)
+    assert ee.stop.draft_cost == pytest.approx(ee.cost * table(1))
+    sw = build_method("swift", m).drafters[0]
+    assert isinstance(sw.stop, DraftStop)
+    for name in ("early-exit-draft", "swift"):
+        assert build_method(name, m, MethodOptions(draft_confidence=0.5)).drafters[0].stop is None
+    ids = torch.tensor(PROMPTS["random"])
+    cache = m.new_cache(64)
+    m.forward(ids[:-1], cache)
+    ctx = Context(ids, len(ids), cache)
+    sw.skip = frozenset({1})
+    sw.propose(ctx, 4)
+    assert sw.stop.draft_cost == pytest.approx(sw.cost(frozenset({1})) * table(1))
+    ee.stop = DraftStop(lambda n: 1.0, 0.0)
+    assert len(ee.propose(ctx, 7)) == 7
+    ee.stop = DraftStop(lambda n: 1.0, 10.0)
+    assert len(ee.propose(ctx, 7)) == 1
+    assert cache.length == len(ids) - 1  # the target's cache as it was
+
+
 def test_drafter_arguments() -> None:
     m = native("llama")
     with pytest.raises(ConfigError, match="exit layer"):

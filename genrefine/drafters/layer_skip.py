@@ -17,7 +17,10 @@ rolled back before :meth:`propose` returns; the verification forward then runs e
 Both stop a draft early at the first token whose top draft probability (softmax over the draft
 head) is below ``confidence``; that token is still proposed, as in transformers'
 ``assistant_confidence_threshold`` (:func:`genrefine.policy.confident_prefix_len` with
-``inclusive=True`` counts the same tokens).
+``inclusive=True`` counts the same tokens). ``with_adaptive_stop`` replaces the threshold by a
+:class:`~genrefine.policy.DraftStop` (the methods' default when no confidence is given): drafting
+goes on while one more token pays under the target's cost table, a draft token priced by the
+weights it reads (:func:`draft_cost`), with the confidence calibrated against what is accepted.
 
 Sampling: the drafts are deterministic (``Draft.probs is None``, a point mass on each greedy
 draft token). Speculative sampling accepts such a token with probability ``p(token)`` and
@@ -84,14 +87,18 @@ def greedy_self_draft(
     layers: Sequence[int],
     head=None,
     confidence: float = 0.0,
+    stop=None,
 ) -> tuple[Tensor, Tensor]:
     """Draft a greedy chain of at most ``budget`` tokens with ``layers`` of the target.
 
     root: [1] long, the last decided token (not yet in ``cache``). head: a
     :class:`~genrefine.models.runtime.ReducedHead` or None (full vocabulary). Stops after the
-    first token whose top probability is below ``confidence``. Returns ``(tokens [n] long,
+    first token whose top probability is below ``confidence``, or, given ``stop`` (a
+    :class:`~genrefine.policy.DraftStop`), when it says so. Returns ``(tokens [n] long,
     top_probs [n] float32)`` on the CPU, ``1 <= n <= budget``; ``cache`` is left as it was.
     """
+    if stop is not None:
+        stop.begin()
     assert root.shape == (1,), root.shape
     tok = root.to(model.device)
     toks: list[Tensor] = []
@@ -105,7 +112,10 @@ def greedy_self_draft(
             tok = top_i if head is None else head.ids[top_i]
             toks.append(tok)
             tops.append(top_p)
-            if float(top_p) < confidence:  # one host sync per draft token
+            if stop is not None:
+                if not stop.add(float(top_p)):
+                    break
+            elif float(top_p) < confidence:  # one host sync per draft token
                 break
     finally:
         cache.rollback(fed)
@@ -169,24 +179,40 @@ class EarlyExitDrafter:
         self.layers = list(range(exit_layer))
         self.head, self.head_rows = _reduced_head(model, vocab_ids)
         self.confidence = confidence
+        self.stop = None
 
     @property
     def cost(self) -> float:
         """Estimated cost of a draft token relative to a target forward (see :func:`draft_cost`)."""
         return draft_cost(self.model, self.layers, self.head_rows)
 
+    def with_adaptive_stop(self, verify_cost) -> "EarlyExitDrafter":
+        """Decide draft lengths with a :class:`~genrefine.policy.DraftStop` instead of the
+        confidence threshold: a draft token priced at :attr:`cost` of a one-token target forward
+        (``verify_cost(1)``)."""
+        from ..policy import DraftStop
+
+        self.stop = DraftStop(verify_cost, self.cost * verify_cost(1))
+        return self
+
     def reset(self) -> None:
-        pass
+        if self.stop is not None:
+            self.stop.reset()
 
     def propose(self, ctx: Context, budget: int) -> Draft:
         cache = _target_cache(ctx, self.name)
         toks, _ = greedy_self_draft(
-            self.model, cache, ctx.tokens[-1:], budget, self.layers, self.head, self.confidence
+            self.model, cache, ctx.tokens[-1:], budget, self.layers, self.head, self.confidence,
+            self.stop,
         )
+        if self.stop is not None:
+            toks = toks[: self.stop.keep(cut=False)]  # verified whole: see SkipLayerDrafter
         return Draft.chain(toks)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        """Nothing to learn."""
+        """The adaptive stop (if any) learns how sure the draft is."""
+        if self.stop is not None:
+            self.stop.observe(feedback.result.num_accepted)
 
 
 class SkipLayerDrafter:
@@ -270,6 +296,8 @@ class SkipLayerDrafter:
         self._next_flip = 0  # index into self.middle
         self.steps = 0
         self.history: list[tuple[int, frozenset[int]]] = [(0, initial)]
+        self.stop = None
+        self._verify_cost = None
 
     # ------------------------------------------------------------------ cost and score
     def layers_run(self, skip: frozenset[int]) -> list[int]:
@@ -291,11 +319,26 @@ class SkipLayerDrafter:
         return self.trial if self.trial is not None else self.skip
 
     # ------------------------------------------------------------------ drafter
+    def with_adaptive_stop(self, verify_cost) -> "SkipLayerDrafter":
+        """Decide draft lengths with a :class:`~genrefine.policy.DraftStop` instead of the
+        confidence threshold, a draft token priced at :meth:`cost` of the skip set in use times
+        ``verify_cost(1)``. Drafts are verified whole (never cut after drafting), so that the
+        search's score counts every token drafted."""
+        from ..policy import DraftStop
+
+        self._verify_cost = verify_cost
+        self.stop = DraftStop(verify_cost, self.cost(self.active) * verify_cost(1))
+        return self
+
     def reset(self) -> None:
-        """Nothing per sequence: the search goes on across generations."""
+        """The search goes on across generations; the adaptive stop's calibration starts over."""
+        if self.stop is not None:
+            self.stop.reset()
 
     def propose(self, ctx: Context, budget: int) -> Draft:
         cache = _target_cache(ctx, self.name)
+        if self.stop is not None:
+            self.stop.draft_cost = self.cost(self.active) * self._verify_cost(1)
         toks, _ = greedy_self_draft(
             self.model,
             cache,
@@ -304,10 +347,15 @@ class SkipLayerDrafter:
             self.layers_run(self.active),
             self.head,
             self.confidence,
+            self.stop,
         )
+        if self.stop is not None:
+            toks = toks[: self.stop.keep(cut=False)]
         return Draft.chain(toks)
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
+        if self.stop is not None:
+            self.stop.observe(feedback.result.num_accepted)
         self.steps += 1
         n = len(feedback.draft)
         record = (feedback.result.num_accepted, n, 1.0 + n * self.cost(self.active))
