@@ -294,9 +294,12 @@ def _build_calm(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 def _build_sps(model, opts: MethodOptions, tokenizer=None) -> Method:
-    from .drafters.draft_model import DEFAULT_CONFIDENCE, DraftModelDrafter, make_draft_model_drafter
-
-    from .drafters.draft_model import same_tokenizer
+    from .drafters.draft_model import (
+        DEFAULT_CONFIDENCE,
+        DraftModelDrafter,
+        make_draft_model_drafter,
+        same_tokenizer,
+    )
 
     draft, draft_tok = load_draft_model(model, opts)
     conf = DEFAULT_CONFIDENCE if opts.draft_confidence is None else opts.draft_confidence

@@ -127,7 +127,7 @@ def test_reduced_draft_vocabulary_drafts_only_its_ids_and_equals_ar(family: str)
     sub = torch.tensor(sorted(set(ids)) + [1, 2, 500])  # the prompt's tokens (500: out of range)
     for draft in (m, ShallowModel(m, 2)):
         d = DraftModelDrafter(draft, m.vocab_size, confidence=0.0, vocab_ids=sub)
-        assert d.runner.head is not None and d.draft_vocab == len(sub) - 1
+        assert d.runner.head is not None and d.vocab == len(sub) - 1
         out, stats = run(m, Method("sps", [d], FixedPolicy(d, 6), 6), ids)
         assert out == reference(m, tuple(ids)) and stats.drafted > 0
         drafted = d.propose(Context(torch.tensor(ids), 2), 6).tokens.tolist()

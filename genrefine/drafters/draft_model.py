@@ -161,7 +161,7 @@ class DraftRunner:
         assert logits.shape[0] == 1 and k >= 1, (tuple(logits.shape), k)
         if stop is not None:
             stop.begin()
-            confidence = 1.0  # top probabilities are needed; the threshold itself is unused
+        want_top = stop is not None or confidence > 0.0  # top draft probabilities are read
         cache = self.cache
         start = cache.length
         toks: list[Tensor] = []
@@ -169,7 +169,7 @@ class DraftRunner:
         for i in range(k):
             row = logits[:, :vocab]  # [1, vocab]
             if params.greedy:
-                if confidence > 0.0:
+                if want_top:
                     top, tok = row.softmax(dim=-1).max(dim=-1)  # [1], [1]
                 else:
                     top, tok = None, row.argmax(dim=-1)
@@ -178,7 +178,7 @@ class DraftRunner:
                 qs.append(q)
                 dev = generator.device if generator is not None else q.device
                 tok = sample(q.to(dev), generator).to(q.device)  # [1]
-                top = q.max(dim=-1).values if confidence > 0.0 else None
+                top = q.max(dim=-1).values if want_top else None
             tok = self.token_ids(tok)
             toks.append(tok)
             if stop is not None:  # told every token, the last one too (it may be cut)
@@ -251,11 +251,6 @@ class DraftModelDrafter:
         table = load_or_measure(self.model, self.draft_cost_key(), sizes=(1,), **kw)
         self.stop = DraftStop(verify_cost, table(1))
         return self
-
-    @property
-    def draft_vocab(self) -> int:
-        """How many token ids the drafts can use."""
-        return self.vocab
 
     @property
     def model(self):
