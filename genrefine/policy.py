@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
 import re
 import statistics
 import time
@@ -34,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models.paths import cache_root
+from .diskcache import cache_root, machine_key, write_text
 
 import torch
 from torch import Tensor
@@ -88,26 +86,6 @@ def confident_prefix_len(q_max_probs: Tensor, threshold: float, inclusive: bool 
 
 
 # --------------------------------------------------------------------------- target cost T(n)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def machine_key(device: torch.device | str | None = None) -> str:
-    """A description of this machine for cost-table keys: CPU model, torch threads, GPU name."""
-    parts = [_cpu_model(), f"threads={torch.get_num_threads()}"]
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name(dev))
-    return "|".join(parts)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -244,12 +222,7 @@ class CostTable:
 
     def save(self) -> Path:
         """Write to :meth:`path_for` of this table's key (atomically); returns the path."""
-        path = self.path_for(self.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text(self.path_for(self.key), self.to_json())
 
     @staticmethod
     def load(key: str) -> "CostTable | None":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
 import re
 import sys
 import sysconfig
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .models.paths import cache_root
+from .diskcache import cache_root, save_tensors
 
 # Standard library files of the default corpus, relative to the stdlib directory. Changing the
 # list changes the ranking: bump CORPUS_VERSION so that cached rankings are recomputed.
@@ -176,7 +175,7 @@ def token_ranking(model_name: str, tokenizer, vocab_size: int | None = None) -> 
     computed once and cached under ``$GENREFINE_CACHE/vocab/`` as safetensors, keyed by the
     model and tokenizer names, the tokenizer's size, ``vocab_size`` and the corpus. [vocab] long.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     vocab = int(vocab_size if vocab_size is not None else len(tokenizer))
     key = _ranking_key(model_name, tokenizer, vocab)
@@ -190,10 +189,7 @@ def token_ranking(model_name: str, tokenizer, vocab_size: int | None = None) -> 
     counts = token_frequencies(tokenizer, None, vocab)
     always = special_token_ids(tokenizer, vocab)
     ranking = rank_tokens(counts, always, _added_token_ids(tokenizer)).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"ranking": ranking, "counts": counts}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    save_tensors(path, {"ranking": ranking, "counts": counts}, metadata={"key": key})
     return ranking
 
 

@@ -29,7 +29,8 @@ from genrefine.methods import (
 )
 from genrefine.models.hf import HFModel
 from genrefine.models.runtime import NativeModel
-from genrefine.policy import CostTable, machine_key
+from genrefine.diskcache import machine_key
+from genrefine.policy import CostTable
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
 from tiny import ShallowModel, tiny_drafter, tiny_hf_model

@@ -335,18 +335,18 @@ def test_auto_measures_once_and_caches_its_choice(model, tmp_path, monkeypatch):
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
     calls = []
 
-    def fake_load(spec, dtype=None, device=None, quiet=False, backend=None):
+    def fake_load(backend):
         calls.append(backend)
-        return (model if backend == "llama.cpp" else object()), None
+        return model if backend == "llama.cpp" else object()
 
-    monkeypatch.setattr(loading, "load_model", fake_load)
     monkeypatch.setattr(
         backend_choice, "decode_seconds", lambda m: 0.1 if isinstance(m, LlamaCppModel) else 0.3
     )
     src = loading.resolve_source(None)
-    assert backend_choice.choose_backend(src, None, "cpu", lambda msg: None) == "llama.cpp"
+    args = (src, "fingerprint", torch.bfloat16, torch.device("cpu"), fake_load, lambda msg: None)
+    assert backend_choice.choose_backend(*args) == "llama.cpp"
     assert calls == ["native", "llama.cpp"]
-    assert backend_choice.choose_backend(src, None, "cpu", lambda msg: None) == "llama.cpp"
+    assert backend_choice.choose_backend(*args) == "llama.cpp"
     assert calls == ["native", "llama.cpp"]  # cached: nothing loaded or measured again
 
 
@@ -355,7 +355,11 @@ def test_auto_without_the_extra_is_native(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     src = loading.resolve_source(None)
-    assert backend_choice.choose_backend(src, None, "cpu", lambda msg: None) == "native"
+    def load(backend):
+        raise AssertionError("nothing is loaded when llama.cpp is missing")
+
+    dev = torch.device("cpu")
+    assert backend_choice.choose_backend(src, "f", torch.bfloat16, dev, load, print) == "native"
 
 
 @pytest.mark.parametrize(

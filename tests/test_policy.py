@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from genrefine.diskcache import machine_key
 from genrefine.errors import ConfigError
 from genrefine.policy import (
     AcceptanceEstimator,
@@ -18,7 +19,6 @@ from genrefine.policy import (
     HeuristicLength,
     confident_prefix_len,
     load_or_measure,
-    machine_key,
     measure_verify_cost,
 )
 

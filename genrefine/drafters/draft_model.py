@@ -234,7 +234,7 @@ class DraftModelDrafter:
 
     def draft_cost_key(self) -> str:
         """What the draft model's per-token time depends on (for a cached measurement)."""
-        from ..policy import machine_key
+        from ..diskcache import machine_key
 
         m, head = self.model, self.runner.head
         cols = "all" if head is None else str(int(head.ids.shape[0]))

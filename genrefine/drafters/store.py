@@ -50,7 +50,7 @@ class StoredDrafter:
 
 def save_drafter(out: str | Path, kind: str, model, config: dict, tensors: dict[str, Tensor]) -> Path:
     """Write ``out/drafter.safetensors`` (atomically); returns the file's path."""
-    from safetensors.torch import save_file
+    from ..diskcache import save_tensors
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -62,9 +62,8 @@ def save_drafter(out: str | Path, kind: str, model, config: dict, tensors: dict[
         "target_fingerprint": target_fingerprint(model),
     }
     path = out / FILE
-    tmp = out / (FILE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_tensors(path, tensors, metadata=meta)
     return path
 
 

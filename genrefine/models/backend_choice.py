@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .paths import cache_root
+from ..diskcache import cache_root, machine_key, write_text
 
 PROMPT_TOKENS = 64
 DECODE_STEPS = 16
@@ -45,17 +45,14 @@ def decode_seconds(model) -> float:
     return time.perf_counter() - t0
 
 
-def _key(src, dtype, device) -> str:
-    from .loading import _fingerprint, resolve_dtype
-    from ..policy import machine_key
-
+def _key(src, fingerprint: str, dtype: torch.dtype, device: torch.device) -> str:
     import llama_cpp
 
     return "|".join(
         [
             src.path.name,
-            _fingerprint(src),
-            str(resolve_dtype(dtype, device)),
+            fingerprint,
+            str(dtype),
             machine_key(device),
             f"llama_cpp={getattr(llama_cpp, '__version__', '?')}",
         ]
@@ -66,15 +63,21 @@ def choice_path(key: str) -> Path:
     return cache_root() / "backend" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def choose_backend(src, dtype, device, notice: Callable[[str], None]) -> str:
-    """"native" or "llama.cpp" for ``src`` (a :class:`~genrefine.models.loading.ModelSource`)."""
+def choose_backend(
+    src,
+    fingerprint: str,
+    dtype: torch.dtype,
+    dev: torch.device,
+    load: Callable[[str], object],
+    notice: Callable[[str], None],
+) -> str:
+    """"native" or "llama.cpp" for ``src`` (a :class:`~genrefine.models.loading.ModelSource`
+    whose file has ``fingerprint``), loaded as ``load(backend)`` when it must be measured."""
     from .llamacpp import is_available
-    from .loading import load_model, resolve_device
 
-    dev = resolve_device(device)
     if not src.gguf or dev.type != "cpu" or not is_available():
         return "native"
-    key = _key(src, dtype, dev)
+    key = _key(src, fingerprint, dtype, dev)
     path = choice_path(key)
     if path.is_file():
         try:
@@ -85,8 +88,8 @@ def choose_backend(src, dtype, device, notice: Callable[[str], None]) -> str:
             pass  # unreadable: measure again
     notice("measuring which backend is faster for this model here (once) ...")
     models = {
-        "native": load_model(src.path, dtype=dtype, device=dev, quiet=True, backend="native")[0],
-        "llama.cpp": load_model(src.path, device="cpu", quiet=True, backend="llama.cpp")[0],
+        "native": load("native"),
+        "llama.cpp": load("llama.cpp"),
     }
     seconds: dict[str, float] = {}
     with torch.inference_mode():
@@ -98,10 +101,7 @@ def choose_backend(src, dtype, device, notice: Callable[[str], None]) -> str:
                 seconds[name] = min(seconds.get(name, t), t)
     best = min(seconds, key=seconds.get)
     record = {"key": key, "backend": best, "seconds": seconds, "measure": __doc__.split("\n\n")[1]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
     notice(
         f"backend {best}: short decode {seconds['native'] * 1000:.0f} ms native, "
         f"{seconds['llama.cpp'] * 1000:.0f} ms llama.cpp (cached in {path})"

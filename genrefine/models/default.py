@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .paths import cache_root
+from ..diskcache import cache_root
 
 EMBEDDED_NAME = "gemma-3-270m (embedded, Q4_K_M GGUF)"
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .paths import cache_root
+from ..diskcache import cache_root
 
 PROBE_ROWS = (2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 24, 32, 33, 48, 64)
 SPLITS = (1, 2, 4, 8)
@@ -56,7 +56,7 @@ def _invariant(weight: Tensor, split: int, gen: torch.Generator) -> bool:
 
 
 def _key(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> str:
-    from ..policy import machine_key
+    from ..diskcache import machine_key
 
     text = f"{machine_key(device)}|{torch.__version__}|{dtype}|{sorted(set(shapes))}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

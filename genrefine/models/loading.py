@@ -21,7 +21,7 @@ import torch
 from ..errors import ModelLoadError
 from .config import ModelConfig, UnsupportedArchitecture, from_hf_config, rope_tables
 from .default import EMBEDDED_NAME, embedded_model_path
-from .paths import cache_root
+from ..diskcache import cache_root
 
 _FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,7 +246,13 @@ def load_model(
     if backend == "auto":
         from .backend_choice import choose_backend
 
-        backend = choose_backend(src, dtype, device, notice)
+        dev = resolve_device(device)
+
+        def load(name: str):
+            return load_model(src.path, dtype=dtype, device=dev, quiet=True, backend=name)[0]
+
+        dt = resolve_dtype(dtype, dev)
+        backend = choose_backend(src, _fingerprint(src), dt, dev, load, notice)
     check_backend(backend, src)
     if backend == "llama.cpp":
         return _load_llamacpp(src, device)

@@ -4,7 +4,7 @@
 The draft starts as the target's first ``K`` layers (``genrefine draft-model shrink``: its
 embedding, final norm and tied head included) and its layers are trained to match the target's
 next-token distribution (its top-k, over the drafter's reduced vocabulary, see
-:func:`genrefine.train.run.topk_ce`) on the recorded windows; the embedding and head stay frozen.
+:func:`genrefine.train.losses.topk_ce`) on the recorded windows; the embedding and head stay frozen.
 The output folder is a Hugging Face model directory that ``--draft-model`` loads.
 
 Only the layers are trained, against the reduced vocabulary of ``--draft-vocab`` (default 32768)
@@ -55,7 +55,7 @@ def draft_loss(target, rows: Tensor, ids: Tensor, rec: Recording, hf):
     """``loss_fn`` for :func:`genrefine.train.loop.train`: the draft's top-k cross-entropy
     against the target's distribution at every position of the windows."""
     from ..drafters.heads import output_logits
-    from .run import target_topk, topk_ce
+    from .losses import target_topk, topk_ce
 
     head = hf.get_output_embeddings() or hf.get_input_embeddings()
     draft_rows = head.weight.detach().index_select(0, ids)  # [v, H] float32
@@ -78,7 +78,7 @@ def save_draft(hf, init: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -
     trained weights (the tied head left out, as shrink writes them)."""
     import shutil
 
-    from safetensors.torch import save_file
+    from ..diskcache import save_tensors
 
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     sd = {
@@ -89,7 +89,5 @@ def save_draft(hf, init: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -
     for f in init.iterdir():
         if f.name != "model.safetensors" and f.is_file():
             shutil.copy2(f, out / f.name)
-    tmp = out / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    save_tensors(out / "model.safetensors", sd, metadata={"format": "pt"})
     return out

@@ -68,7 +68,7 @@ def batch_indices(cfg: TrainConfig, n: int, step: int) -> Tensor:
 
 
 def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from ..diskcache import save_tensors
 
     # trained parameters only: frozen ones (a draft model's embedding) come back from the init
     trained = {k for k, p in net.named_parameters() if p.requires_grad}
@@ -81,9 +81,7 @@ def _save(path: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, met
                 continue
             for key, val in st.items():
                 tensors[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(val).detach().clone().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "run": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    save_tensors(path, tensors, metadata={"step": str(step), "run": json.dumps(meta, sort_keys=True)})
 
 
 def _load(path: Path, net: nn.Module, opt: torch.optim.Optimizer, meta: dict) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.paths import cache_root
+from ..diskcache import cache_root, save_tensors
 
 FORMAT = "genrefine-record-1"
 
@@ -112,12 +112,7 @@ def record(
         bar.update(1)
     bar.close()
     if cache:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"tokens": windows.to(torch.int32), "hidden": hidden}, str(tmp))
-        tmp.replace(path)
+        save_tensors(path, {"tokens": windows.to(torch.int32), "hidden": hidden})
     return Recording(windows, hidden)
 
 

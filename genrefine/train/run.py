@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..drafters.heads import HeadsNet, WindowLM, output_logits, static_tree
 from ..errors import ConfigError
 from .loop import TrainConfig, train
+from .losses import target_topk, topk_ce
 from .record import Recording
 
 HELD_OUT = 0.05
@@ -73,27 +74,6 @@ class HeadsBundle(nn.Module):
         super().__init__()
         self.heads = HeadsNet(hidden, num_heads)
         self.lm = WindowLM(hidden, window)
-
-
-TOPK_TARGET = 8  # target probabilities kept per position for distillation (large vocabularies)
-DENSE_VOCAB = 4096  # up to this many draft tokens the whole distribution is kept
-
-
-def target_topk(target_logits: Tensor, k: int = TOPK_TARGET) -> tuple[Tensor, Tensor]:
-    """The target's ``k`` most likely tokens (all of them for a vocabulary of at most
-    :data:`DENSE_VOCAB`) and their probabilities: ([m, k] float, [m, k] long)."""
-    probs = target_logits.float().softmax(-1)
-    v = probs.shape[-1]
-    return probs.topk(v if v <= DENSE_VOCAB else min(k, v), dim=-1)
-
-
-def topk_ce(logits: Tensor, p: Tensor, idx: Tensor) -> Tensor:
-    """Cross-entropy of ``logits`` [m, v] against the target's top-k distribution (p [m, k] at
-    idx [m, k]); the mass outside the top-k is left out. One log-sum-exp per row: much cheaper on a
-    CPU than dense soft targets, and it keeps what greedy verification needs (the argmax) and the
-    runner-ups that trees draft."""
-    lse = logits.logsumexp(-1, keepdim=True)
-    return -(p * (logits.gather(-1, idx) - lse)).sum(-1).mean()
 
 
 def heads_loss(model, rows: Tensor, rec: Recording, bundle: HeadsBundle):

@@ -17,7 +17,7 @@ import json
 import torch
 
 from ..errors import ConfigError
-from ..models.paths import cache_root
+from ..diskcache import cache_root
 from .corpus import _stdlib_docstrings
 
 INSTRUCTIONS = (

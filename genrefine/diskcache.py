@@ -1,0 +1,87 @@
+"""What genrefine keeps on disk between runs, and how it writes files.
+
+The bottom layer for everything converted or measured once and cached: converted models,
+tokenizer rankings, cost tables, invariance probes, backend choices, training recordings. Nothing
+here imports the rest of genrefine.
+
+* :func:`cache_root`: ``$GENREFINE_CACHE``, default ``~/.cache/genrefine``.
+* :func:`machine_key`: a description of this machine (CPU model, torch threads, GPU name), the
+  part of a cache key that makes a measurement valid only where it was taken.
+* :func:`atomic_path`, :func:`write_text`, :func:`save_tensors`: write a file (or a folder) under a
+  temporary name beside its destination and move it into place in one step, so a reader never
+  sees half a file and an interrupted run leaves the old one.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def cache_root() -> Path:
+    """``$GENREFINE_CACHE``, default ``~/.cache/genrefine``."""
+    env = os.environ.get("GENREFINE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "genrefine"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (lscpu's "Model name")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def machine_key(device: torch.device | str | None = None) -> str:
+    """A description of this machine for cache keys: CPU model, torch threads, GPU name."""
+    parts = [cpu_model(), f"threads={torch.get_num_threads()}"]
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(dev))
+    return "|".join(parts)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file or a folder to; when the block ends
+    without an error it replaces ``path`` (a folder there is removed first), else it is removed.
+    The parent folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """Save ``tensors`` as safetensors (with string ``metadata``) to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
