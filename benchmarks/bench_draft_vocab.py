@@ -15,7 +15,7 @@ import time
 
 import genrefine
 from genrefine.bench.questions import default_questions_path, load_questions
-from genrefine.methods import MethodOptions
+from genrefine.methods.base import MethodOptions
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ import time
 import torch
 
 import genrefine
-from genrefine.methods import FixedPolicy, Method, MethodOptions, build_method
+from genrefine.methods.base import FixedPolicy, Method, MethodOptions
+from genrefine.registry import build_method
 from genrefine.train.corpus import default_corpus
 from genrefine.train.record import record
 from genrefine.engine import Engine, Stats

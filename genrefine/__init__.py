@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .api import GenerationResult, Generator, load  # noqa: E402
 from .errors import GenrefineError  # noqa: E402
-from .methods import METHODS, MethodOptions  # noqa: E402
+from .methods.base import MethodOptions
+from .registry import METHODS
 from .types import Draft, SamplingParams, VerifyResult  # noqa: E402
 
 __all__ = [

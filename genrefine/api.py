@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from .engine import Engine, Stats
 from .errors import ConfigError
-from .methods import MethodOptions, build_method
+from .methods.base import MethodOptions
+from .registry import build_method
 from .types import SamplingParams
 
 

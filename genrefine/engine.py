@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .drafters.base import Context, StepFeedback
 from .errors import ConfigError
-from .sampling import logits_to_probs, next_token
+from .methods.base import Context, StepFeedback
+from .sampling import logits_to_probs, make_generator, next_token
 from .types import Draft, SamplingParams, VerifyResult
 from .verify import build_tree, verify_greedy_argmax, verify_speculative, verify_typical
 
@@ -179,7 +179,7 @@ class Decoder:
         L = int(self.prompt.shape[0])
         max_draft = method.max_budget if method.drafters else 0
         capacity = min(model.max_context, L + self.max_new + max_draft + 1)
-        self.generator = None if self.params.greedy else _generator(self.params, model.device)
+        self.generator = None if self.params.greedy else make_generator(self.params, model.device)
         self._t_start = t_start = time.perf_counter()
         self.cache = model.new_cache(capacity)
         self._want_hidden = any(getattr(d, "wants_hidden", False) for d in method.drafters)
@@ -403,9 +403,3 @@ class Engine:
             self.finish_reason = dec.finish_reason
             if dec._t_start:
                 stats.time_total = time.perf_counter() - dec._t_start
-
-
-def _generator(params: SamplingParams, device) -> torch.Generator:
-    from .sampling import make_generator
-
-    return make_generator(params, device)

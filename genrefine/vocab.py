@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
 from .diskcache import cache_root, save_tensors
+from .errors import ConfigError
 
 # Standard library files of the default corpus, relative to the stdlib directory. Changing the
 # list changes the ranking: bump CORPUS_VERSION so that cached rankings are recomputed.

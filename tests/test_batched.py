@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from genrefine.engine import Decoder, Engine, Stats
-from genrefine.methods import build_method
+from genrefine.registry import build_method
 from genrefine.models.batched import BatchItem, batches_rows, forward_batch, plan_groups
 from genrefine.models.runtime import NativeModel
 from genrefine.types import SamplingParams

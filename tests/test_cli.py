@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from genrefine.cli import main
-from genrefine.methods import METHODS
+from genrefine.registry import METHODS
 
 from tiny import save_tiny_model_dir
 

@@ -18,24 +18,14 @@ import pytest
 import torch
 
 from genrefine.cli import main
-from genrefine.drafters.base import Context
-from genrefine.drafters.draft_model import (
-    DraftModelDrafter,
-    TextBridgeDrafter,
-    check_bridgeable,
-    make_draft_model_drafter,
-)
+from genrefine.methods.base import Context
+from genrefine.methods.sps import DraftModelDrafter, make_draft_model_drafter
+from genrefine.methods.parts.text_bridge import TextBridgeDrafter, check_bridgeable
 from genrefine.engine import Engine, Stats
-from genrefine.policy import DraftStop
+from genrefine.methods.parts.draft_size import DraftStop
 from genrefine.errors import ConfigError
-from genrefine.methods import (
-    METHODS,
-    FixedPolicy,
-    Method,
-    MethodOptions,
-    build_method,
-    is_lossless,
-)
+from genrefine.registry import METHODS, build_method, is_lossless
+from genrefine.methods.base import FixedPolicy, Method, MethodOptions
 from genrefine.models.hf import HFModel
 from genrefine.models.loading import load_model
 from genrefine.models.runtime import NativeModel
@@ -147,13 +137,13 @@ def test_adaptive_stop_cuts_greedy_drafts_and_stays_equal_to_ar() -> None:
     the output equals ar's."""
 
     class KeepTwo(DraftStop):  # drafts on, keeps 2 of greedy drafts
-        def add(self, p: float) -> bool:
-            super().add(p)
+        def more(self, p: float) -> bool:
+            super().more(p)
             return True
 
-        def keep(self, cut: bool = True) -> int:
-            n = super().keep(cut=False)
-            return min(2, n) if cut else n
+        def __call__(self, probs=None, whole: bool = False) -> int:
+            n = super().__call__(probs, whole=True)
+            return n if whole else min(2, n)
 
     m = native("llama")
     ids = PROMPTS["repeated"]

@@ -21,7 +21,8 @@ import torch
 
 import genrefine
 from genrefine.engine import prefill
-from genrefine.methods import METHODS, MethodOptions
+from genrefine.registry import METHODS
+from genrefine.methods.base import MethodOptions
 from genrefine.models.default import embedded_model_path
 from genrefine.models.loading import converted_dir, load_tokenizer, resolve_source
 from tiny import ShallowModel

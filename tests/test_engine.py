@@ -15,22 +15,16 @@ import pytest
 import torch
 
 import genrefine.engine as engine_mod
-from genrefine.drafters.base import Context, StepFeedback
-from genrefine.drafters.jacobi import JacobiDrafter
+from genrefine.methods.base import Context, StepFeedback
+from genrefine.methods.jacobi import JacobiDrafter
 from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError
-from genrefine.methods import (
-    METHODS,
-    FixedPolicy,
-    Method,
-    MethodOptions,
-    build_method,
-    is_lossless,
-)
+from genrefine.registry import METHODS, build_method, is_lossless
+from genrefine.methods.base import FixedPolicy, Method, MethodOptions
 from genrefine.models.hf import HFModel
 from genrefine.models.runtime import NativeModel
 from genrefine.diskcache import machine_key
-from genrefine.policy import CostTable
+from genrefine.costs import CostTable
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
 from tiny import ShallowModel, tiny_drafter, tiny_hf_model

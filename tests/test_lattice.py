@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from genrefine.drafters.lattice import NgramLM, paths_to_draft, rescore_lattice
+from genrefine.methods.parts.lattice import NgramLM, paths_to_draft, rescore_lattice
 from genrefine.errors import ConfigError
 
 V = 7

@@ -12,20 +12,17 @@ import pytest
 import torch
 
 from genrefine import vocab
-from genrefine.drafters.base import Context
-from genrefine.drafters.layer_skip import (
-    EarlyExitDrafter,
-    SkipLayerDrafter,
-    draft_cost,
-    greedy_self_draft,
-)
-from genrefine.early_exit import calm_generate, default_exit_points
+from genrefine.methods.base import Context
+from genrefine.methods.early_exit_draft import EarlyExitDrafter
+from genrefine.methods.swift import SkipLayerDrafter
+from genrefine.methods.parts.self_draft import draft_cost, greedy_self_draft
+from genrefine.methods.calm import calm_generate, default_exit_points
 from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError, GenrefineError
-from genrefine.methods import METHODS, FixedPolicy, Method, MethodOptions, build_method
+from genrefine.registry import METHODS, build_method
+from genrefine.methods.base import FixedPolicy, Method, MethodOptions
 from genrefine.models.hf import HFModel
 from genrefine.models.runtime import NativeModel
-from genrefine.policy import confident_prefix_len
 from genrefine.types import SamplingParams
 from tiny import byte_tokenizer, tiny_hf_model
 
@@ -140,7 +137,7 @@ def test_confidence_stop() -> None:
     assert toks.shape == (8,) and cache.length == len(ids) - 1
     thr = float(top[3]) + 1e-6  # the 4th token (or an earlier one) falls below
     short, _ = greedy_self_draft(m, cache, ids[-1:], 8, [0, 1], None, confidence=thr)
-    n = confident_prefix_len(top, thr, inclusive=True)
+    n = min(len(top), int((top >= thr).long().cumprod(0).sum()) + 1)  # the first unsure one too
     assert 1 <= n <= 4 and short.tolist() == toks[:n].tolist()
 
 
@@ -149,11 +146,11 @@ def test_adaptive_draft_length_is_the_default() -> None:
     draft_cost and the target's cost table (swift re-prices it for the skip set in use); a given
     confidence keeps the threshold. The stop decides: free drafting drafts the whole budget, a
     draft token dearer than a target step drafts one."""
-    from genrefine.methods import _cost_table
-    from genrefine.policy import DraftStop
+    from genrefine.costs import target_costs
+    from genrefine.methods.parts.draft_size import DraftStop
 
     m = native("llama")
-    table = _cost_table(m)
+    table = target_costs(m)
     ee = build_method("early-exit-draft", m).drafters[0]
     assert isinstance(ee.stop, DraftStop)
     assert ee.stop.draft_cost == pytest.approx(ee.cost * table(1))
@@ -214,7 +211,7 @@ def test_skip_set_search_moves_and_repeats() -> None:
 def test_skip_set_trials() -> None:
     """Hand-fed steps: the candidate flips one layer in the direction the acceptance rate asks
     for, and replaces the incumbent only on a better score."""
-    from genrefine.drafters.base import StepFeedback
+    from genrefine.methods.base import StepFeedback
     from genrefine.types import Draft, VerifyResult
 
     m = native("llama")
@@ -363,13 +360,14 @@ def test_default_draft_vocabulary_for_large_vocabularies(monkeypatch) -> None:
     from types import SimpleNamespace
 
     import genrefine.vocab
-    from genrefine.methods import DEFAULT_DRAFT_VOCAB, MethodOptions, _draft_vocab
+    from genrefine.methods.parts.draft_vocab import DEFAULT_DRAFT_VOCAB, reduced_vocab
+    from genrefine.methods.base import MethodOptions
 
     monkeypatch.setattr(genrefine.vocab, "frequent_ids", lambda name, tok, n, vocab: ("ids", n))
     big, small, tok = SimpleNamespace(vocab_size=262144), SimpleNamespace(vocab_size=32000), object()
-    assert _draft_vocab(big, MethodOptions(), tok, default=True) == ("ids", DEFAULT_DRAFT_VOCAB)
-    assert _draft_vocab(big, MethodOptions(draft_vocab=1000), tok, default=True) == ("ids", 1000)
-    assert _draft_vocab(big, MethodOptions(draft_vocab=262144), tok, default=True) is None
-    assert _draft_vocab(big, MethodOptions(), tok) is None  # calm: no default
-    assert _draft_vocab(big, MethodOptions(), None, default=True) is None
-    assert _draft_vocab(small, MethodOptions(), tok, default=True) is None
+    assert reduced_vocab(big, MethodOptions(), tok, default=True) == ("ids", DEFAULT_DRAFT_VOCAB)
+    assert reduced_vocab(big, MethodOptions(draft_vocab=1000), tok, default=True) == ("ids", 1000)
+    assert reduced_vocab(big, MethodOptions(draft_vocab=262144), tok, default=True) is None
+    assert reduced_vocab(big, MethodOptions(), tok) is None  # calm: no default
+    assert reduced_vocab(big, MethodOptions(), None, default=True) is None
+    assert reduced_vocab(small, MethodOptions(), tok, default=True) is None

@@ -23,7 +23,8 @@ import torch
 from genrefine.cli import main
 from genrefine.engine import Engine
 from genrefine.errors import GenrefineError
-from genrefine.methods import METHODS, MethodOptions, build_method
+from genrefine.registry import METHODS, build_method
+from genrefine.methods.base import MethodOptions
 from genrefine.models.llamacpp import INSTALL_HINT, BackendUnavailable, import_llama_cpp, is_available
 from genrefine.types import SamplingParams
 from genrefine.verify import build_tree
@@ -266,7 +267,7 @@ def test_lossless_methods_equal_ar(model, name, _cost_cache):
 
 @needs_llama
 def test_rest_with_a_datastore_equals_ar(model, tmp_path, _cost_cache):
-    from genrefine.drafters.retrieval import Datastore
+    from genrefine.methods.parts.datastore import Datastore
 
     prompt = model.tokenize(PROMPTS[1])
     want = generate(model, build_method("ar", model), prompt)

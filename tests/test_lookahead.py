@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from genrefine.drafters.base import Context, StepFeedback
-from genrefine.drafters.lookahead import LookaheadDrafter, NgramPool
+from genrefine.methods.base import Context, StepFeedback
+from genrefine.methods.lookahead import LookaheadDrafter, NgramPool
 from genrefine.verify import build_tree, verify_greedy_argmax
 
 

@@ -10,48 +10,9 @@ import torch
 
 from genrefine.diskcache import machine_key
 from genrefine.errors import ConfigError
-from genrefine.policy import (
-    AcceptanceEstimator,
-    ChainCut,
-    CostModelPolicy,
-    CostTable,
-    DraftStop,
-    HeuristicLength,
-    confident_prefix_len,
-    load_or_measure,
-    measure_verify_cost,
-)
-
-
-def test_heuristic_grows_and_shrinks() -> None:
-    h = HeuristicLength(initial=4, min_len=1, max_len=9)
-    assert h.next_budget() == 4
-    h.update(4, 4)
-    assert h.next_budget() == 6
-    h.update(6, 6)
-    h.update(8, 8)
-    assert h.next_budget() == 9  # capped
-    h.update(9, 3)
-    assert h.next_budget() == 8
-    for _ in range(20):
-        h.update(h.next_budget(), 0)
-    assert h.next_budget() == 1  # floored
-    h.update(0, 0)  # nothing drafted: no change
-    assert h.next_budget() == 1
-    h.reset()
-    assert h.next_budget() == 4
-    with pytest.raises(ConfigError):
-        HeuristicLength(initial=0)
-
-
-def test_confident_prefix_len() -> None:
-    q = torch.tensor([0.9, 0.8, 0.3, 0.95])
-    assert confident_prefix_len(q, 0.5) == 2
-    assert confident_prefix_len(q, 0.5, inclusive=True) == 3
-    assert confident_prefix_len(q, 0.1) == 4
-    assert confident_prefix_len(q, 0.1, inclusive=True) == 4
-    assert confident_prefix_len(q, 0.99) == 0
-    assert confident_prefix_len(torch.zeros(0), 0.5) == 0
+from genrefine.methods.auto import AcceptanceEstimator, CostModelPolicy
+from genrefine.methods.parts.draft_size import ChainCut, DraftSizer, DraftStop, TreeCut
+from genrefine.costs import CostTable, load_or_measure, measure_verify_cost
 
 
 def test_acceptance_estimator_converges() -> None:
@@ -117,18 +78,17 @@ def test_cost_model_long_draft_when_verify_is_flat_and_acceptance_high() -> None
     feed(policy, "pld", 0.97)
     name, budget = policy.choose(["pld"])
     assert name == "pld" and budget >= 12
-    assert policy.best_budget("pld") == budget
 
 
 def test_cost_model_short_or_no_draft_when_verify_is_linear_and_acceptance_low() -> None:
     policy = CostModelPolicy(table(lambda n: 0.01 * n), max_len=16)
     feed(policy, "pld", 0.2)
-    assert policy.best_budget("pld") == 0
     assert policy.choose(["pld"]) == (None, 0)
     # moderate acceptance, linear cost: a short draft at most
     policy2 = CostModelPolicy(table(lambda n: 0.005 + 0.01 * n), max_len=16)
     feed(policy2, "pld", 0.7)
-    assert 1 <= policy2.best_budget("pld") <= 3
+    name, budget = policy2.choose(["pld"])
+    assert name == "pld" and 1 <= budget <= 3
 
 
 def test_cost_model_weighs_drafting_cost_and_picks_the_better_drafter() -> None:
@@ -254,7 +214,7 @@ def test_chain_cut_keeps_everything_with_flat_costs() -> None:
     assert cut([]) == 0
     for _ in range(20):  # even a context that always misses: rows are free
         cut([(1,)] * 10)
-        cut.observe(0)
+        cut.observe(0, 10)
     assert cut([(1,)] * 10) == 10
 
 
@@ -264,9 +224,9 @@ def test_chain_cut_learns_which_contexts_pay() -> None:
     assert cut.size([good] * 8) == cut.size([bad] * 8) > 0  # nothing learnt yet: the prior drafts
     for _ in range(30):
         cut([good] * 8)
-        cut.observe(8)
+        cut.observe(8, 8)
         cut([bad] * 8)
-        cut.observe(0)
+        cut.observe(0, 8)
     assert cut.rate(good, 0) > 0.9 > 0.7 > cut.rate(bad, 0)
     assert cut.size([good] * 8) == 8
     assert cut.size([bad] * 8) == 0  # (and so it stopped drafting, and learning, there)
@@ -279,7 +239,7 @@ def test_chain_cut_learns_which_contexts_pay() -> None:
     # a chain accepted up to its third token teaches depths 0..2 (and the miss), not beyond
     before = {k: list(v) for k, v in cut._stats.items()}
     cut([(True, 0)] * 8)
-    cut.observe(2)
+    cut.observe(2, 8)
     new = {k: v for k, v in cut._stats.items() if v != before.get(k)}
     assert {(ctx, d) for ctx, d in new} == {
         (ctx, d) for ctx in [(), (True,), (True, 0)] for d in (0, 1, 2)
@@ -291,17 +251,17 @@ def test_chain_cut_explores_a_skipped_context() -> None:
     cut = ChainCut(steep, explore_every=3, explore_len=2)
     for _ in range(20):
         cut([(1,)] * 6)
-        cut.observe(0)
+        cut.observe(0, 6)
     got = []
     for _ in range(6):
         got.append(cut([(1,)] * 6))
-        cut.observe(0)
+        cut.observe(0, got[-1])
     first = got.index(2)
     assert got == [2 if i % 3 == first % 3 else 0 for i in range(6)]
     # a caller that verified fewer tokens than were kept: only those count
     cut = ChainCut(lambda n: 1.0)
     cut([(1,)] * 6)
-    cut.observe(1, drafted=1)
+    cut.observe(1, 1)
     assert cut._stats[((1,), 0)] == [1.0, 1.0] and ((1,), 1) not in cut._stats
 
 
@@ -313,7 +273,7 @@ def test_chain_cut_bad_arguments() -> None:
 
 
 def test_agreement_of_chain_tokens() -> None:
-    from genrefine.drafters.prompt_lookup import ChainCutState as S
+    from genrefine.methods.parts.ngram_index import ChainCutState as S
 
     conts = [[5, 6, 7], [5, 6, 8], [5, 9], [4]]
     # 5: 3 of 4 agree; 6: 2 of 3; 7: 1 of 2 (a half is a majority); then nothing is left
@@ -328,7 +288,7 @@ def draft_until_stop(stop: DraftStop, probs) -> int:
     """Feed ``probs`` to ``stop`` as a drafter does; returns how many tokens were drafted."""
     stop.begin()
     for n, p in enumerate(probs, 1):
-        if not stop.add(p):
+        if not stop.more(p):
             return n
     return len(probs)
 
@@ -338,7 +298,7 @@ def test_draft_stop_drafts_on_while_it_pays() -> None:
     half a target step: an unsure draft stops at its first token, a sure one goes on; at a whole
     step per draft token not even a sure draft pays."""
     free = DraftStop(lambda n: 1.0, 0.0)
-    assert draft_until_stop(free, [0.3] * 8) == 8 and free.keep() == 8
+    assert draft_until_stop(free, [0.3] * 8) == 8 and free() == 8
     dear = DraftStop(lambda n: 1.0, 0.5)
     assert draft_until_stop(dear, [0.3] * 8) == 1
     assert draft_until_stop(dear, [0.99] * 8) > 3
@@ -351,10 +311,11 @@ def test_draft_stop_drafts_on_while_it_pays() -> None:
 def test_draft_stop_cuts_greedy_drafts_to_what_pays_to_verify() -> None:
     stop = DraftStop(steep, 0.0)  # drafting is free, each verified row costs 0.7 of a step
     assert draft_until_stop(stop, [0.99, 0.99, 0.3, 0.3]) >= 3
-    kept = stop.keep()
+    kept = stop()
     assert kept == 2 and stop._pending == pytest.approx(0.99 + 0.99**2)
     draft_until_stop(stop, [0.99, 0.99, 0.3, 0.3])
-    assert stop.keep(cut=False) == len(stop._paths)  # sampled drafts are never cut
+    assert stop(whole=True) == len(stop._paths)  # sampled drafts are never cut
+    assert stop([0.99, 0.99, 0.3, 0.3]) == kept  # the same probabilities given at once
     with pytest.raises(ConfigError, match="draft_cost"):
         DraftStop(steep, -1.0)
 
@@ -367,9 +328,40 @@ def test_draft_stop_calibrates_against_what_was_accepted() -> None:
     before = draft_until_stop(stop, probs)
     for _ in range(20):
         draft_until_stop(stop, probs)
-        stop.keep()
-        stop.observe(0)
+        stop()
+        stop.observe(0, 1)
     after = draft_until_stop(stop, probs)
     assert after < before
     stop.reset()
     assert draft_until_stop(stop, probs) == before
+
+
+# --------------------------------------------------------------------------- one protocol
+def mild(n: float) -> float:
+    """Forward times where each extra row costs 20% of a one-token step."""
+    return 1.0 + 0.2 * (n - 1)
+
+
+SIZERS = {
+    "tree_cut": (lambda: TreeCut(mild), [0.9, 0.8, 0.7, 0.6, 0.5]),
+    "chain_cut": (lambda: ChainCut(mild, explore_every=1000), [(True, 1)] * 5),
+    "draft_stop": (lambda: DraftStop(mild, 0.0), [0.9, 0.8, 0.7, 0.6, 0.5]),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZERS))
+def test_draft_sizers_share_one_protocol(name: str) -> None:
+    """Every draft-size control is called with one score per node, learns from
+    observe(accepted, verified), and forgets on reset(): drafts that are never accepted shrink
+    the cut, and a reset sizer cuts as a new one does."""
+    make, scores = SIZERS[name]
+    sizer = make()
+    assert isinstance(sizer, DraftSizer)
+    fresh = sizer(scores)
+    assert 1 <= fresh <= len(scores)
+    for _ in range(30):
+        n = sizer(scores)
+        sizer.observe(0, n)
+    assert sizer(scores) < fresh
+    sizer.reset()
+    assert sizer(scores) == fresh

@@ -6,13 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genrefine.drafters.base import Context, Drafter
-from genrefine.drafters.prompt_lookup import (
-    NgramIndex,
-    PromptLookupDrafter,
-    continuation_tree,
-    find_candidates,
-)
+from genrefine.methods.base import Context, Drafter
+from genrefine.methods.parts.ngram_index import NgramIndex, continuation_tree
+from genrefine.methods.pld import PromptLookupDrafter
 from genrefine.errors import ConfigError
 
 
@@ -40,6 +36,13 @@ def check_tree(tokens: list[int], parents: list[int], budget: int) -> None:
     for t, p in zip(tokens, parents):
         assert (p, t) not in seen
         seen.add((p, t))
+
+
+def find_candidates(tokens, max_ngram=3, min_ngram=1, max_len=8, max_candidates=8):
+    """The index's candidates for a whole context (what the drafter looks up each step)."""
+    index = NgramIndex(max_ngram, min_ngram)
+    index.extend(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
+    return index.candidates(max_len, max_candidates)
 
 
 def paths(tokens: list[int], parents: list[int]) -> set[tuple[int, ...]]:

@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from genrefine.drafters.base import Context, Drafter
-from genrefine.drafters.retrieval import (
-    SEP,
-    Datastore,
-    RetrievalDrafter,
-    build_datastore,
-    context_lookup,
-    index_build_main,
-    suffix_array,
-    text_files,
-)
+from genrefine.methods.base import Context, Drafter
+from genrefine.methods.parts.datastore import SEP, Datastore, build_datastore, context_lookup, index_build_main, suffix_array, text_files
+from genrefine.methods.rest import RetrievalDrafter
 from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError, GenrefineError
-from genrefine.methods import MethodOptions, build_method
+from genrefine.methods.base import MethodOptions
+from genrefine.registry import build_method
 from genrefine.models.runtime import NativeModel
 from genrefine.types import SamplingParams
 from tiny import byte_tokenizer, tiny_hf_model

@@ -518,7 +518,7 @@ def test_float32_and_bfloat16_batching_modes(gen32) -> None:
 def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(gen16, tmp_path) -> None:
     """Heads and EAGLE read the target's hidden states: their steps run a forward of their own
     beside the batched one, and every request still gets its text alone."""
-    from genrefine.methods import MethodOptions
+    from genrefine.methods.base import MethodOptions
     from genrefine.train.loop import TrainConfig
     from genrefine.train.run import DrafterSpec, run_training
 

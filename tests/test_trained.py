@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from genrefine.cli import main
-from genrefine.drafters.heads import HeadsDrafter, HeadsNet, static_tree
-from genrefine.drafters.store import load_drafter, read_drafter
+from genrefine.methods.parts.heads import HeadsDrafter, HeadsNet, static_tree
+from genrefine.methods.parts.store import load_drafter, read_drafter
 from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError
-from genrefine.methods import FixedPolicy, Method, MethodOptions, build_method
+from genrefine.methods.base import FixedPolicy, Method, MethodOptions
+from genrefine.registry import build_method
 from genrefine.models.runtime import NativeModel
-from genrefine.policy import TreeCut
+from genrefine.methods.parts.draft_size import TreeCut
 from genrefine.sampling import logits_to_probs
 from genrefine.train.loop import CHECKPOINT, TrainConfig
 from genrefine.train.record import record
@@ -140,7 +141,7 @@ def test_tree_cut_keeps_what_pays_on_this_machine() -> None:
     assert cut(probs) == 3
     for _ in range(3):  # 8 accepted each time where 2.2 were expected: c = 26 / 8.6
         cut(probs)
-        cut.observe(8)
+        cut.observe(8, 8)
     assert cut(probs) > 3  # n = 4 pays once c > 2.5
     cut.reset()
     assert cut(probs) == 3

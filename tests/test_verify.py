@@ -27,10 +27,8 @@ from genrefine.types import Draft, SamplingParams
 from genrefine.verify import (
     build_tree,
     deepest_path_row,
-    path_to,
     speculative_plan,
     tree_positions,
-    verify_greedy,
     verify_greedy_argmax,
     verify_speculative,
     verify_typical,
@@ -230,9 +228,6 @@ def test_build_tree_hand_built():
     assert info.mask_with_root[:, 0].all() and not info.mask_with_root[0, 1:].any()
     assert info.earlier_sibling.nonzero().tolist() == [[1, 0], [3, 2]]
     assert tree_positions(10, info).tolist() == [11, 11, 12, 12, 13, 12]
-    assert path_to(info, 4).tolist() == [0, 2, 4]
-    assert path_to(parents, 5).tolist() == [1, 5]
-    assert path_to(info, -1).tolist() == []
     assert not info.is_chain and build_tree([-1, 0, 1]).is_chain
 
 
@@ -278,13 +273,10 @@ def logits_with_argmax(argmax: list[int]) -> torch.Tensor:
 )
 def test_verify_greedy_tables(parents, tokens, argmax, path, emitted):
     draft = Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
-    for res in (
-        verify_greedy(draft, logits_with_argmax(argmax)),
-        verify_greedy_argmax(draft, torch.tensor(argmax)),
-    ):
-        assert res.path.tolist() == path
-        assert res.tokens.tolist() == emitted
-        assert res.num_accepted == len(path)
+    res = verify_greedy_argmax(draft, torch.tensor(argmax))
+    assert res.path.tolist() == path
+    assert res.tokens.tolist() == emitted
+    assert res.num_accepted == len(path)
 
 
 def test_speculative_greedy_equals_plain_greedy():
@@ -296,7 +288,7 @@ def test_speculative_greedy_equals_plain_greedy():
         for toks in itertools.islice(itertools.product(range(V), repeat=len(parents)), 0, None, 7):
             rows = target_rows(parents, toks, params)
             draft = make_draft(parents, list(toks), params, sampled=False)
-            res = verify_greedy(draft, rows)
+            res = verify_greedy_argmax(draft, rows.argmax(dim=-1))
             spec = verify_speculative(draft, rows, g)
             # plain greedy decoding of the toy target
             plain, prefix = [], CTX

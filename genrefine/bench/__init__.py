@@ -7,7 +7,13 @@ report.py     the report as Markdown and as a PNG
 """
 
 from .metrics import aggregate, build_report
-from .questions import HF_METHODS, Question, load_questions, parse_methods, select_questions
+from .questions import (
+    HF_METHODS,
+    Question,
+    load_questions,
+    parse_methods,
+    select_questions,
+)
 from .report import markdown_report, plot_report
 from .runner import BenchConfig, execute, plan_bench
 

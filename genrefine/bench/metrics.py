@@ -37,7 +37,7 @@ BASELINE = "ar"
 
 def reference_of(method: str, methods: Sequence[str]) -> str | None:
     """The method whose greedy tokens ``method`` must reproduce, or None if it claims nothing."""
-    from ..methods import METHODS, is_lossless
+    from ..registry import METHODS, is_lossless
 
     if method == "hf_generate":
         return BASELINE

@@ -164,7 +164,7 @@ def select_questions(
 
 def parse_methods(spec: str | None) -> list[str]:
     """The method list, ``ar`` first (added when missing); unknown names raise ConfigError."""
-    from ..methods import METHODS
+    from ..registry import METHODS
 
     names = parse_list(spec)
     valid = list(METHODS) + list(HF_METHODS) + list(LLAMACPP_METHODS)

@@ -200,8 +200,8 @@ def plan_bench(config: BenchConfig) -> Plan:
 
 def _check_backend(backend: str, src, methods: Sequence[str]) -> str:
     """The backend's name; errors when it, or llamacpp_plain, cannot run this model here."""
-    from ..methods import METHODS
     from ..models.loading import check_backend, resolve_backend
+    from ..registry import METHODS
 
     name = resolve_backend(backend)
     check_backend(name, src)
@@ -489,7 +489,8 @@ class LlamaCppPlainBackend:
 def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
     """A backend per method; the transformers model is loaded only when an hf_* method asks
     (and the draft model through transformers only for hf_assisted)."""
-    from ..methods import METHODS, MethodOptions
+    from ..methods.base import MethodOptions
+    from ..registry import METHODS
 
     backends = {}
     hf = None

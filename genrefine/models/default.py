@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ModelLoadError
 from ..diskcache import cache_root
+from ..errors import ModelLoadError
 
 EMBEDDED_NAME = "gemma-3-270m (embedded, Q4_K_M GGUF)"
 

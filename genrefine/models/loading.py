@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ..diskcache import cache_root
 from ..errors import ModelLoadError
 from .config import ModelConfig, UnsupportedArchitecture, from_hf_config, rope_tables
 from .default import EMBEDDED_NAME, embedded_model_path
-from ..diskcache import cache_root
 
 _FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -19,8 +19,8 @@ from torch import Tensor
 from ..types import ModelOutput
 from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
-from .invariance import probe_attention, probe_splits, split_linear
 from .config import ModelConfig
+from .invariance import probe_attention, probe_splits, split_linear
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from .loading import DTYPES, _DTYPE_ALIASES, _load_hf, load_tokenizer, resolve_source
+from .loading import _DTYPE_ALIASES, DTYPES, _load_hf, load_tokenizer, resolve_source
 
 
 def shrink_model(

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 from ..engine import Decoder, Engine, Stats, check_prompt
 from ..errors import ConfigError, GenrefineError
-from ..methods import METHODS, MethodOptions, build_method
+from ..methods.base import MethodOptions
 from ..models.batched import MODES, BatchItem, batches_rows, forward_batch, max_rows
+from ..registry import METHODS, build_method
 from ..types import SamplingParams
 from .metrics import Metrics
 from .text import TextTracker

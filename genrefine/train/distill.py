@@ -9,7 +9,7 @@ The output folder is a Hugging Face model directory that ``--draft-model`` loads
 
 Only the layers are trained, against the reduced vocabulary of ``--draft-vocab`` (default 32768)
 most frequent tokens. ``sps`` drafts onto the same most frequent tokens by default for large
-vocabularies (:class:`genrefine.drafters.draft_model.DraftModelDrafter`'s reduced head), so a
+vocabularies (:class:`genrefine.methods.sps.DraftModelDrafter`'s reduced head), so a
 draft token reads the draft's few layers and an eighth of the head: on a model whose head is most
 of its weights (Gemma 3 270M) the full head would cost more than the layers.
 """
@@ -54,7 +54,7 @@ def load_trainable(init: Path):
 def draft_loss(target, rows: Tensor, ids: Tensor, rec: Recording, hf):
     """``loss_fn`` for :func:`genrefine.train.loop.train`: the draft's top-k cross-entropy
     against the target's distribution at every position of the windows."""
-    from ..drafters.heads import output_logits
+    from ..methods.parts.heads import output_logits
     from .losses import target_topk, topk_ce
 
     head = hf.get_output_embeddings() or hf.get_input_embeddings()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..diskcache import cache_root, save_tensors
+from ..errors import ConfigError
 
 FORMAT = "genrefine-record-1"
 

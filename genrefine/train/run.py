@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..drafters.heads import HeadsNet, WindowLM, output_logits, static_tree
 from ..errors import ConfigError
+from ..methods.parts.heads import HeadsNet, WindowLM, output_logits, static_tree
 from .loop import TrainConfig, train
 from .losses import target_topk, topk_ce
 from .record import Recording
@@ -177,7 +177,7 @@ def measure_tokens_per_step(
     """Greedy tokens per step of ``method`` on prompts cut from held-back windows, and whether
     its output equalled plain greedy decoding's on all of them."""
     from ..engine import Engine, Stats
-    from ..methods import Method
+    from ..methods.base import Method
     from ..types import SamplingParams
 
     steps = toks = 0
@@ -210,7 +210,7 @@ def run_training(
     """The whole run (see the module docstring). ``stop_after``: interrupt after that many steps
     (for tests), leaving a checkpoint and no drafter. ``source``: the target's path (None: the
     embedded model), which ``draft`` cuts its initial layers from."""
-    from ..drafters.store import save_drafter
+    from ..methods.parts.store import save_drafter
     from .record import record
 
     t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def run_training(
         net = load_trainable(init)
         loss_fn = draft_loss(model, rows, ids.to(model.device), train_rec, net)
     else:
-        from ..drafters.eagle import EagleNet
+        from ..methods.eagle import EagleNet
 
         net = EagleNet(model.hidden_size, out_norm=model.final_norm)
         loss_fn = eagle_loss(model, rows, train_rec, net, spec)
@@ -244,7 +244,8 @@ def run_training(
     net.eval()
     extra: dict = {}
     if spec.kind == "draft":
-        from ..methods import MethodOptions, build_method
+        from ..methods.base import MethodOptions
+        from ..registry import build_method
         from .distill import save_draft
 
         save_draft(net, out / "init", out)
@@ -261,7 +262,7 @@ def run_training(
                   "accuracy": [[round(float(a), 4) for a in row] for row in acc]}
         tensors = {"heads.weight": net.heads.weight.data, "heads.bias": net.heads.bias.data}
         tensors.update({f"lm.{k}": v for k, v in net.lm.state_dict().items()})
-        from ..drafters.lattice import NgramLM
+        from ..methods.parts.lattice import NgramLM
 
         ngram = NgramLM(order=spec.ngram_order, vocab_size=model.vocab_size)
         for row in train_rec.tokens:
@@ -275,7 +276,8 @@ def run_training(
     tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors["vocab_ids"] = ids.to(torch.int32)
     save_drafter(out, spec.kind, model, config, tensors)
-    from ..methods import MethodOptions, build_method
+    from ..methods.base import MethodOptions
+    from ..registry import build_method
 
     name = "medusa" if spec.kind == "heads" else "eagle"
     method = build_method(name, model, MethodOptions(drafter=str(out)), tokenizer)

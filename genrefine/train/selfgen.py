@@ -16,8 +16,8 @@ import json
 
 import torch
 
-from ..errors import ConfigError
 from ..diskcache import cache_root
+from ..errors import ConfigError
 from .corpus import _stdlib_docstrings
 
 INSTRUCTIONS = (

@@ -3,7 +3,7 @@
 Terms (p, q, draft tree, root, row, accepted, bonus) are defined in :mod:`genrefine.types`.
 """
 
-from .greedy import verify_greedy, verify_greedy_argmax
+from .greedy import verify_greedy_argmax
 from .sampling import (
     SIBLING_MODES,
     SiblingSampling,
@@ -12,7 +12,13 @@ from .sampling import (
     verify_speculative,
     verify_typical,
 )
-from .tree import TreeInfo, build_tree, deepest_path_row, path_to, row_path, tree_positions
+from .tree import (
+    TreeInfo,
+    build_tree,
+    deepest_path_row,
+    row_path,
+    tree_positions,
+)
 
 __all__ = [
     "SIBLING_MODES",
@@ -21,11 +27,9 @@ __all__ = [
     "TreeInfo",
     "build_tree",
     "deepest_path_row",
-    "path_to",
     "row_path",
     "speculative_plan",
     "tree_positions",
-    "verify_greedy",
     "verify_greedy_argmax",
     "verify_speculative",
     "verify_typical",

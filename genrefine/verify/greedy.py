@@ -16,18 +16,6 @@ from ..types import Draft, VerifyResult
 from .tree import TreeInfo, build_tree, deepest_path_row, row_path
 
 
-def verify_greedy(draft: Draft, target_logits: Tensor) -> VerifyResult:
-    """Greedy verification from the target's logits.
-
-    draft: n nodes. target_logits: [n + 1, vocab], row 0 after the root, row i + 1 after node i.
-    """
-    n = len(draft)
-    assert target_logits.dim() == 2 and target_logits.shape[0] == n + 1, (
-        f"target_logits must be [n + 1, vocab] = [{n + 1}, vocab], got {tuple(target_logits.shape)}"
-    )
-    return verify_greedy_argmax(draft, target_logits.argmax(dim=-1))
-
-
 def verify_greedy_argmax(draft: Draft, target_argmax: Tensor) -> VerifyResult:
     """Greedy verification from the target's argmax of each row.
 

@@ -54,7 +54,7 @@ deterministically (top-k) and pass ``probs=None``.
 
 Repeated sibling tokens are wasted: only the first copy can ever be accepted (once it is rejected
 the residual gives its token probability 0), so the subtrees of later copies are never used;
-drafters should merge them (build a trie). :func:`verify_greedy` instead takes the deepest copy.
+drafters should merge them (build a trie). :func:`~genrefine.verify.greedy.verify_greedy_argmax` instead takes the deepest copy.
 
 Edge cases: a candidate with ``q_c(x) = 0`` (a repeat under the without-replacement rule, or a
 token the drafter's own ``q`` rules out) is skipped: never accepted, ``p`` left unchanged, which

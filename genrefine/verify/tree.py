@@ -131,16 +131,6 @@ def tree_positions(root_position: int | Tensor, info: TreeInfo) -> Tensor:
     return info.depth + 1 + root_position
 
 
-def path_to(tree: TreeInfo | Tensor | Sequence[int], node: int) -> Tensor:
-    """Root-to-node indices of the path ending at ``node`` ([depth + 1] long; empty for -1)."""
-    info = tree if isinstance(tree, TreeInfo) else build_tree(tree)
-    assert -1 <= node < info.num_nodes, f"node {node} is not in a tree of {info.num_nodes} nodes"
-    if node < 0:
-        return torch.zeros(0, dtype=torch.long, device=info.mask.device)
-    # ancestors have lower indices (topological order), so ascending index is root-to-node order
-    return info.mask[node].nonzero().flatten()
-
-
 def deepest_path_row(info: TreeInfo, ok: Tensor) -> Tensor:
     """The target row right after the longest root-to-node path of nodes that pass ``ok``.
 

@@ -8,11 +8,13 @@ each guess stays aligned with the position it was made for.
 
 from __future__ import annotations
 
+from .base import MethodSpec
+
 import torch
 
 from ..types import Draft
 from ..verify.jacobi import jacobi_update
-from .base import Context, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
 
 
 class JacobiDrafter:
@@ -53,3 +55,15 @@ class JacobiDrafter:
         a = feedback.result.num_accepted
         self.guesses = jacobi_update(feedback.target_argmax.cpu(), a, self.block, pad)
         self.start = int(ctx.tokens.shape[0]) + a + 1  # the context after this step's tokens
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+
+    block = opts.draft_len or opts.jacobi_block
+    d = JacobiDrafter(block=block)
+    return Method("jacobi", [d], FixedPolicy(d, block), block, opts.acceptance)
+
+
+SPEC = MethodSpec(
+    "jacobi", True, "Jacobi fixed-point iteration over a block of guesses", build, order=4
+)

@@ -15,7 +15,7 @@ Drafts (all verified by the target, so every mode is lossless; drafts are determ
   ``j``-th best, ...), chosen after training from the heads' measured top-``i`` accuracies on
   held-back text (:func:`static_tree`), best paths first.
 * ``bpd+ngram``: the lattice of the heads' top-``k`` is rescored with an n-gram model counted from
-  the training corpus (global p-best rescoring, :mod:`genrefine.drafters.lattice`); the best
+  the training corpus (global p-best rescoring, :mod:`genrefine.methods.parts.lattice`); the best
   ``p`` paths form a tree.
 * ``bpd+lm``: local rescoring with a small neural language model (:class:`WindowLM`, a
   fixed-window MLP over the target's embedding rows, distilled from the target by the same
@@ -35,10 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..policy import TreeCut
-from ..types import Draft
-from .base import Context, StepFeedback
+from ...costs import target_costs
+from ...errors import ConfigError
+from ...types import Draft
+from ..base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .draft_size import TreeCut
+from .draft_vocab import trained_vocab
+from .store import find_drafter
 
 
 class HeadsNet(nn.Module):
@@ -169,7 +172,7 @@ class HeadsDrafter:
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         if self.cut is not None:
-            self.cut.observe(feedback.result.num_accepted)
+            self.cut.observe(feedback.result.num_accepted, len(feedback.draft))
 
     @torch.inference_mode()
     def candidates(self, h: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -243,3 +246,26 @@ class HeadsDrafter:
             out.append(int(tok))
             prefix = torch.cat([prefix, tok.view(1).to(prefix.device)])
         return self._cut(Draft.chain(out), ids, logp)
+
+
+def load_heads(model, opts: MethodOptions, tokenizer=None):
+    """``(stored drafter, heads, rescoring LM, draft vocabulary ids)`` of the trained heads
+    drafter for ``model`` (``opts.drafter`` or the one shipped for it), the vocabulary cut to
+    ``--draft-vocab`` (:func:`~genrefine.methods.parts.draft_vocab.trained_vocab`)."""
+    d = find_drafter(model, "heads", opts.drafter)
+    t, cfg = d.tensors, d.config
+    net = HeadsNet(model.hidden_size, int(cfg["num_heads"]))
+    net.load_state_dict({"weight": t["heads.weight"].float(), "bias": t["heads.bias"].float()})
+    lm = WindowLM(model.hidden_size, int(cfg["lm_window"]))
+    lm.load_state_dict({k[3:]: v.float() for k, v in t.items() if k.startswith("lm.")})
+    return d, net, lm, trained_vocab(model, opts, tokenizer, t["vocab_ids"].long())
+
+
+def heads_method(mode: str, model, opts: MethodOptions, net, ids, budget: int, **kw) -> Method:
+    """The :class:`Method` of a heads drafter in ``mode`` drafting at most ``budget`` nodes (or
+    ``--draft-len``); drafts are cut to what pays on this machine (:class:`TreeCut`) unless
+    ``opts.tree_cut`` is off."""
+    budget = min(budget, opts.draft_len or budget)
+    cost = target_costs(model) if opts.tree_cut else None
+    drafter = HeadsDrafter(model, net, ids, mode=mode, cost=cost, **kw)
+    return Method(mode, [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)

@@ -6,7 +6,7 @@ configuration (JSON) and the target it was trained for (name, sizes and a finger
 embedding rows). Loading checks the target and refuses another model's drafter with a message
 naming both. Nothing here unpickles anything.
 
-Drafters trained for the embedded model ship in the package (``genrefine/drafters/shipped``) and
+Drafters trained for the embedded model ship in the package (``genrefine/shipped``) and
 are found by the target's fingerprint when no ``--drafter`` is given.
 """
 
@@ -20,11 +20,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 FORMAT = "genrefine-drafter-1"
+
+
 FILE = "drafter.safetensors"
-SHIPPED = Path(__file__).resolve().parent / "shipped"
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "shipped"
 
 
 def target_fingerprint(model) -> str:
@@ -48,9 +52,11 @@ class StoredDrafter:
     path: Path
 
 
-def save_drafter(out: str | Path, kind: str, model, config: dict, tensors: dict[str, Tensor]) -> Path:
+def save_drafter(
+    out: str | Path, kind: str, model, config: dict, tensors: dict[str, Tensor]
+) -> Path:
     """Write ``out/drafter.safetensors`` (atomically); returns the file's path."""
-    from ..diskcache import save_tensors
+    from ...diskcache import save_tensors
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ every token is verified against the target's argmax (greedy) or by speculative s
 
 from __future__ import annotations
 
+from .base import MethodSpec
+
 from collections import OrderedDict
 
 import torch
@@ -26,7 +28,7 @@ import torch
 from ..errors import ConfigError
 from ..types import Draft
 from ..verify.jacobi import jacobi_update
-from .base import Context, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
 
 
 class NgramPool:
@@ -105,7 +107,9 @@ class LookaheadDrafter:
             tokens.append(int(self._iterate[j]))
         if not tokens:
             return Draft.empty()
-        return Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        return Draft(
+            torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+        )
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         argmax = feedback.target_argmax.cpu()  # [n + 1]
@@ -123,3 +127,22 @@ class LookaheadDrafter:
         pad = int(feedback.result.tokens[-1])
         self._iterate = jacobi_update(fresh, emitted - 1, self.window, pad)
         self._at = int(ctx.tokens.shape[0]) + emitted
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+
+    w, n, g = opts.lookahead
+    if not model.supports_trees:
+        g = 0  # chains only: the lookahead branch alone (Jacobi with an n-gram pool unused)
+    d = LookaheadDrafter(window=w, ngram=n, guesses=g)
+    budget = min(d.max_nodes, opts.draft_len or d.max_nodes)
+    return Method("lookahead", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+SPEC = MethodSpec(
+    "lookahead",
+    True,
+    "lookahead decoding: a Jacobi branch feeds an n-gram pool verified in the same forward",
+    build,
+    order=3,
+)

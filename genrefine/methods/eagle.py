@@ -19,10 +19,12 @@ above its parent, the kept set is a tree. Verification is the target's, so the m
 
 With a cost table (``cost``: seconds of one target forward of ``n`` new tokens) the kept set is
 cut further to the size that maximises the expected tokens per second of the step
-(:class:`genrefine.policy.TreeCut`).
+(:class:`genrefine.methods.parts.draft_size.TreeCut`).
 """
 
 from __future__ import annotations
+
+from .base import MethodSpec
 
 import math
 
@@ -30,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..costs import target_costs
 from ..errors import ConfigError
-from ..policy import TreeCut
 from ..types import Draft
-from .base import Context, StepFeedback
-from .heads import output_logits
+from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .parts.draft_size import TreeCut
+from .parts.draft_vocab import trained_vocab
+from .parts.heads import output_logits
 
 
 def _rms(x: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
@@ -48,7 +52,10 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [.., T, D/2]
     if ang.dim() == 3:  # [B, T, D/2] -> [B, 1, T, D/2]
         ang = ang.unsqueeze(1)
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    cos, sin = (
+        torch.cat([ang.cos()] * 2, -1).to(x.dtype),
+        torch.cat([ang.sin()] * 2, -1).to(x.dtype),
+    )
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -111,7 +118,9 @@ class EagleNet(nn.Module):
         kv = self.kv(h).view(B, T, 2, self.kv_heads, self.head_dim)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         q, k = _rope(q, positions, self.rope_theta), _rope(k, positions, self.rope_theta)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        keys, values = (
+            (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        )
         rep = self.heads // self.kv_heads
         if rep > 1:
             keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
@@ -165,7 +174,7 @@ class EagleDrafter:
 
     def observe(self, ctx: Context, feedback: StepFeedback) -> None:
         if self.cut is not None:
-            self.cut.observe(feedback.result.num_accepted)
+            self.cut.observe(feedback.result.num_accepted, len(feedback.draft))
 
     def _ensure(self, need: int) -> None:
         net = self.net
@@ -262,7 +271,10 @@ class EagleDrafter:
                     a = parents[a]
                 mask[r, used + r] = True
             out, k, v = self.net(
-                pf.unsqueeze(0), e.unsqueeze(0), pos, (self._k[:, :, :used], self._v[:, :, :used]),
+                pf.unsqueeze(0),
+                e.unsqueeze(0),
+                pos,
+                (self._k[:, :, :used], self._v[:, :, :used]),
                 mask.view(1, 1, m, used + m),
             )
             self._k[:, :, used : used + m], self._v[:, :, used : used + m] = k, v
@@ -284,5 +296,34 @@ class EagleDrafter:
         keep = sorted(order, key=lambda i: (depths[i], i))
         new = {old: j for j, old in enumerate(keep)}
         toks = torch.stack([tokens[i] for i in keep]).cpu()
-        par = torch.tensor([-1 if parents[i] < 0 else new[parents[i]] for i in keep], dtype=torch.long)
+        par = torch.tensor(
+            [-1 if parents[i] < 0 else new[parents[i]] for i in keep], dtype=torch.long
+        )
         return Draft(toks, par)
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .parts.store import find_drafter
+
+    d = find_drafter(model, "eagle", opts.drafter)
+    cfg = dict(d.config)
+    topk = int(cfg.pop("topk", 4))
+    net = EagleNet(**cfg)
+    net.load_state_dict({k[4:]: v.float() for k, v in d.tensors.items() if k.startswith("net.")})
+    budget = opts.draft_len or 16
+    ids = trained_vocab(model, opts, tokenizer, d.tensors["vocab_ids"].long())
+    # the tree is cut to the size that maximises expected tokens per second on this machine
+    cost = target_costs(model) if opts.tree_cut else None
+    drafter = EagleDrafter(model, net, ids, topk=topk, cost=cost)
+    return Method("eagle", [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
+
+
+SPEC = MethodSpec(
+    "eagle",
+    True,
+    "EAGLE-2: a one-layer feature drafter grows a dynamic tree by draft confidence",
+    build,
+    native_only=True,
+    drafter_kind="eagle",
+    order=12,
+)

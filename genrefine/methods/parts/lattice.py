@@ -40,10 +40,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, GenrefineError
-from ..types import Draft
+from ...errors import ConfigError, GenrefineError
+from ...types import Draft
 
 FORMAT = "genrefine-ngram-lm"
+
+
 FORMAT_VERSION = "1"
 
 

@@ -3,7 +3,7 @@
 Method ``calm``. Unlike every draft-and-verify method this one changes the output: a token whose
 early-layer prediction is confident enough is emitted without running the remaining layers, and
 nothing checks it against the full model. It is here as the lossy reference point for the
-lossless self-speculative drafters of :mod:`genrefine.drafters.layer_skip`.
+lossless self-speculative drafters of :mod:`genrefine.methods.parts.self_draft`.
 
 Per token (Schuster et al., 2022, with softmax confidence and state propagation):
 
@@ -23,16 +23,20 @@ Without an exit the last layer's full-vocabulary logits decide the token, as in 
 
 from __future__ import annotations
 
+from .base import MethodSpec
+
 import time
 from collections.abc import Generator, Sequence
 
 import torch
 from torch import Tensor
 
-from .engine import Stats, _truncate, prefill
-from .errors import ConfigError
-from .sampling import make_generator, next_token
-from .types import SamplingParams
+from ..engine import Stats, _truncate, prefill
+from ..errors import ConfigError
+from ..sampling import make_generator, next_token
+from ..types import SamplingParams
+from .base import Method, MethodOptions
+from .parts.draft_vocab import reduced_vocab
 
 
 def default_exit_points(num_layers: int) -> list[int]:
@@ -66,11 +70,15 @@ def calm_generate(
     ``stats.steps`` counts decoded tokens (one pass each; the first comes from the prefill).
     """
     L = model.num_layers
-    points = default_exit_points(L) if exit_points is None else sorted(set(int(e) for e in exit_points))
+    points = (
+        default_exit_points(L) if exit_points is None else sorted(set(int(e) for e in exit_points))
+    )
     if any(not 1 <= e < L for e in points):
         raise ConfigError(f"CALM exit points must be layer counts in [1, {L - 1}], got {points}")
     if not threshold > 0.0:
-        raise ConfigError(f"the CALM threshold must be > 0 (1.0 never exits early), got {threshold}")
+        raise ConfigError(
+            f"the CALM threshold must be > 0 (1.0 never exits early), got {threshold}"
+        )
     params = params or SamplingParams()
     generator = None if params.greedy else make_generator(params, model.device)
     head = None if vocab_ids is None else model.reduced_head(torch.as_tensor(vocab_ids))
@@ -128,3 +136,26 @@ def _calm_token(
         x = model.run_layers(x, cache, start, range(done, L))
         cache.length = start + 1
         return next_token(model.project(x), params, generator), L
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+
+    ids = reduced_vocab(model, opts, tokenizer)
+    threshold = opts.calm_threshold
+
+    def decode(model, prompt, max_new_tokens, params, eos_ids, stats):
+        return calm_generate(
+            model, prompt, max_new_tokens, threshold, eos_ids, stats, params=params, vocab_ids=ids
+        )
+
+    return Method("calm", decode=decode)
+
+
+SPEC = MethodSpec(
+    "calm",
+    False,
+    "LOSSY early exit per token when the top probability passes --calm-threshold (CALM)",
+    build,
+    native_only=True,
+    order=13,
+)

@@ -1,21 +1,10 @@
-"""Prompt lookup decoding (PLD, also LLMA): draft by copying what followed an earlier occurrence.
+"""An incremental n-gram index over the context, and the trees built from its matches.
 
-The last ``n`` tokens of the context (the *suffix*, ``max_ngram >= n >= min_ngram``, largest
-first) are looked up among earlier positions of the same context (prompt and generated text). Each
-earlier occurrence is a *match*; the tokens that followed it are its *continuation*. The first
-``n`` that has any match wins.
-
-One match gives a chain. Several matches give a tree: their continuations are merged into a trie
-(common prefixes shared) and the ``budget`` most promising trie nodes are kept, where a node's
-score is ``count * depth_decay ** depth`` (``count`` = how many of the matches pass through it).
-Ties go to the most recent match, then to the shallower node. Because a child never scores higher
-than its parent, the kept nodes always include their ancestors. Children are emitted in order of
-frequency, then recency (depth-first), so the first path of the draft, its *main chain*, is the
-most frequent continuation and, among equally frequent ones, the most recent.
-
-Everything here is deterministic (``Draft.probs is None``). The search runs on an incremental
-index (n-gram -> end positions) that only looks at tokens appended since the previous call, so a
-``propose`` at a context of thousands of tokens costs tens of microseconds.
+:class:`NgramIndex` finds the earlier occurrences of the context's longest suffix of
+``min_ngram..max_ngram`` tokens and their continuations (used by prompt lookup and suffix
+decoding); :func:`continuation_tree` merges continuations into a draft tree, most frequent and
+most recent first; :class:`ChainCutState` is a copying drafter's use of a
+:class:`~genrefine.methods.parts.draft_size.ChainCut` on chain-only backends.
 """
 
 from __future__ import annotations
@@ -23,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
 
-from ..errors import ConfigError
-from ..types import Draft
-from .base import Context, StepFeedback
+from ...errors import ConfigError
+from ...types import Draft
+from ..base import Context, StepFeedback
 
 
-def _check_ngrams(max_ngram: int, min_ngram: int) -> None:
+def check_ngrams(max_ngram: int, min_ngram: int) -> None:
     if min_ngram < 1:
         raise ConfigError(f"min_ngram must be >= 1, got {min_ngram}")
     if max_ngram < min_ngram:
@@ -47,7 +35,7 @@ class NgramIndex:
     """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        _check_ngrams(max_ngram, min_ngram)
+        check_ngrams(max_ngram, min_ngram)
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.tokens: list[int] = []
@@ -122,29 +110,6 @@ class NgramIndex:
     def candidates(self, max_len: int, max_candidates: int) -> list[list[int]]:
         """Continuations (up to ``max_len`` tokens each) of the best matches, most recent first."""
         return self.match(max_len, max_candidates)[1]
-
-
-def find_candidates(
-    tokens: Sequence[int] | Tensor,
-    max_ngram: int = 3,
-    min_ngram: int = 1,
-    max_len: int = 8,
-    max_candidates: int = 8,
-) -> list[list[int]]:
-    """Continuations of the earlier occurrences of the context's longest matching suffix.
-
-    tokens: [L] token ids. Tries ``n = max_ngram`` down to ``min_ngram``; for the first ``n``
-    whose last-``n``-token suffix also ends at an earlier position ``e < L - 1``, returns
-    ``tokens[e + 1 : e + 1 + max_len]`` for each such ``e``, largest ``e`` (most recent) first, at
-    most ``max_candidates`` of them (equal continuations are kept: their count is a frequency).
-    Returns ``[]`` when no ``n`` matches.
-    """
-    if isinstance(tokens, Tensor):
-        assert tokens.dim() == 1, tokens.shape
-        tokens = tokens.tolist()
-    index = NgramIndex(max_ngram, min_ngram)
-    index.extend(tokens)
-    return index.candidates(max_len, max_candidates)
 
 
 def continuation_tree(
@@ -223,7 +188,7 @@ def continuation_draft(
 
 
 class ChainCutState:
-    """A copying drafter's use of a :class:`~genrefine.policy.ChainCut` (None: no cut).
+    """A copying drafter's use of a :class:`~genrefine.methods.parts.draft_size.ChainCut` (None: no cut).
 
     Describes each chain token by ``(previous draft accepted in full, agreement, match length
     capped at match_cap)``, where agreement says how the continuations that led to the token
@@ -283,72 +248,3 @@ class ChainCutState:
         a, n = feedback.result.num_accepted, len(feedback.draft)
         self.chain_cut.observe(a, n)
         self._prev_full = n > 0 and a == n
-
-
-class PromptLookupDrafter:
-    """Drafts by prompt lookup (see the module docstring).
-
-    ``tree=False`` drafts only the main chain (for models that verify chains only). ``cut``, a
-    :class:`~genrefine.policy.ChainCut`, then decides how many of its tokens pay to verify, from
-    the features :class:`ChainCutState` gives each token.
-    """
-
-    name = "pld"
-
-    def __init__(
-        self,
-        max_ngram: int = 3,
-        min_ngram: int = 1,
-        max_candidates: int = 8,
-        tree: bool = True,
-        depth_decay: float = 0.8,
-        cut=None,
-    ) -> None:
-        _check_ngrams(max_ngram, min_ngram)
-        if max_candidates < 1:
-            raise ConfigError(f"max_candidates must be >= 1, got {max_candidates}")
-        if not (0.0 < depth_decay <= 1.0):
-            raise ConfigError(f"depth_decay must be in (0, 1], got {depth_decay}")
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
-        self.max_candidates = max_candidates
-        self.tree = tree
-        self.depth_decay = depth_decay
-        self._index = NgramIndex(max_ngram, min_ngram)
-        self._seen: Tensor | None = None  # [len(index)] the tokens indexed, on their device
-        self._chains = ChainCutState(cut if not tree else None)
-
-    def reset(self) -> None:
-        """Forget the indexed context."""
-        self._index.clear()
-        self._seen = None
-        self._chains.reset()
-
-    def _sync(self, tokens: Tensor) -> None:
-        """Bring the index up to ``tokens`` [L]: keep the common prefix, index the rest."""
-        assert tokens.dim() == 1, tokens.shape
-        indexed = len(self._index)
-        if indexed and self._seen is not None:
-            m = min(indexed, tokens.shape[0])
-            a, b = self._seen[:m], tokens[:m]
-            if a.device != b.device:
-                a = a.to(b.device)
-            if not torch.equal(a, b):
-                m = int((a != b).nonzero()[0, 0])
-            self._index.truncate(m)
-        else:
-            self._index.clear()
-        if tokens.shape[0] > len(self._index):
-            self._index.extend(tokens[len(self._index) :].tolist())
-        self._seen = tokens.clone()
-
-    def propose(self, ctx: Context, budget: int) -> Draft:
-        """A chain or tree of at most ``budget`` nodes copied from earlier context, or empty."""
-        self._sync(ctx.tokens)
-        m, conts = self._index.match(budget, self.max_candidates)
-        draft = continuation_draft(conts, budget, self.depth_decay, chain=not self.tree)
-        return self._chains.cut(ctx, draft, m, conts)
-
-    def observe(self, ctx: Context, feedback: StepFeedback) -> None:
-        """Tell the chain cut what was accepted (the next ``propose`` indexes the new tokens)."""
-        self._chains.observe(feedback)

@@ -1,0 +1,198 @@
+"""What a target forward costs on this machine: ``T(n)``, the seconds one forward of ``n`` new
+tokens takes.
+
+:func:`measure_verify_cost` times it, :class:`CostTable` holds and interpolates it, and
+:func:`load_or_measure` / :func:`target_costs` measure once per model, dtype and machine and cache
+the table on disk (:mod:`genrefine.diskcache`). Every cost-aware decision reads it: ``auto``'s
+choice of drafter and draft size, and the draft-size controls of
+:mod:`genrefine.methods.parts.draft_size`. No clock is read while generating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .diskcache import cache_root, write_text
+from .errors import ConfigError
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_verify_cost(
+    model,
+    sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+    context_len: int = 128,
+    repeats: int = 3,
+    forward_kwargs: dict | None = None,
+) -> dict[int, float]:
+    """Seconds per target forward of ``n`` new tokens, for each ``n`` in ``sizes``.
+
+    Fills a fresh cache with ``context_len`` random tokens, warms up once per size, then times
+    ``repeats`` forwards of ``n`` tokens (logits for every row, as verification asks) each followed
+    by ``cache.rollback(n)``, and reports the median. On a model with a shorter context
+    (``model.max_context``) the sizes that do not fit are dropped and the context shortened.
+    ``forward_kwargs`` go to every timed forward (a draft model's ``vocab_subset``).
+    """
+    fwd = dict(forward_kwargs or {})
+    sizes = sorted({int(n) for n in sizes})
+    if not sizes or sizes[0] < 1:
+        raise ConfigError(f"sizes must be positive token counts, got {sizes}")
+    if context_len < 1 or repeats < 1:
+        raise ConfigError(f"need context_len >= 1 and repeats >= 1, got {context_len}, {repeats}")
+    limit = getattr(model, "max_context", None)
+    if limit:  # a short-context model: fewer sizes, a shorter context
+        sizes = [n for n in sizes if n < limit] or [1]
+        context_len = max(1, min(context_len, limit - sizes[-1]))
+    device = torch.device(getattr(model, "device", "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.vocab_size)
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        cache = model.new_cache(capacity=context_len + sizes[-1])
+        prefix = torch.randint(0, vocab, (context_len,), generator=gen).to(device)  # [context_len]
+        model.forward(prefix, cache, logits_rows=torch.tensor([context_len - 1], device=device))
+        batches = {n: torch.randint(0, vocab, (n,), generator=gen).to(device) for n in sizes}
+        for n in sizes:  # warm-up
+            model.forward(batches[n], cache, **fwd)
+            cache.rollback(n)
+        _synchronize(device)
+        for n in sizes:
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.forward(batches[n], cache, **fwd)
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+                cache.rollback(n)
+            out[n] = statistics.median(times)
+    return out
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Measured target forward times; ``table(n)`` interpolates seconds for ``n`` new tokens.
+
+    Between measured sizes ``T`` is linear; below the smallest it is the smallest's time; above the
+    largest it extends the last segment's slope (never negative). The measurements are first made
+    non-decreasing in ``n`` (a running maximum), since feeding more tokens never costs less.
+    """
+
+    sizes: tuple[int, ...]  # ascending token counts
+    seconds: tuple[float, ...]  # seconds per forward at each size
+    key: str = ""
+    context_len: int = 0
+    _mono: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) != len(self.seconds) or not self.sizes:
+            raise ConfigError("a cost table needs one time per size and at least one size")
+        if list(self.sizes) != sorted(set(self.sizes)):
+            raise ConfigError(f"cost table sizes must be ascending and distinct: {self.sizes}")
+        mono, run = [], -math.inf
+        for s in self.seconds:
+            run = max(run, float(s))
+            mono.append(run)
+        object.__setattr__(self, "_mono", tuple(mono))
+
+    @staticmethod
+    def from_measurements(
+        measured: dict[int, float], key: str = "", context_len: int = 0
+    ) -> "CostTable":
+        """A table from :func:`measure_verify_cost`'s ``{n: seconds}``."""
+        sizes = tuple(sorted(measured))
+        return CostTable(sizes, tuple(float(measured[n]) for n in sizes), key, context_len)
+
+    def __call__(self, n: float) -> float:
+        """Interpolated seconds for a forward of ``n`` new tokens."""
+        xs, ys = self.sizes, self._mono
+        if n <= xs[0] or len(xs) == 1:
+            return ys[0] if n <= xs[0] else ys[-1]
+        for i in range(1, len(xs)):
+            if n <= xs[i]:
+                w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + w * (ys[i] - ys[i - 1])
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + max(slope, 0.0) * (n - xs[-1])
+
+    @staticmethod
+    def path_for(key: str) -> Path:
+        """Where the table for ``key`` lives: ``$GENREFINE_CACHE/cost/<slug>-<hash>.json``."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:60].strip("_") or "table"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return cache_root() / "cost" / f"{slug}-{digest}.json"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": 1,
+                "key": self.key,
+                "context_len": self.context_len,
+                "sizes": list(self.sizes),
+                "seconds": list(self.seconds),
+            },
+            indent=1,
+        )
+
+    @staticmethod
+    def from_json(text: str) -> "CostTable":
+        d = json.loads(text)
+        return CostTable(
+            tuple(int(n) for n in d["sizes"]),
+            tuple(float(s) for s in d["seconds"]),
+            str(d.get("key", "")),
+            int(d.get("context_len", 0)),
+        )
+
+    def save(self) -> Path:
+        """Write to :meth:`path_for` of this table's key (atomically); returns the path."""
+        return write_text(self.path_for(self.key), self.to_json())
+
+    @staticmethod
+    def load(key: str) -> "CostTable | None":
+        """The saved table for ``key``, or None when there is none (or it is unreadable)."""
+        path = CostTable.path_for(key)
+        try:
+            table = CostTable.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            return None
+        return table if table.key == key else None
+
+
+def load_or_measure(model, key: str, **measure_kwargs) -> CostTable:
+    """The cached cost table for ``key``, measuring (and saving) it first if there is none.
+
+    ``key`` should name everything the timings depend on, e.g.
+    ``f"{model_id}|{dtype}|{device}|{machine_key(device)}"``.
+    ``measure_kwargs`` go to :func:`measure_verify_cost`.
+    """
+    table = CostTable.load(key)
+    if table is not None:
+        return table
+    context_len = int(measure_kwargs.get("context_len", 128))
+    measured = measure_verify_cost(model, **measure_kwargs)
+    table = CostTable.from_measurements(measured, key, context_len)
+    table.save()
+    return table
+
+
+def target_costs(model):
+    """The target's forward times on this machine (measured on first use, cached on disk)."""
+    from .diskcache import machine_key
+
+    key = f"{getattr(model, 'name', 'model')}|{model.dtype}|{machine_key(model.device)}"
+    return load_or_measure(model, key)

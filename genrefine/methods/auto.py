@@ -1,0 +1,226 @@
+"""``auto``: per step, the drafter and draft size with the best expected tokens per second.
+
+:class:`CostModelPolicy` maximises expected tokens per second. It needs
+
+- ``T(n)``, the seconds one target forward of ``n`` new tokens takes (a
+  :class:`~genrefine.costs.CostTable`, measured once per model and machine and cached on disk),
+- per drafter, an :class:`AcceptanceEstimator` (per-depth acceptance rates, learned online),
+- per drafter, the seconds drafting costs per draft token (learned online, an EMA).
+
+A step that drafts ``n`` tokens feeds ``n + 1`` tokens (root + draft) to the target and emits
+``expected_tokens(n)`` tokens on average, so its rate is
+``expected_tokens(n) / (T(n + 1) + draft_cost * n)``; ``n = 0`` is plain decoding. The drafters
+are prompt lookup (:mod:`genrefine.methods.pld`) and Jacobi (:mod:`genrefine.methods.jacobi`).
+
+Trees: ``budget`` bounds the total number of draft nodes. The estimators see the accepted length
+against the draft's depth, so for a tree drafter the model is that of a chain as deep as its tree;
+there is no separate width choice.
+"""
+
+from __future__ import annotations
+
+from .base import MethodSpec
+
+from collections.abc import Iterable
+
+from ..costs import CostTable, target_costs
+from ..errors import ConfigError
+from .base import Method, MethodOptions
+from .pld import make_pld_drafter
+
+
+class AcceptanceEstimator:
+    """Per-depth conditional acceptance rates ``alpha[d]``, learned online.
+
+    ``alpha[d]`` estimates P(draft token at depth ``d + 1`` is accepted | the ``d`` before it
+    were). Each starts at ``prior`` worth ``prior_weight`` observations; an observation moves it
+    by a weight ``max(rate, 1 / (prior_weight + count))``, a running mean at first and an
+    exponential moving average with ``rate`` once ``count`` is large. Depths past ``max_depth``
+    share the last rate.
+    """
+
+    def __init__(
+        self, max_depth: int = 32, prior: float = 0.5, prior_weight: float = 2.0, rate: float = 0.05
+    ) -> None:
+        if max_depth < 1 or not (0.0 <= prior <= 1.0) or prior_weight < 0 or not (0 < rate <= 1):
+            raise ConfigError(
+                "need max_depth >= 1, prior in [0, 1], prior_weight >= 0 and rate in (0, 1], got "
+                f"{max_depth}, {prior}, {prior_weight}, {rate}"
+            )
+        self.max_depth, self.prior = max_depth, prior
+        self.prior_weight, self.rate = prior_weight, rate
+        self.alpha = [prior] * max_depth
+        self.count = [0] * max_depth
+
+    def _observe(self, d: int, accepted: bool) -> None:
+        self.count[d] += 1
+        w = max(self.rate, 1.0 / (self.prior_weight + self.count[d]))
+        self.alpha[d] += w * (float(accepted) - self.alpha[d])
+
+    def update(self, num_drafted: int, num_accepted: int) -> None:
+        """One step: depths ``1..num_accepted`` passed; ``num_accepted + 1`` failed if drafted.
+
+        For a tree pass its depth as ``num_drafted``.
+        """
+        a = min(num_accepted, num_drafted)
+        for d in range(min(a, self.max_depth)):
+            self._observe(d, True)
+        if a < num_drafted and a < self.max_depth:
+            self._observe(a, False)
+
+    def rates(self, n: int) -> list[float]:
+        """``alpha`` for depths 1..n."""
+        return [self.alpha[min(d, self.max_depth - 1)] for d in range(n)]
+
+    def expected_tokens(self, n: int) -> float:
+        """Tokens a step emits on average when drafting ``n``: ``1 + sum_k prod_{d<k} alpha[d]``."""
+        total, run = 1.0, 1.0
+        for a in self.rates(n):
+            run *= a
+            total += run
+        return total
+
+
+class CostModelPolicy:
+    """Chooses the drafter and draft size that maximise expected tokens per second.
+
+    For drafter ``k`` drafting ``n`` tokens the rate is
+    ``E_k(n) / (T(n + 1) + c_k * n)`` with ``E_k`` from its :class:`AcceptanceEstimator`, ``T``
+    from the :class:`CostTable` and ``c_k`` its drafting seconds per token (an EMA fed by
+    :meth:`update_draft_cost`; 0 until measured). ``n = 0`` (plain decoding, rate ``1 / T(1)``)
+    competes too. Ties go to the smaller ``n`` and to the earlier drafter.
+
+    So that a drafter that fell out of favour gets re-measured, a drafter not chosen for
+    ``probe_every`` consecutive :meth:`choose` calls is chosen once with its best ``n >= 1``.
+    All of this is deterministic.
+    """
+
+    def __init__(
+        self,
+        cost: CostTable,
+        max_len: int = 16,
+        cost_rate: float = 0.1,
+        probe_every: int = 32,
+        estimator_kwargs: dict | None = None,
+    ) -> None:
+        if max_len < 1:
+            raise ConfigError(f"max_len must be >= 1, got {max_len}")
+        self.cost = cost
+        self.max_len = max_len
+        self.cost_rate = cost_rate
+        self.probe_every = probe_every
+        self._estimator_kwargs = dict(estimator_kwargs or {})
+        self._estimator_kwargs.setdefault("max_depth", max_len)
+        self._verify = [cost(n + 1) for n in range(max_len + 1)]  # [n] = T(n + 1)
+        self.estimators: dict[str, AcceptanceEstimator] = {}
+        self.draft_cost: dict[str, float] = {}  # seconds per draft token
+        self._idle: dict[str, int] = {}
+
+    def estimator(self, name: str) -> AcceptanceEstimator:
+        """The acceptance estimator of drafter ``name`` (created on first use)."""
+        est = self.estimators.get(name)
+        if est is None:
+            est = self.estimators[name] = AcceptanceEstimator(**self._estimator_kwargs)
+        return est
+
+    def update(self, name: str, num_drafted: int, num_accepted: int) -> None:
+        """Record a verified step of drafter ``name``."""
+        self.estimator(name).update(num_drafted, num_accepted)
+
+    def update_draft_cost(self, name: str, seconds: float, n: int) -> None:
+        """Record that drafting ``n`` tokens with ``name`` took ``seconds``."""
+        if n <= 0:
+            return
+        per_token = seconds / n
+        old = self.draft_cost.get(name)
+        new = per_token if old is None else old + self.cost_rate * (per_token - old)
+        self.draft_cost[name] = new
+
+    def rate(self, name: str, n: int) -> float:
+        """Expected tokens per second when ``name`` drafts ``n`` tokens (``n = 0``: plain)."""
+        n = min(max(n, 0), self.max_len)
+        if n == 0:
+            return 1.0 / self._verify[0]
+        seconds = self._verify[n] + self.draft_cost.get(name, 0.0) * n
+        return self.estimator(name).expected_tokens(n) / seconds
+
+    def _best(self, name: str, min_n: int) -> tuple[int, float]:
+        est = self.estimator(name)
+        c = self.draft_cost.get(name, 0.0)
+        best_n, best_r = min_n, -1.0
+        expected, run = 1.0, 1.0
+        for n, a in enumerate(est.rates(self.max_len), start=1):
+            run *= a
+            expected += run
+            r = expected / (self._verify[n] + c * n)
+            if n >= min_n and r > best_r:
+                best_n, best_r = n, r
+        if min_n == 0 and 1.0 / self._verify[0] >= best_r:
+            return 0, 1.0 / self._verify[0]
+        return best_n, best_r
+
+    def choose(self, names: Iterable[str]) -> tuple[str | None, int]:
+        """``(drafter, budget)`` for the next step; ``(None, 0)`` means plain decoding."""
+        names = list(names)
+        for name in names:
+            self._idle[name] = self._idle.get(name, 0) + 1
+        probe = next((k for k in names if self._idle[k] > self.probe_every), None)
+        if probe is not None:
+            self._idle[probe] = 0
+            return probe, self._best(probe, 1)[0]
+        best_name, best_n, best_r = None, 0, 1.0 / self._verify[0]
+        for name in names:
+            n, r = self._best(name, 1)
+            if r > best_r:
+                best_name, best_n, best_r = name, n, r
+        if best_name is not None:
+            self._idle[best_name] = 0
+        return best_name, best_n
+
+
+class CostPolicy:
+    """Pick drafter and draft size maximising expected tokens per second (:class:`CostModelPolicy`)."""
+
+    def __init__(self, cost_table, max_len: int) -> None:
+        self.cost_table, self.max_len = cost_table, max_len
+        self.policy = CostModelPolicy(cost_table, max_len=max_len)
+
+    def reset(self, params=None) -> None:
+        """Greedy generations share what earlier ones learnt (the output cannot depend on it).
+        Sampled ones start afresh and ignore wall-clock drafting costs, so that a seed gives the
+        same tokens every time: the drafter and draft size choices steer how the random stream
+        is consumed."""
+        self._timed = params is None or params.greedy
+        if not self._timed:
+            self.policy = CostModelPolicy(self.cost_table, max_len=self.max_len)
+
+    def choose(self, drafters):
+        by_name = {d.name: d for d in drafters}
+        name, budget = self.policy.choose(list(by_name))
+        return (by_name[name], budget) if name is not None else (None, 0)
+
+    def update(self, drafter, drafted, accepted, draft_seconds, tree_info) -> None:
+        if drafter is None or drafted == 0:
+            return
+        depth = tree_info.num_levels if tree_info is not None else drafted
+        self.policy.update(drafter.name, depth, accepted)
+        if getattr(self, "_timed", True):
+            self.policy.update_draft_cost(drafter.name, draft_seconds, drafted)
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+    from .jacobi import JacobiDrafter
+
+    max_len = opts.draft_len or 16
+    table = target_costs(model)
+    drafters = [make_pld_drafter(model, opts), JacobiDrafter(block=max_len)]
+    return Method("auto", drafters, CostPolicy(table, max_len), max_len, opts.acceptance)
+
+
+SPEC = MethodSpec(
+    "auto",
+    True,
+    "per step, the drafter and draft size with the best expected tokens/s (cost model)",
+    build,
+    order=14,
+)

@@ -1,0 +1,27 @@
+"""``bpd``: blockwise parallel decoding (Stern et al. 2018).
+
+Trained prediction heads on the target's last hidden state (:mod:`genrefine.methods.parts.heads`)
+each guess the token ``j`` places ahead; the draft is the chain of their argmaxes, verified by the
+target. Needs a trained heads drafter (``--drafter DIR``, or the one shipped for the model).
+"""
+
+from __future__ import annotations
+
+from .base import Method, MethodOptions, MethodSpec
+from .parts.heads import heads_method, load_heads
+
+
+def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+    _, net, _, ids = load_heads(model, opts, tokenizer)
+    return heads_method("bpd", model, opts, net, ids, budget=net.num_heads)
+
+
+SPEC = MethodSpec(
+    "bpd",
+    True,
+    "blockwise parallel decoding: trained heads' argmax chain (--drafter or shipped)",
+    build,
+    order=8,
+    native_only=True,
+    drafter_kind="heads",
+)
