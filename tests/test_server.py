@@ -30,7 +30,6 @@ import genrefine
 import genrefine.server.scheduler as scheduler_mod
 from genrefine.cli import main
 from genrefine.server import ServerConfig, bind, create_app
-from genrefine.server.text import TextTracker
 from tiny import byte_tokenizer, save_tiny_model_dir
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -436,18 +435,6 @@ def test_short_load_run(gen16) -> None:
 
 
 # --------------------------------------------------------------------------- pieces
-def test_text_tracker_holds_back_stop_prefixes_and_partial_characters() -> None:
-    tok = byte_tokenizer()
-    ids = tok("héllo END there").input_ids[1:]
-    t = TextTracker(tok, ["END"])
-    pieces = [t.add([i]) for i in ids]
-    assert "".join(pieces) == "héllo " and t.stopped and t.finish() == ""
-    assert all("\ufffd" not in p for p in pieces)
-    t = TextTracker(tok, ["ENDING"])
-    pieces = [t.add([i]) for i in ids] + [t.finish()]
-    assert "".join(pieces) == "héllo END there" and not t.stopped
-
-
 def test_serve_cli_errors_are_one_line(capsys, tiny_dir) -> None:
     for argv, needle in [
         (["serve", "--max-batch", "0"], "--max-batch"),

@@ -38,9 +38,9 @@ from ..engine import Decoder, Engine, Stats, check_prompt
 from ..errors import ConfigError, GenrefineError
 from ..methods import METHODS, MethodOptions, build_method
 from ..models.batched import MODES, BatchItem, batches_rows, forward_batch, max_rows
+from ..text import TextTracker
 from ..types import SamplingParams
 from .metrics import Metrics
-from .text import TextTracker
 
 
 class QueueFull(GenrefineError):
