@@ -158,6 +158,29 @@ def test_token_id_prompts_and_stop_strings(live, gen16) -> None:
     assert cut == full[: full.find(stop)] and reason == "stop"
 
 
+def test_usage_counts_only_the_tokens_before_a_stop_string(live, gen16) -> None:
+    ref = gen16.generate(PROMPTS[2], max_new_tokens=30)
+    full, ids = ref.text, ref.token_ids
+    stop = full[5:7]
+    cut = full.find(stop)
+    kept = min(k for k in range(len(ids) + 1)
+               if gen16.tokenizer.decode(ids[:k], skip_special_tokens=True).startswith(full[:cut]))
+    assert kept < len(ids)
+    for stream in (False, True):
+        kw = {"stream_options": {"include_usage": True}} if stream else {}
+        r = live.client.completions.create(model=live.model, prompt=PROMPTS[2], max_tokens=30,
+                                           temperature=0, stop=[stop], stream=stream, **kw)
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            usage = chunks[-1].usage
+        else:
+            text, usage = r.choices[0].text, r.usage
+        assert text == full[:cut]
+        assert usage.completion_tokens == kept
+        assert usage.total_tokens == usage.prompt_tokens + kept
+
+
 def test_streaming_completion(live) -> None:
     text, reason, _ = live.complete(PROMPTS[3], 32)
     pieces, finish, usage = [], None, None
