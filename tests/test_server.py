@@ -342,6 +342,32 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(live, body, needle) -
     assert live.complete("still here", 4)[1] in ("stop", "length")
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_a_seed_torch_cannot_take_is_a_400(live, seed) -> None:
+    for stream in (False, True):
+        r = _post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1.0,
+                                            "seed": seed, "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "seed" and err["type"] == "invalid_request_error", err
+    for seed in (2**64 - 1, -(2**63)):  # the ends of torch.Generator's range still run
+        r = _post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1.0,
+                                            "seed": seed})
+        assert r.status_code == 200, r.text
+
+
+def test_a_tiny_positive_temperature_is_greedy(live, gen16) -> None:
+    """Below genrefine.types.GREEDY_BELOW a temperature decodes greedily, in the server and in
+    the Python API alike (dividing the logits by it would overflow)."""
+    greedy = live.complete(PROMPTS[1], 12)[0]
+    assert gen16.generate(PROMPTS[1], max_new_tokens=12, temperature=1e-40, seed=3).text == greedy
+    for t in (1e-40, 5e-324, 1e-6):
+        r = _post(live, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 12,
+                                            "temperature": t, "seed": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+
+
 def test_the_openai_client_sees_a_bad_request_error(live) -> None:
     with pytest.raises(openai.BadRequestError, match="unknown method"):
         live.complete("hi", 4, extra_body={"method": "nosuch"})
