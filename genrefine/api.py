@@ -17,6 +17,7 @@ from .engine import Engine, Stats
 from .errors import ConfigError
 from .methods.base import MethodOptions
 from .registry import build_method
+from .text import TextTracker
 from .types import SamplingParams
 
 
@@ -25,7 +26,7 @@ class GenerationResult:
     """One finished generation."""
 
     text: str
-    token_ids: list[int]  # new tokens only (EOS not included)
+    token_ids: list[int]  # new tokens only (EOS not included); after a stop string, those of `text`
     stats: Stats
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_ids: list[int]
@@ -125,36 +126,22 @@ class Generator:
         stream = TextStream(iter(()))
 
         def pieces() -> Iterator[str]:
-            ids: list[int] = []
-            sent = ""  # text already yielded
-            finish = None
+            text = TextTracker(self.tokenizer, stops)
             for chunk in token_iter:
-                ids.extend(chunk)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                if stops:
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        text = text[:cut]
-                        finish = "stop"
-                if finish is None and text.endswith("\ufffd"):
-                    continue  # an incomplete multi-byte character: wait for the rest
-                if len(text) > len(sent):
-                    piece = text[len(sent) :]
-                    sent = text
+                piece = text.add(chunk)
+                if piece:
                     yield piece
-                if finish:
+                if text.stopped:
                     token_iter.close()
                     break
-            final = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if finish == "stop":
-                final = sent
-            elif len(final) > len(sent):
-                yield final[len(sent) :]
+            piece = text.finish()
+            if piece:
+                yield piece
             stream.result = GenerationResult(
-                text=final,
-                token_ids=ids,
+                text=text.text,
+                token_ids=list(text.token_ids),
                 stats=stats,
-                finish_reason=finish or engine.finish_reason or "length",
+                finish_reason="stop" if text.stopped else engine.finish_reason or "length",
                 prompt_ids=prompt_ids,
             )
 
@@ -181,6 +168,8 @@ class Generator:
 
         temperature 0 is greedy; top_k 0 and top_p 1 are off. ``method`` names a preset from
         ``genrefine methods``; every lossless method returns what ``ar`` returns under greedy.
+        ``stop``: the text ends just before the first stop string found (streamed text that
+        could begin one is held back until it cannot, so no part of it is ever yielded).
         """
         s = self.stream_tokens(
             prompt, max_new_tokens, temperature, top_k, top_p, seed, method, stop, options

@@ -25,6 +25,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 
+# temperatures below this decode greedily (as in vLLM); the sampler never divides by them
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class Draft:
@@ -88,8 +91,10 @@ class VerifyResult:
 class SamplingParams:
     """How the next token is chosen from the target's logits.
 
-    ``temperature == 0`` means greedy (argmax); top-k and top-p then do nothing.
-    ``top_k == 0`` and ``top_p == 1.0`` disable those filters.
+    ``temperature == 0`` means greedy (argmax); top-k and top-p then do nothing. So does any
+    positive temperature below :data:`GREEDY_BELOW`: logits divided by it can overflow to inf
+    (sampling would then fail), and its distribution differs from the argmax only between
+    near-tied logits. ``top_k == 0`` and ``top_p == 1.0`` disable those filters.
     """
 
     temperature: float = 0.0
@@ -109,7 +114,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Argmax decoding: temperature 0, or a positive one below :data:`GREEDY_BELOW`."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

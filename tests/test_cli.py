@@ -124,6 +124,18 @@ def test_sampling_with_a_seed_repeats(capsys, tiny_dir):
     assert c1 == c2 == 0 and o1 == o2
 
 
+def test_generate_stop_never_prints_the_start_of_a_split_stop(capsys, tiny_dir, monkeypatch):
+    """The stop string arrives split over two chunks of tokens: its first part is never printed."""
+    import genrefine.api as api_mod
+    from test_text import CHUNKS, ChunkEngine
+
+    monkeypatch.setattr(api_mod, "Engine", ChunkEngine)
+    assert CHUNKS[0].endswith("ti") and CHUNKS[1].startswith("me")  # "time" is split
+    code, out, _ = run(capsys, "generate", "hello", "--model", str(tiny_dir), "--dtype", "float32",
+                       "--stop", "nope", "--stop", "time")
+    assert code == 0 and out == "Once upon a \n"
+
+
 def test_index_build_and_generate_with_the_datastore(capsys, tiny_dir, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()

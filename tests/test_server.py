@@ -30,8 +30,7 @@ import genrefine
 import genrefine.server.scheduler as scheduler_mod
 from genrefine.cli import main
 from genrefine.server import ServerConfig, bind, create_app
-from genrefine.server.text import TextTracker
-from tiny import byte_tokenizer, save_tiny_model_dir
+from tiny import save_tiny_model_dir
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -157,6 +156,29 @@ def test_token_id_prompts_and_stop_strings(live, gen16) -> None:
     stop = full[5:7]
     cut, reason, _ = live.complete(PROMPTS[2], 30, stop=[stop, "never-there"])
     assert cut == full[: full.find(stop)] and reason == "stop"
+
+
+def test_usage_counts_only_the_tokens_before_a_stop_string(live, gen16) -> None:
+    ref = gen16.generate(PROMPTS[2], max_new_tokens=30)
+    full, ids = ref.text, ref.token_ids
+    stop = full[5:7]
+    cut = full.find(stop)
+    kept = min(k for k in range(len(ids) + 1)
+               if gen16.tokenizer.decode(ids[:k], skip_special_tokens=True).startswith(full[:cut]))
+    assert kept < len(ids)
+    for stream in (False, True):
+        kw = {"stream_options": {"include_usage": True}} if stream else {}
+        r = live.client.completions.create(model=live.model, prompt=PROMPTS[2], max_tokens=30,
+                                           temperature=0, stop=[stop], stream=stream, **kw)
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            usage = chunks[-1].usage
+        else:
+            text, usage = r.choices[0].text, r.usage
+        assert text == full[:cut]
+        assert usage.completion_tokens == kept
+        assert usage.total_tokens == usage.prompt_tokens + kept
 
 
 def test_streaming_completion(live) -> None:
@@ -320,6 +342,32 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(live, body, needle) -
     assert live.complete("still here", 4)[1] in ("stop", "length")
 
 
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_a_seed_torch_cannot_take_is_a_400(live, seed) -> None:
+    for stream in (False, True):
+        r = _post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1.0,
+                                            "seed": seed, "stream": stream})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "seed" and err["type"] == "invalid_request_error", err
+    for seed in (2**64 - 1, -(2**63)):  # the ends of torch.Generator's range still run
+        r = _post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "temperature": 1.0,
+                                            "seed": seed})
+        assert r.status_code == 200, r.text
+
+
+def test_a_tiny_positive_temperature_is_greedy(live, gen16) -> None:
+    """Below genrefine.types.GREEDY_BELOW a temperature decodes greedily, in the server and in
+    the Python API alike (dividing the logits by it would overflow)."""
+    greedy = live.complete(PROMPTS[1], 12)[0]
+    assert gen16.generate(PROMPTS[1], max_new_tokens=12, temperature=1e-40, seed=3).text == greedy
+    for t in (1e-40, 5e-324, 1e-6):
+        r = _post(live, "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 12,
+                                            "temperature": t, "seed": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+
+
 def test_the_openai_client_sees_a_bad_request_error(live) -> None:
     with pytest.raises(openai.BadRequestError, match="unknown method"):
         live.complete("hi", 4, extra_body={"method": "nosuch"})
@@ -436,18 +484,6 @@ def test_short_load_run(gen16) -> None:
 
 
 # --------------------------------------------------------------------------- pieces
-def test_text_tracker_holds_back_stop_prefixes_and_partial_characters() -> None:
-    tok = byte_tokenizer()
-    ids = tok("héllo END there").input_ids[1:]
-    t = TextTracker(tok, ["END"])
-    pieces = [t.add([i]) for i in ids]
-    assert "".join(pieces) == "héllo " and t.stopped and t.finish() == ""
-    assert all("\ufffd" not in p for p in pieces)
-    t = TextTracker(tok, ["ENDING"])
-    pieces = [t.add([i]) for i in ids] + [t.finish()]
-    assert "".join(pieces) == "héllo END there" and not t.stopped
-
-
 def test_serve_cli_errors_are_one_line(capsys, tiny_dir) -> None:
     for argv, needle in [
         (["serve", "--max-batch", "0"], "--max-batch"),

@@ -3,7 +3,6 @@
     app.py        FastAPI routes, request bodies and their validation, SSE streaming
     scheduler.py  the worker thread that owns the model and decodes requests in batches
     metrics.py    counters in the Prometheus text format
-    text.py       token ids -> text pieces, with stop strings
 
 Needs the ``serve`` extra (``pip install genrefine[serve]``: FastAPI and uvicorn).
 """

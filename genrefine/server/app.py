@@ -30,6 +30,7 @@ DEFAULT_CHAT_TOKENS = 512  # /v1/chat/completions without max_tokens (capped by 
 MAX_STOPS = 4
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
 MAX_BODY_BYTES = 16 << 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -48,7 +49,7 @@ class _Sampling(_Body):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # an extension, as in vLLM
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -39,9 +39,9 @@ from ..errors import ConfigError, GenrefineError
 from ..methods.base import MethodOptions
 from ..models.batched import MODES, BatchItem, batches_rows, forward_batch, max_rows
 from ..registry import METHODS, build_method
+from ..text import TextTracker
 from ..types import SamplingParams
 from .metrics import Metrics
-from .text import TextTracker
 
 
 class QueueFull(GenrefineError):
@@ -83,7 +83,7 @@ class Event:
     kind: str  # "text" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None  # done: "stop" | "length"
-    completion_tokens: int = 0  # done: tokens generated (EOS not counted)
+    completion_tokens: int = 0  # done: tokens of the returned text (EOS, a stop string not counted)
     stats: Stats | None = None  # done
     message: str = ""  # error
     status: int = 500  # error: the HTTP status it maps to
@@ -382,7 +382,7 @@ class Scheduler:
             if piece:
                 seq.job.emit(Event("text", text=piece))
             seq.job.emit(
-                Event("done", finish_reason=reason, completion_tokens=len(seq.text.ids), stats=seq.stats)
+                Event("done", finish_reason=reason, completion_tokens=len(seq.text.token_ids), stats=seq.stats)
             )
         self._end_job(seq.job, reason, seq.stats, seq.method.name)
 
