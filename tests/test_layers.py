@@ -97,3 +97,27 @@ def test_lower_layers_do_not_import_upward(layer, forbidden):
         if any(dep.startswith(f) for f in forbidden) and not dep.startswith(layer)
     )
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def _backends():
+    from genrefine.models.hf import HFModel
+    from genrefine.models.llamacpp import LlamaCppModel
+    from genrefine.models.runtime import NativeModel
+
+    return {"native": NativeModel, "llama.cpp": LlamaCppModel, "hf": HFModel}
+
+
+@pytest.mark.parametrize("backend", ["native", "llama.cpp", "hf"])
+def test_every_backend_forward_takes_the_protocol_arguments(backend):
+    """The three forwards were kept in step by hand; models/protocol.py now says what they take,
+    in that order (a backend may accept more after them)."""
+    import inspect
+
+    from genrefine.models.protocol import Model
+
+    want = list(inspect.signature(Model.forward).parameters)
+    cls = _backends()[backend]
+    got = list(inspect.signature(cls.forward).parameters)
+    assert got[: len(want)] == want
+    for name in ("new_cache",):
+        assert callable(getattr(cls, name))

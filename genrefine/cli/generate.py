@@ -15,7 +15,6 @@ from .options import (
     validate_before_load,
 )
 
-
 DEMO_PROMPT = (
     "Summarize the following notes in two sentences, reusing their wording.\n\n"
     "Notes: The city council met on Tuesday to discuss the new bicycle lanes on Main Street. "
@@ -35,6 +34,7 @@ def add_generate_parser(sub) -> None:
     g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     add_model_options(g)
     add_generation_options(g)
+
 
 
 def add_demo_parser(sub) -> None:
@@ -105,17 +105,12 @@ def cmd_demo(args) -> int:
     prompt = args.prompt or DEMO_PROMPT
     t0 = time.perf_counter()
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    print(
-        f"model: {gen.name}, dtype {str(gen.model.dtype).replace('torch.', '')}, "
-        f"loaded in {time.perf_counter() - t0:.1f} s",
-        file=sys.stderr,
-    )
+    print(f"model: {gen.name}, dtype {str(gen.model.dtype).replace('torch.', '')}, "
+          f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     gen.generate(prompt, max_new_tokens=8)  # warm-up
     results = {}
     for m in methods:
-        results[m] = gen.generate(
-            prompt, max_new_tokens=args.max_new_tokens, method=m, options=opts
-        )
+        results[m] = gen.generate(prompt, max_new_tokens=args.max_new_tokens, method=m, options=opts)
     base = results["ar"]
     print(f"\n--- ar output ---\n{base.text.strip()}\n")
     print(f"{'method':<10} {'tokens/s':>9} {'speedup':>8} {'tok/step':>9}  same output as ar")

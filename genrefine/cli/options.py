@@ -61,58 +61,35 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         default="ar",
         help=f"one of {', '.join(method_names())} (see `genrefine methods`); default ar",
     )
-    g.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)"
-    )
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (repeatable runs)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument(
-        "--draft-len", type=int, default=None, help="largest draft per step (method default)"
-    )
+    g.add_argument("--draft-len", type=int, default=None, help="largest draft per step (method default)")
     g.add_argument(
         "--acceptance",
         default="exact",
         choices=["exact", "typical"],
         help="sampling acceptance: exact (lossless, default) or typical (Medusa's, lossy)",
     )
-    g.add_argument(
-        "--datastore",
-        default=None,
-        help="rest: a datastore built by `genrefine index build` (default: none, "
-        "drafts from the context and earlier outputs)",
-    )
-    g.add_argument(
-        "--exit-layer",
-        type=int,
-        default=None,
-        help="early-exit-draft: how many layers the draft runs",
-    )
-    g.add_argument(
-        "--calm-threshold",
-        type=float,
-        default=0.9,
-        help="calm (lossy): exit at an earlier layer once the top probability passes "
-        "this (default 0.9; 1.0 never exits early)",
-    )
-    g.add_argument(
-        "--draft-vocab",
-        type=int,
-        default=None,
-        help="self-drafting, trained methods and sps: project drafts onto the N most "
-        "frequent tokens (default for early-exit-draft, swift and sps: 32768 when the "
-        "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
-        "they were trained on; a number >= the vocabulary size means all)",
-    )
-    g.add_argument(
-        "--no-tree-cut",
-        dest="tree_cut",
-        action="store_false",
-        help="trained methods (and pld, rest on llama.cpp): verify whole drafts "
-        "instead of cutting them to what pays on this machine (measured forward times)",
-    )
+    g.add_argument("--datastore", default=None,
+                   help="rest: a datastore built by `genrefine index build` (default: none, "
+                   "drafts from the context and earlier outputs)")
+    g.add_argument("--exit-layer", type=int, default=None,
+                   help="early-exit-draft: how many layers the draft runs")
+    g.add_argument("--calm-threshold", type=float, default=0.9,
+                   help="calm (lossy): exit at an earlier layer once the top probability passes "
+                   "this (default 0.9; 1.0 never exits early)")
+    g.add_argument("--draft-vocab", type=int, default=None,
+                   help="self-drafting, trained methods and sps: project drafts onto the N most "
+                   "frequent tokens (default for early-exit-draft, swift and sps: 32768 when the "
+                   "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
+                   "they were trained on; a number >= the vocabulary size means all)")
+    g.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
+                   help="trained methods (and pld, rest on llama.cpp): verify whole drafts "
+                   "instead of cutting them to what pays on this machine (measured forward times)")
     add_draft_model_option(g)
     add_drafter_option(g)
 

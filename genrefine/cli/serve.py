@@ -8,67 +8,43 @@ from ..errors import GenrefineError
 from .options import add_model_options, validate_before_load
 
 
+DESCRIPTION = (
+    "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
+    "GET /v1/models, /health and /metrics. Requests that arrive together are decoded together, "
+    "one target forward per step for the whole batch; a request may pick its method with the "
+    "extra body field \"method\". Ctrl-C or SIGTERM stops after the requests in flight."
+)
+
+
 def add_serve_parser(sub) -> None:
-    sv = sub.add_parser(
-        "serve",
-        help="serve an OpenAI-compatible API with continuous batching",
-        description=(
-            "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
-            "GET /v1/models, /health and /metrics. Requests that arrive together are decoded "
-            "together, one target forward per step for the whole batch; a request may pick its "
-            'method with the extra body field "method". Ctrl-C or SIGTERM stops after the '
-            "requests in flight."
-        ),
-    )
+    summary = "serve an OpenAI-compatible API with continuous batching"
+    sv = sub.add_parser("serve", help=summary, description=DESCRIPTION)
     add_model_options(sv)
     from ..registry import method_names
 
     s = sv.add_argument_group("serving")
-    s.add_argument(
-        "--method",
-        default="auto",
-        help=f"default method of requests that name none: one of "
-        f"{', '.join(method_names())} (default auto)",
-    )
+    s.add_argument("--method", default="auto",
+                   help=f"default method of requests that name none: one of "
+                   f"{', '.join(method_names())} (default auto)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument(
-        "--max-batch", type=int, default=8, help="sequences decoded together (default 8)"
-    )
-    s.add_argument(
-        "--max-queue",
-        type=int,
-        default=32,
-        help="requests waiting for a slot; more are answered 429 (default 32)",
-    )
-    s.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=4096,
-        help="the largest max_tokens a request may ask for (default 4096)",
-    )
-    s.add_argument(
-        "--batching",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="one forward for the whole batch: auto (when the model is bitwise exact, "
-        "bfloat16 with batch-invariant matmuls; else one forward per sequence), "
-        "always, never",
-    )
-    s.add_argument(
-        "--draft-len", type=int, default=None, help="largest draft per step (method default)"
-    )
-    s.add_argument(
-        "--datastore",
-        default=None,
-        help="rest: a datastore built by `genrefine index build` (requests cannot name files)",
-    )
-    s.add_argument(
-        "--log-level",
-        default="warning",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn's log level (info shows every request; default warning)",
-    )
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=32,
+                   help="requests waiting for a slot; more are answered 429 (default 32)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the largest max_tokens a request may ask for (default 4096)")
+    s.add_argument("--batching", default="auto", choices=["auto", "always", "never"],
+                   help="one forward for the whole batch: auto (when the model is bitwise exact, "
+                   "bfloat16 with batch-invariant matmuls; else one forward per sequence), "
+                   "always, never")
+    s.add_argument("--draft-len", type=int, default=None, help="largest draft per step (method default)")
+    s.add_argument("--datastore", default=None,
+                   help="rest: a datastore built by `genrefine index build` (requests cannot "
+                   "name files)")
+    s.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info shows every request; default warning)")
 
 
 def cmd_serve(args) -> int:

@@ -20,11 +20,9 @@ def add_index_parser(sub) -> None:
     )
     ib.add_argument("directory", metavar="DIR", help="folder of text files (searched recursively)")
     ib.add_argument("--out", required=True, help="datastore file to write (.safetensors)")
-    ib.add_argument(
-        "--model",
-        default=None,
-        help="model whose tokenizer to use (default: the embedded Gemma 3 270M)",
-    )
+    ib.add_argument("--model", default=None,
+                    help="model whose tokenizer to use (default: the embedded Gemma 3 270M)")
+
 
 
 def add_draft_model_parser(sub) -> None:
@@ -41,12 +39,12 @@ def add_draft_model_parser(sub) -> None:
         "a model as a Hugging Face directory that --draft-model loads. A shallow copy of the "
         "target, not a trained drafter: expect low acceptance (see genrefine/models/shrink.py).",
     )
-    ds.add_argument(
-        "--model", default=None, help="the model to cut (default: the embedded Gemma 3 270M)"
-    )
+    ds.add_argument("--model", default=None,
+                    help="the model to cut (default: the embedded Gemma 3 270M)")
     ds.add_argument("--layers", type=int, required=True, metavar="K", help="layers to keep")
     ds.add_argument("--out", required=True, metavar="DIR", help="new directory to write")
     ds.add_argument("--dtype", default="bfloat16", help="weights as saved (default bfloat16)")
+
 
 
 def add_methods_parser(sub) -> None:

@@ -17,60 +17,29 @@ def add_train_parser(sub) -> None:
         "--out/drafter.safetensors and print its tokens per step on held-back text. Load it "
         "with --drafter DIR.",
     )
-    tr.add_argument(
-        "kind",
-        choices=["heads", "eagle", "draft"],
-        help="heads: BPD/Medusa heads + rescoring LM and n-gram; eagle: feature "
-        "drafter; draft: a small draft model distilled from the model (method sps)",
-    )
+    tr.add_argument("kind", choices=["heads", "eagle", "draft"],
+                    help="heads: BPD/Medusa heads + rescoring LM and n-gram; eagle: feature "
+                    "drafter; draft: a small draft model distilled from the model (method sps)")
     add_model_options(tr)
-    tr.add_argument(
-        "--corpus",
-        default=None,
-        metavar="DIR",
-        help="folder of .txt/.md/.rst files (default: the standard library's "
-        "docstrings and language reference, see genrefine/train/corpus.py)",
-    )
-    tr.add_argument(
-        "--self-generated",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also train on the model's own greedy answers to N prompts built from the "
-        "default corpus (self-distillation; decoded in batches, cached)",
-    )
-    tr.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for the drafter and checkpoints"
-    )
+    tr.add_argument("--corpus", default=None, metavar="DIR",
+                    help="folder of .txt/.md/.rst files (default: the standard library's "
+                    "docstrings and language reference, see genrefine/train/corpus.py)")
+    tr.add_argument("--self-generated", type=int, default=0, metavar="N",
+                    help="also train on the model's own greedy answers to N prompts built from the "
+                    "default corpus (self-distillation; decoded in batches, cached)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="folder for the drafter and checkpoints")
     tr.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     tr.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
-    tr.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="peak learning rate (default: heads 1e-3, eagle 3e-3, draft 3e-4)",
-    )
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: heads 1e-3, eagle 3e-3, draft 3e-4)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    tr.add_argument(
-        "--max-tokens", type=int, default=300_000, help="corpus tokens used (default 300000)"
-    )
+    tr.add_argument("--max-tokens", type=int, default=300_000, help="corpus tokens used (default 300000)")
     tr.add_argument("--heads", type=int, default=4, help="heads: how many (default 4)")
-    tr.add_argument(
-        "--layers",
-        type=int,
-        default=2,
-        help="draft: the model's first layers the draft starts from (default 2)",
-    )
-    tr.add_argument(
-        "--topk", type=int, default=4, help="candidates per head / per draft node (default 4)"
-    )
-    tr.add_argument(
-        "--draft-vocab",
-        type=int,
-        default=32768,
-        help="tokens the drafter projects onto (default 32768)",
-    )
+    tr.add_argument("--layers", type=int, default=2,
+                    help="draft: the model's first layers the draft starts from (default 2)")
+    tr.add_argument("--topk", type=int, default=4, help="candidates per head / per draft node (default 4)")
+    tr.add_argument("--draft-vocab", type=int, default=32768,
+                    help="tokens the drafter projects onto (default 32768)")
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -82,26 +51,11 @@ def cmd_train(args) -> int:
     from ..train.loop import TrainConfig
     from ..train.run import DrafterSpec, run_training
 
-    lr = (
-        args.lr if args.lr is not None else {"eagle": 3e-3, "heads": 1e-3, "draft": 3e-4}[args.kind]
-    )
-    cfg = TrainConfig(
-        steps=args.steps,
-        lr=lr,
-        batch=args.batch,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        warmup=min(50, args.steps // 10 + 1),
-    )
-    spec = DrafterSpec(
-        kind=args.kind,
-        num_heads=args.heads,
-        topk=args.topk,
-        layers=args.layers,
-        draft_vocab=args.draft_vocab,
-        seq_len=args.seq_len,
-        max_tokens=args.max_tokens,
-    )
+    lr = args.lr if args.lr is not None else {"eagle": 3e-3, "heads": 1e-3, "draft": 3e-4}[args.kind]
+    cfg = TrainConfig(steps=args.steps, lr=lr, batch=args.batch, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, warmup=min(50, args.steps // 10 + 1))
+    spec = DrafterSpec(kind=args.kind, num_heads=args.heads, topk=args.topk, layers=args.layers,
+                       draft_vocab=args.draft_vocab, seq_len=args.seq_len, max_tokens=args.max_tokens)
     texts = read_corpus(args.corpus) if args.corpus is not None else None
     validate_before_load(args, [])
     if args.self_generated < 0:
@@ -115,27 +69,10 @@ def cmd_train(args) -> int:
         from ..train.selfgen import self_generated_texts
 
         # first, so that --max-tokens keeps them
-        texts = (
-            self_generated_texts(
-                gen.model,
-                gen.tokenizer,
-                set(gen.eos_ids),
-                args.self_generated,
-                progress=not args.no_progress,
-            )
-            + texts
-        )
-    res = run_training(
-        gen.model,
-        gen.tokenizer,
-        texts,
-        spec,
-        cfg,
-        args.out,
-        resume=not args.fresh,
-        progress=not args.no_progress,
-        source=args.model,
-    )
+        texts = self_generated_texts(gen.model, gen.tokenizer, set(gen.eos_ids),
+                                     args.self_generated, progress=not args.no_progress) + texts
+    res = run_training(gen.model, gen.tokenizer, texts, spec, cfg, args.out,
+                       resume=not args.fresh, progress=not args.no_progress, source=args.model)
     method = {"heads": "medusa", "eagle": "eagle", "draft": "sps"}[args.kind]
     print(
         f"genrefine: saved {res.out if args.kind == 'draft' else res.out / 'drafter.safetensors'} in {res.seconds:.0f} s; "

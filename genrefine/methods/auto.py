@@ -19,13 +19,11 @@ there is no separate width choice.
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 from collections.abc import Iterable
 
 from ..costs import CostTable, target_costs
 from ..errors import ConfigError
-from .base import Method, MethodOptions
+from .base import Method, MethodOptions, MethodSpec
 from .pld import make_pld_drafter
 
 
@@ -218,9 +216,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "auto",
-    True,
-    "per step, the drafter and draft size with the best expected tokens/s (cost model)",
-    build,
-    order=14,
+    name="auto", lossless=True, build=build, order=14,
+    summary="per step, the drafter and draft size with the best expected tokens/s (cost model)",
 )

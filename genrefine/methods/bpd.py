@@ -17,11 +17,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "bpd",
-    True,
-    "blockwise parallel decoding: trained heads' argmax chain (--drafter or shipped)",
-    build,
-    order=8,
-    native_only=True,
-    drafter_kind="heads",
+    name="bpd", lossless=True, build=build, order=8, native_only=True, drafter_kind="heads",
+    summary="blockwise parallel decoding: trained heads' argmax chain (--drafter or shipped)",
 )

@@ -18,11 +18,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "bpd+lm",
-    True,
-    "BPD heads' top-k rescored position by position by a small neural LM (a chain)",
-    build,
-    order=11,
-    native_only=True,
-    drafter_kind="heads",
+    name="bpd+lm", lossless=True, build=build, order=11, native_only=True, drafter_kind="heads",
+    summary="BPD heads' top-k rescored position by position by a small neural LM (a chain)",
 )

@@ -31,11 +31,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "bpd+ngram",
-    True,
-    "BPD heads' top-k lattice rescored by an n-gram model, best paths as a tree",
-    build,
-    order=10,
-    native_only=True,
-    drafter_kind="heads",
+    name="bpd+ngram", lossless=True, build=build, order=10, native_only=True, drafter_kind="heads",
+    summary="BPD heads' top-k lattice rescored by an n-gram model, best paths as a tree",
 )

@@ -23,8 +23,6 @@ Without an exit the last layer's full-vocabulary logits decide the token, as in 
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 import time
 from collections.abc import Generator, Sequence
 
@@ -35,7 +33,7 @@ from ..engine import Stats, _truncate, prefill
 from ..errors import ConfigError
 from ..sampling import make_generator, next_token
 from ..types import SamplingParams
-from .base import Method, MethodOptions
+from .base import Method, MethodOptions, MethodSpec
 from .parts.draft_vocab import reduced_vocab
 
 
@@ -152,10 +150,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "calm",
-    False,
-    "LOSSY early exit per token when the top probability passes --calm-threshold (CALM)",
-    build,
-    native_only=True,
-    order=13,
+    name="calm", lossless=False, build=build, native_only=True, order=13,
+    summary="LOSSY early exit per token when the top probability passes --calm-threshold (CALM)",
 )

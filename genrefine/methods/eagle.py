@@ -24,8 +24,6 @@ cut further to the size that maximises the expected tokens per second of the ste
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 import math
 
 import torch
@@ -35,7 +33,7 @@ from torch import Tensor, nn
 from ..costs import target_costs
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.draft_size import TreeCut
 from .parts.draft_vocab import trained_vocab
 from .parts.heads import output_logits
@@ -319,11 +317,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "eagle",
-    True,
-    "EAGLE-2: a one-layer feature drafter grows a dynamic tree by draft confidence",
-    build,
-    native_only=True,
-    drafter_kind="eagle",
-    order=12,
+    name="eagle", lossless=True, build=build, native_only=True, drafter_kind="eagle", order=12,
+    summary="EAGLE-2: a one-layer feature drafter grows a dynamic tree by draft confidence",
 )

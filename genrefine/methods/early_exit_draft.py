@@ -9,14 +9,11 @@ shares the target's KV cache and rolls back what it appended
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 from torch import Tensor
 
-from ..costs import target_costs
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.draft_vocab import reduced_vocab
 from .parts.self_draft import (
     DEFAULT_CONFIDENCE,
@@ -25,6 +22,7 @@ from .parts.self_draft import (
     draft_head,
     greedy_self_draft,
     self_draft_kw,
+    self_draft_method,
     target_cache,
 )
 
@@ -108,17 +106,10 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
     exit_layer = opts.exit_layer or default_exit_layer(model.num_layers)
     ids = reduced_vocab(model, opts, tokenizer, default=True)
     d = EarlyExitDrafter(model, exit_layer, ids, **self_draft_kw(opts))
-    if opts.draft_confidence is None:
-        d.with_adaptive_stop(target_costs(model))
-    budget = opts.draft_len or 8
-    return Method("early-exit-draft", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+    return self_draft_method("early-exit-draft", d, model, opts)
 
 
 SPEC = MethodSpec(
-    "early-exit-draft",
-    True,
-    "self-speculation: the first layers (+ final norm, head) draft, all layers verify",
-    build,
-    native_only=True,
-    order=5,
+    name="early-exit-draft", lossless=True, build=build, native_only=True, order=5,
+    summary="self-speculation: the first layers (+ final norm, head) draft, all layers verify",
 )

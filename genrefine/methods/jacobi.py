@@ -8,13 +8,11 @@ each guess stays aligned with the position it was made for.
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 import torch
 
 from ..types import Draft
 from ..verify.jacobi import jacobi_update
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 
 
 class JacobiDrafter:

@@ -19,8 +19,6 @@ every token is verified against the target's argmax (greedy) or by speculative s
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 from collections import OrderedDict
 
 import torch
@@ -28,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..types import Draft
 from ..verify.jacobi import jacobi_update
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 
 
 class NgramPool:
@@ -140,9 +138,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "lookahead",
-    True,
-    "lookahead decoding: a Jacobi branch feeds an n-gram pool verified in the same forward",
-    build,
-    order=3,
+    name="lookahead", lossless=True, build=build, order=3,
+    summary="lookahead decoding: a Jacobi branch feeds an n-gram pool verified in the same forward",
 )

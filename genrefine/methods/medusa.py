@@ -19,11 +19,6 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "medusa",
-    True,
-    "Medusa: trained heads' top-k in a static tree chosen from their accuracies",
-    build,
-    order=9,
-    native_only=True,
-    drafter_kind="heads",
+    name="medusa", lossless=True, build=build, order=9, native_only=True, drafter_kind="heads",
+    summary="Medusa: trained heads' top-k in a static tree chosen from their accuracies",
 )

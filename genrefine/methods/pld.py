@@ -20,14 +20,12 @@ index (n-gram -> end positions) that only looks at tokens appended since the pre
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.draft_size import chain_cut_for
 from .parts.ngram_index import (
     ChainCutState,
@@ -118,9 +116,5 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "pld",
-    True,
-    "prompt lookup: continue the last n-gram's earlier matches (tree)",
-    build,
-    order=1,
+    "pld", True, "prompt lookup: continue the last n-gram's earlier matches (tree)", build, order=1
 )

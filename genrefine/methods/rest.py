@@ -42,8 +42,6 @@ logarithm of the store's size. Build sizes: see
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,7 +50,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.datastore import Datastore, context_lookup
 from .parts.draft_size import chain_cut_for
 from .parts.ngram_index import ChainCutState, continuation_draft
@@ -191,10 +189,7 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
 
 
 SPEC = MethodSpec(
-    "rest",
-    True,
-    "retrieval: continuations of the longest context suffix found in a datastore (REST) "
-    "or in earlier outputs (suffix decoding)",
-    build,
-    order=2,
+    name="rest", lossless=True, build=build, order=2,
+    summary="retrieval: continuations of the longest context suffix found in a datastore "
+    "(REST) or in earlier outputs (suffix decoding)",
 )

@@ -48,8 +48,6 @@ One drafter holds one cache: sequences decoded concurrently with the same drafte
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 import os
 
 import torch
@@ -58,7 +56,7 @@ from torch import Tensor
 from ..costs import target_costs
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, FixedPolicy, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.draft_runner import (
     DEFAULT_CONFIDENCE,
     GREEDY_PARAMS,
@@ -239,11 +237,7 @@ def load_draft_model(model, opts: MethodOptions):
 
 
 SPEC = MethodSpec(
-    "sps",
-    True,
-    "speculative sampling with an independent draft model (--draft-model; a different "
-    "tokenizer is bridged through text)",
-    build,
-    needs_draft_model=True,
-    order=7,
+    name="sps", lossless=True, build=build, needs_draft_model=True, order=7,
+    summary="speculative sampling with an independent draft model (--draft-model; a "
+    "different tokenizer is bridged through text)",
 )

@@ -9,17 +9,14 @@ draft confidence is given.
 
 from __future__ import annotations
 
-from .base import MethodSpec
-
 from collections import deque
 from collections.abc import Sequence
 
 from torch import Tensor
 
-from ..costs import target_costs
 from ..errors import ConfigError
 from ..types import Draft
-from .base import Context, FixedPolicy, Method, MethodOptions, StepFeedback
+from .base import Context, Method, MethodOptions, MethodSpec, StepFeedback
 from .parts.draft_vocab import reduced_vocab
 from .parts.self_draft import (
     DEFAULT_CONFIDENCE,
@@ -29,6 +26,7 @@ from .parts.self_draft import (
     greedy_self_draft,
     layer_weights,
     self_draft_kw,
+    self_draft_method,
     target_cache,
 )
 
@@ -215,20 +213,12 @@ class SkipLayerDrafter:
 
 
 def build(model, opts: MethodOptions, tokenizer=None) -> Method:
-
     ids = reduced_vocab(model, opts, tokenizer, default=True)
     d = SkipLayerDrafter(model, vocab_ids=ids, **self_draft_kw(opts))
-    if opts.draft_confidence is None:
-        d.with_adaptive_stop(target_costs(model))
-    budget = opts.draft_len or 8
-    return Method("swift", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+    return self_draft_method("swift", d, model, opts)
 
 
 SPEC = MethodSpec(
-    "swift",
-    True,
-    "self-speculation skipping layers; the skip set is tuned while generating (SWIFT)",
-    build,
-    native_only=True,
-    order=6,
+    name="swift", lossless=True, build=build, native_only=True, order=6,
+    summary="self-speculation skipping layers; the skip set is tuned while generating (SWIFT)",
 )

@@ -36,8 +36,9 @@ from dataclasses import fields
 import torch
 from torch import Tensor
 
+from ...costs import target_costs
 from ...errors import ConfigError
-from ..base import Context, MethodOptions
+from ..base import Context, FixedPolicy, Method, MethodOptions
 
 DEFAULT_CONFIDENCE = 0.5
 
@@ -144,3 +145,13 @@ def check_confidence(confidence: float) -> None:
 
 def self_draft_kw(opts: MethodOptions) -> dict:
     return {} if opts.draft_confidence is None else {"confidence": opts.draft_confidence}
+
+
+def self_draft_method(name: str, drafter, model, opts: MethodOptions) -> Method:
+    """The :class:`Method` of a self-drafting ``drafter``: draft lengths from a
+    :class:`~genrefine.methods.parts.draft_size.DraftStop` over the target's cost table unless
+    ``opts.draft_confidence`` sets a threshold; at most ``opts.draft_len`` (default 8) tokens."""
+    if opts.draft_confidence is None:
+        drafter.with_adaptive_stop(target_costs(model))
+    budget = opts.draft_len or 8
+    return Method(name, [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
