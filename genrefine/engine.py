@@ -29,11 +29,17 @@ from torch import Tensor
 
 from .drafters.base import Context, StepFeedback
 from .errors import ConfigError
+from .models.runtime import EXACT_ROWS_MAX
 from .sampling import logits_to_probs, next_token
 from .types import Draft, SamplingParams, VerifyResult
 from .verify import build_tree, verify_greedy_argmax, verify_speculative, verify_typical
 
 PREFILL_CHUNK = 512
+# The most draft nodes one step verifies, whatever the method asks: the root plus the draft must
+# fit the forwards that stay bitwise exact (models/runtime.py: one-token decoding's arithmetic
+# for every row). Every draft is cut here, in Decoder.propose, the one place drafts enter a
+# forward; MethodOptions.draft_len is validated against it.
+MAX_DRAFT_NODES = EXACT_ROWS_MAX - 1
 
 
 @dataclass
@@ -235,7 +241,7 @@ class Decoder:
             history[:n_hist], int(self.prompt.shape[0]), cache, self.params, self.generator, hidden
         )
         drafter, budget = method.policy.choose(method.drafters)
-        budget = max(0, min(budget, remaining - 1, room))
+        budget = max(0, min(budget, remaining - 1, room, MAX_DRAFT_NODES))
         if max_nodes is not None:
             budget = max(0, min(budget, max_nodes))
         draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()

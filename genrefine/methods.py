@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .engine import MAX_DRAFT_NODES
 from .errors import ConfigError, GenrefineError
 from .policy import CostModelPolicy, HeuristicLength
 
@@ -49,8 +50,10 @@ class MethodOptions:
     tree_cut: bool = True
 
     def __post_init__(self) -> None:
-        if self.draft_len is not None and not 1 <= self.draft_len <= 64:
-            raise ConfigError(f"--draft-len must be between 1 and 64, got {self.draft_len}")
+        if self.draft_len is not None and not 1 <= self.draft_len <= MAX_DRAFT_NODES:
+            raise ConfigError(
+                f"--draft-len must be between 1 and {MAX_DRAFT_NODES}, got {self.draft_len}"
+            )
         if self.acceptance not in ("exact", "typical"):
             raise ConfigError("acceptance must be 'exact' (lossless) or 'typical' (lossy)")
         if self.exit_layer is not None and self.exit_layer < 1:
