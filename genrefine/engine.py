@@ -208,8 +208,10 @@ class Decoder:
             for d in method.drafters:
                 d.reset()
             method.policy.reset(self.params)
-            # the prompt and every decided token; the last one is the root of the next draft
-            self._history = torch.empty(L + self.max_new + method.max_budget + 2, dtype=torch.long)
+            # the prompt and every decided token; the last one is the root of the next draft. All
+            # but the root are in the cache, so the cache's capacity (sized by the context, not by
+            # max_new, which may be huge) bounds it
+            self._history = torch.empty(capacity + 1, dtype=torch.long)
             self._history[:L] = self.prompt
             self._history[L] = first
             self._n_hist = L + 1

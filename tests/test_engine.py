@@ -477,3 +477,17 @@ def test_draft_len_is_validated_against_the_exact_rows() -> None:
     assert MethodOptions(draft_len=EXACT_ROWS_MAX - 1).draft_len == EXACT_ROWS_MAX - 1
     with pytest.raises(ConfigError, match=f"between 1 and {EXACT_ROWS_MAX - 1}, got {EXACT_ROWS_MAX}"):
         MethodOptions(draft_len=EXACT_ROWS_MAX)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_huge_token_budget_stops_at_the_context(name: str) -> None:
+    """``max_new_tokens=10**12``: buffers are sized by what the context holds, not by the budget,
+    and every method stops at the end of the context ("length"), lossless ones with ar's tokens."""
+    m = model("native", "llama")
+    ids = (_random(10, 5) * 24)[:230]  # repeated: the copying drafters accept long drafts
+    ref = greedy_reference("native", "llama", tuple(ids), m.max_context - len(ids) + 1)
+    out, _, reason = run(m, name, ids, 10**12)
+    assert reason == "length"
+    assert len(out) == m.max_context - len(ids) + 1  # the last token is never fed back
+    if METHODS[name].lossless:
+        assert out == ref
