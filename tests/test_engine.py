@@ -440,13 +440,19 @@ class ContinuationDrafter:
         pass
 
 
-def test_a_64_token_draft_stays_on_the_bitwise_exact_path() -> None:
+def test_a_64_token_draft_stays_on_the_bitwise_exact_path(monkeypatch) -> None:
     """A draft of 64 tokens plus its root would be 65 rows, past what exact attention covers:
     the engine cuts every draft so that draft + root fits, and each verification row equals the
-    logits one-token decoding computes, bit for bit."""
+    logits one-token decoding computes, bit for bit. The matmuls run row by row (exact by
+    construction) so that only the attention path is under test; the matmuls' own exactness is
+    a measurement (test_runtime.py)."""
     m = NativeModel.from_hf(tiny_hf_model("gemma3_text"), dtype=torch.bfloat16)
     if not m.bitwise_exact:
         pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
+    inner = m._linear
+    monkeypatch.setattr(
+        m, "_linear", lambda x, w, b: torch.cat([inner(x[r : r + 1], w, b) for r in range(x.shape[0])])
+    )
     ids = PROMPTS["random"]
     new = 100
     ref_logits = []
