@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .methods.base import Context, StepFeedback
+from .methods.base import MAX_DRAFT_NODES, Context, StepFeedback
 from .sampling import logits_to_probs, make_generator, next_token
 from .types import Draft, SamplingParams, VerifyResult
 from .verify import build_tree, verify_greedy_argmax, verify_speculative, verify_typical
@@ -202,8 +202,10 @@ class Decoder:
             for d in method.drafters:
                 d.reset()
             method.policy.reset(self.params)
-            # the prompt and every decided token; the last one is the root of the next draft
-            self._history = torch.empty(L + self.max_new + method.max_budget + 2, dtype=torch.long)
+            # the prompt and every decided token; the last one is the root of the next draft. All
+            # but the root are in the cache, so the cache's capacity (sized by the context, not by
+            # max_new, which may be huge) bounds it
+            self._history = torch.empty(capacity + 1, dtype=torch.long)
             self._history[:L] = self.prompt
             self._history[L] = first
             self._n_hist = L + 1
@@ -235,7 +237,7 @@ class Decoder:
             history[:n_hist], int(self.prompt.shape[0]), cache, self.params, self.generator, hidden
         )
         drafter, budget = method.policy.choose(method.drafters)
-        budget = max(0, min(budget, remaining - 1, room))
+        budget = max(0, min(budget, remaining - 1, room, MAX_DRAFT_NODES))
         if max_nodes is not None:
             budget = max(0, min(budget, max_nodes))
         draft = drafter.propose(ctx, budget) if (drafter is not None and budget > 0) else Draft.empty()

@@ -22,7 +22,7 @@ from genrefine.errors import ConfigError
 from genrefine.registry import METHODS, build_method, is_lossless
 from genrefine.methods.base import FixedPolicy, Method, MethodOptions
 from genrefine.models.hf import HFModel
-from genrefine.models.runtime import NativeModel
+from genrefine.models.runtime import EXACT_ROWS_MAX, NativeModel
 from genrefine.diskcache import machine_key
 from genrefine.costs import CostTable
 from genrefine.types import Draft, SamplingParams
@@ -412,3 +412,83 @@ def test_decoder_caps_draft_nodes_and_stays_greedy() -> None:
         assert out == ref
         assert stats.drafted <= cap * stats.steps
         assert (stats.drafted > 0) == (cap > 0)
+
+
+class ContinuationDrafter:
+    """Drafts the next ``budget`` tokens of a known continuation as one chain (every row of the
+    verification is then on the accepted path)."""
+
+    name = "continuation"
+
+    def __init__(self, full: list[int]) -> None:
+        self.full = full
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: Context, budget: int) -> Draft:
+        m = int(ctx.tokens.shape[0])
+        toks = self.full[m : m + budget]
+        return Draft(torch.tensor(toks, dtype=torch.long), torch.arange(-1, len(toks) - 1))
+
+    def observe(self, ctx: Context, feedback: StepFeedback) -> None:
+        pass
+
+
+def test_a_64_token_draft_stays_on_the_bitwise_exact_path(monkeypatch) -> None:
+    """A draft of 64 tokens plus its root would be 65 rows, past what exact attention covers:
+    the engine cuts every draft so that draft + root fits, and each verification row equals the
+    logits one-token decoding computes, bit for bit. The matmuls run row by row (exact by
+    construction) so that only the attention path is under test; the matmuls' own exactness is
+    a measurement (test_runtime.py)."""
+    m = NativeModel.from_hf(tiny_hf_model("gemma3_text"), dtype=torch.bfloat16)
+    if not m.bitwise_exact:
+        pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
+    inner = m._linear
+    monkeypatch.setattr(
+        m, "_linear", lambda x, w, b: torch.cat([inner(x[r : r + 1], w, b) for r in range(x.shape[0])])
+    )
+    ids = PROMPTS["random"]
+    new = 100
+    ref_logits = []
+    dec = engine_mod.Decoder(m, build_method("ar", m), torch.tensor(ids), new, GREEDY, frozenset(), Stats("ar"))
+    ref = dec.start()
+    while (step := dec.propose()) is not None:
+        logits = m.forward(step.tokens, step.cache).logits
+        ref_logits.append(logits[0])
+        ref += dec.accept(logits)
+    d = ContinuationDrafter(ids + ref)
+    method = Method("continuation", [d], FixedPolicy(d, 64), 64)
+    dec = engine_mod.Decoder(m, method, torch.tensor(ids), new, GREEDY, frozenset(), Stats("c"))
+    out = dec.start()
+    rows, rows_per_step = [], []
+    while (step := dec.propose()) is not None:
+        rows_per_step.append(int(step.tokens.shape[0]))
+        logits = m.forward(step.tokens, step.cache).logits
+        rows += list(logits)
+        out += dec.accept(logits)
+    assert max(rows_per_step) == EXACT_ROWS_MAX  # the most the exact path covers, no more
+    for i, (a, b) in enumerate(zip(rows, ref_logits)):
+        assert torch.equal(a, b), i
+    assert out == ref
+
+
+def test_draft_len_is_validated_against_the_exact_rows() -> None:
+    """``--draft-len`` allows exactly the drafts the engine verifies whole: draft + root rows."""
+    assert MethodOptions(draft_len=EXACT_ROWS_MAX - 1).draft_len == EXACT_ROWS_MAX - 1
+    with pytest.raises(ConfigError, match=f"between 1 and {EXACT_ROWS_MAX - 1}, got {EXACT_ROWS_MAX}"):
+        MethodOptions(draft_len=EXACT_ROWS_MAX)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_huge_token_budget_stops_at_the_context(name: str) -> None:
+    """``max_new_tokens=10**12``: buffers are sized by what the context holds, not by the budget,
+    and every method stops at the end of the context ("length"), lossless ones with ar's tokens."""
+    m = model("native", "llama")
+    ids = (_random(10, 5) * 24)[:230]  # repeated: the copying drafters accept long drafts
+    ref = greedy_reference("native", "llama", tuple(ids), m.max_context - len(ids) + 1)
+    out, _, reason = run(m, name, ids, 10**12)
+    assert reason == "length"
+    assert len(out) == m.max_context - len(ids) + 1  # the last token is never fed back
+    if METHODS[name].lossless:
+        assert out == ref

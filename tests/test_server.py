@@ -573,3 +573,26 @@ def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(gen16, 
             assert alone == [gen16.generate(p, max_new_tokens=24).text for p, _ in jobs]
         finally:
             s.close()
+
+
+@pytest.mark.parametrize("method", ["pld", "lookahead"])
+def test_the_scheduler_stops_a_huge_max_tokens_at_the_context(gen16, method) -> None:
+    """A job whose max_tokens exceeds the context by far (the HTTP layer refuses one, the
+    scheduler must not rely on it) decodes to the end of the context, as ``ar`` does beside it."""
+    from genrefine.server.scheduler import Job, Scheduler
+    from genrefine.types import SamplingParams
+
+    ids = gen16.tokenizer("abc abc abc abc " * 12)["input_ids"]
+    sched = Scheduler(gen16, ServerConfig(method="ar"))
+    events: dict[str, list] = {method: [], "ar": []}
+    for name in events:
+        sched.submit(Job(ids, 10**12, SamplingParams(), name, emit=events[name].append))
+    sched.start()
+    sched.stop(DEADLINE_S)
+    texts = {}
+    for name, evs in events.items():
+        assert [e.kind for e in evs][-1] == "done", evs[-1].message
+        assert evs[-1].finish_reason == "length"
+        assert evs[-1].completion_tokens == gen16.model.max_context - len(ids) + 1
+        texts[name] = "".join(e.text for e in evs)
+    assert texts[method] == texts["ar"]

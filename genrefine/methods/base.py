@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.runtime import EXACT_ROWS_MAX
 from ..types import Draft, SamplingParams, VerifyResult
+
+
+# The most draft nodes one step verifies, whatever the method asks: the root plus the draft must
+# fit the forwards that stay bitwise exact (models/runtime.py: one-token decoding's arithmetic
+# for every row). Every draft is cut here, in engine.Decoder.propose, the one place drafts enter a
+# forward; MethodOptions.draft_len is validated against it.
+MAX_DRAFT_NODES = EXACT_ROWS_MAX - 1
 
 
 @dataclass
@@ -119,8 +127,10 @@ class MethodOptions:
     tree_cut: bool = True
 
     def __post_init__(self) -> None:
-        if self.draft_len is not None and not 1 <= self.draft_len <= 64:
-            raise ConfigError(f"--draft-len must be between 1 and 64, got {self.draft_len}")
+        if self.draft_len is not None and not 1 <= self.draft_len <= MAX_DRAFT_NODES:
+            raise ConfigError(
+                f"--draft-len must be between 1 and {MAX_DRAFT_NODES}, got {self.draft_len}"
+            )
         if self.acceptance not in ("exact", "typical"):
             raise ConfigError("acceptance must be 'exact' (lossless) or 'typical' (lossy)")
         if self.exit_layer is not None and self.exit_layer < 1:

@@ -108,12 +108,32 @@ class NativeModel:
         for lw in self.layers:
             for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
                 weights.setdefault(tuple(w.shape), w)
-        found = probe_splits(weights)
+        found = probe_splits(weights, self._activations())
         self._splits = {shape: s for shape, s in found.items() if s not in (None, 1)}
         c = self.config
         self.bitwise_exact = all(s is not None for s in found.values()) and probe_attention(
             c.num_heads, c.num_kv_heads, c.head_dim, self.attn_block, self.dtype, self.device
         )
+
+    def _activations(self, rows: int = 128) -> dict[tuple[int, int], Tensor]:
+        """What enters each weight shape's matmul in a forward over ``rows`` random tokens
+        (weight shape -> [rows * uses, K]): the invariance probe's realistic inputs."""
+        rows = min(rows, self.max_context)
+        tokens = torch.randint(
+            0, self.vocab_size, (rows,), generator=torch.Generator().manual_seed(0)
+        ).to(self.device)
+        seen: dict[tuple[int, int], list[Tensor]] = {}
+
+        def record(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            seen.setdefault(tuple(weight.shape), []).append(x.reshape(-1, x.shape[-1]))
+            return F.linear(x, weight, bias)
+
+        self._linear = record  # type: ignore[method-assign]
+        try:
+            self.forward(tokens, self.new_cache(rows), exact=False)
+        finally:
+            del self._linear
+        return {shape: torch.cat(xs) for shape, xs in seen.items()}
 
     def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         split = self._splits.get(tuple(weight.shape))
