@@ -32,7 +32,7 @@ from genrefine.models.runtime import NativeModel
 from genrefine.policy import CostTable, machine_key
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
-from tiny import ShallowModel, tiny_drafter, tiny_hf_model
+from tiny import ShallowModel, tiny_drafter, tiny_hf_model, without_exact_rows
 
 LOSSLESS = [name for name, info in METHODS.items() if info.lossless]
 
@@ -386,15 +386,54 @@ def test_jacobi_guesses_follow_the_context() -> None:
 
 
 
+def assert_greedy_up_to_a_near_tie(m, prompt: list[int], ref: list[int], out: list[int]) -> None:
+    """What is promised where rows are not bitwise exact: ``out`` follows ``ref`` (ar) until,
+    at most, a step where ar's two best logits were within rounding of each other."""
+    assert len(out) == len(ref)
+    i = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), None)
+    if i is None:
+        return
+    logits = m.forward(torch.tensor(prompt + ref[:i]), m.new_cache()).logits[-1].float()
+    top = logits.topk(2).values
+    assert float(top[0] - top[1]) <= 0.05 * max(1.0, abs(float(top[0]))), (i, top)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_model(exact_rows: bool) -> NativeModel:
+    if exact_rows:
+        return NativeModel.from_hf(tiny_hf_model("gemma3_text"), dtype=torch.bfloat16)
+    return without_exact_rows("gemma3_text")
+
+
 @pytest.mark.parametrize("name", LOSSLESS)
 def test_bfloat16_greedy_equals_ar_bit_for_bit(name):
-    """In bfloat16 near-ties are common; row-exact verification keeps every method on ar's path."""
-    m = NativeModel.from_hf(tiny_hf_model("gemma3_text"), dtype=torch.bfloat16)
-    if not m.bitwise_exact:
-        pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
+    """In bfloat16 near-ties are common; row-exact verification keeps every method on ar's path.
+    On a machine whose invariance probe fails (``bitwise_exact`` False) only the fallback's
+    promise is checked: ar's path up to a near-tie (see the next test)."""
+    m = bf16_model(exact_rows=True)
     for prompt in PROMPTS.values():
         ref = run(m, "ar", prompt)[0]
-        assert run(m, name, prompt)[0] == ref, (name, prompt)
+        out = run(m, name, prompt)[0]
+        if m.bitwise_exact:
+            assert out == ref, (name, prompt)
+        else:
+            assert_greedy_up_to_a_near_tie(m, prompt, ref, out)
+
+
+@pytest.mark.parametrize("name", ["pld", "jacobi"])
+def test_bfloat16_without_exact_rows_falls_back_to_fused_attention(name, monkeypatch):
+    """Where the probe fails, forwards use fused attention (no blocked attention, whose exactness
+    would rest on the failed probe) and greedy methods stay on ar's path up to a near-tie."""
+    import genrefine.models.runtime as runtime
+
+    m = bf16_model(exact_rows=False)
+    blocked = []
+    real = runtime.blocked_attention
+    monkeypatch.setattr(runtime, "blocked_attention", lambda *a, **k: blocked.append(1) or real(*a, **k))
+    for prompt in PROMPTS.values():
+        ref = run(m, "ar", prompt)[0]
+        assert_greedy_up_to_a_near_tie(m, prompt, ref, run(m, name, prompt)[0])
+    assert not blocked
 
 
 def test_decoder_caps_draft_nodes_and_stays_greedy() -> None:
