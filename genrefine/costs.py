@@ -37,23 +37,42 @@ def measure_verify_cost(
     model,
     sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     context_len: int = 128,
-    repeats: int = 3,
+    repeats: int = 5,
     forward_kwargs: dict | None = None,
+    warmup: int = 3,
+    tolerance: float = 0.05,
+    retries: int = 2,
 ) -> dict[int, float]:
     """Seconds per target forward of ``n`` new tokens, for each ``n`` in ``sizes``.
 
-    Fills a fresh cache with ``context_len`` random tokens, warms up once per size, then times
-    ``repeats`` forwards of ``n`` tokens (logits for every row, as verification asks) each followed
-    by ``cache.rollback(n)``, and reports the median. On a model with a shorter context
-    (``model.max_context``) the sizes that do not fit are dropped and the context shortened.
-    ``forward_kwargs`` go to every timed forward (a draft model's ``vocab_subset``).
+    Fills a fresh cache with ``context_len`` random tokens, then
+
+    1. warms up: ``warmup`` untimed forwards of every size (first calls of a shape pay for lazily
+       chosen kernels, allocations and thread start-up; a cold call must not end up in the table);
+    2. times ``repeats`` rounds, each one forward of every size (logits for every row, as
+       verification asks) followed by ``cache.rollback(n)``; a size's time is the median of its
+       rounds. The rounds interleave the sizes, so a passing slowdown touches every size a little
+       instead of one size a lot;
+    3. sanity-checks the result: more tokens never cost less, so a size measured more than
+       ``tolerance`` (relative) slower than a larger size was disturbed. Such sizes are
+       re-measured (another ``repeats`` forwards, at most ``retries`` times), keeping the lower
+       median, since disturbances only add time. Whatever is still out of order afterwards is
+       made monotone by a running maximum (each size costs at least the largest time measured
+       for a smaller one), so the returned times never decrease with ``n``.
+
+    On a model with a shorter context (``model.max_context``) the sizes that do not fit are
+    dropped and the context shortened. ``forward_kwargs`` go to every forward after the prefix
+    (a draft model's ``vocab_subset``).
     """
     fwd = dict(forward_kwargs or {})
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ConfigError(f"sizes must be positive token counts, got {sizes}")
-    if context_len < 1 or repeats < 1:
-        raise ConfigError(f"need context_len >= 1 and repeats >= 1, got {context_len}, {repeats}")
+    if context_len < 1 or repeats < 1 or warmup < 0 or retries < 0 or tolerance < 0:
+        raise ConfigError(
+            "need context_len >= 1, repeats >= 1, warmup >= 0, retries >= 0 and tolerance >= 0, "
+            f"got {context_len}, {repeats}, {warmup}, {retries}, {tolerance}"
+        )
     limit = getattr(model, "max_context", None)
     if limit:  # a short-context model: fewer sizes, a shorter context
         sizes = [n for n in sizes if n < limit] or [1]
@@ -61,26 +80,52 @@ def measure_verify_cost(
     device = torch.device(getattr(model, "device", "cpu"))
     gen = torch.Generator().manual_seed(0)
     vocab = int(model.vocab_size)
-    out: dict[int, float] = {}
     with torch.inference_mode():
         cache = model.new_cache(capacity=context_len + sizes[-1])
         prefix = torch.randint(0, vocab, (context_len,), generator=gen).to(device)  # [context_len]
         model.forward(prefix, cache, logits_rows=torch.tensor([context_len - 1], device=device))
         batches = {n: torch.randint(0, vocab, (n,), generator=gen).to(device) for n in sizes}
-        for n in sizes:  # warm-up
-            model.forward(batches[n], cache, **fwd)
-            cache.rollback(n)
-        _synchronize(device)
-        for n in sizes:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model.forward(batches[n], cache, **fwd)
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-                cache.rollback(n)
-            out[n] = statistics.median(times)
+
+        def rounds(todo: list[int], count: int, timed: bool) -> dict[int, list[float]]:
+            times: dict[int, list[float]] = {n: [] for n in todo}
+            for _ in range(count):
+                for n in todo:
+                    start = time.perf_counter()
+                    model.forward(batches[n], cache, **fwd)
+                    _synchronize(device)
+                    if timed:
+                        times[n].append(time.perf_counter() - start)
+                    cache.rollback(n)
+            return times
+
+        rounds(sizes, warmup, timed=False)
+        out = {n: statistics.median(t) for n, t in rounds(sizes, repeats, timed=True).items()}
+        for _ in range(retries):
+            suspect = _out_of_order(out, tolerance)
+            if not suspect:
+                break
+            for n, t in rounds(suspect, repeats, timed=True).items():
+                out[n] = min(out[n], statistics.median(t))
+    run = -math.inf
+    for n in sizes:  # what re-measuring did not settle: a running maximum
+        run = out[n] = max(run, out[n])
     return out
+
+
+def _out_of_order(measured: dict[int, float], tolerance: float) -> list[int]:
+    """The sizes measured more than ``tolerance`` (relative) slower than some larger size."""
+    suspect, floor = [], math.inf
+    for n in sorted(measured, reverse=True):
+        if measured[n] > floor * (1.0 + tolerance):
+            suspect.append(n)
+        floor = min(floor, measured[n])
+    return sorted(suspect)
+
+
+COST_TABLE_VERSION = 2
+"""Format and measurement version of saved cost tables; a table of another version is measured
+again. 2: tables measured with warm-up, medians and the order check of :func:`measure_verify_cost`
+(version 1 tables could hold a cold first forward)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +184,7 @@ class CostTable:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "version": 1,
+                "version": COST_TABLE_VERSION,
                 "key": self.key,
                 "context_len": self.context_len,
                 "sizes": list(self.sizes),
@@ -150,7 +195,11 @@ class CostTable:
 
     @staticmethod
     def from_json(text: str) -> "CostTable":
+        """The table in ``text``; ValueError when it was saved by another version."""
         d = json.loads(text)
+        version = d.get("version") if isinstance(d, dict) else None
+        if version != COST_TABLE_VERSION:
+            raise ValueError(f"cost table version {version}, need {COST_TABLE_VERSION}")
         return CostTable(
             tuple(int(n) for n in d["sizes"]),
             tuple(float(s) for s in d["seconds"]),
@@ -164,7 +213,8 @@ class CostTable:
 
     @staticmethod
     def load(key: str) -> "CostTable | None":
-        """The saved table for ``key``, or None when there is none (or it is unreadable)."""
+        """The saved table for ``key``, or None when there is none (or it is unreadable, or of
+        another :data:`COST_TABLE_VERSION`)."""
         path = CostTable.path_for(key)
         try:
             table = CostTable.from_json(path.read_text(encoding="utf-8"))

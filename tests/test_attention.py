@@ -91,9 +91,18 @@ def test_values_match_sdpa_in_bfloat16() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rows_are_bitwise_one_token_decoding(dtype, tmp_path, monkeypatch) -> None:
+    """Where the probe finds this dtype's batched matmuls row-invariant, every row is bitwise what
+    one-token decoding computes; where it does not (float32 here), equal up to rounding, which is
+    what is promised then (``NativeModel.bitwise_exact`` False, fused attention by default)."""
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
-    if not probe_attention(H, KV, D, 8, dtype, "cpu"):
-        pytest.skip(f"this machine's {dtype} batched matmuls are not row-invariant")
+    exact = probe_attention(H, KV, D, 8, dtype, "cpu")
+
+    def same(a, b) -> bool:
+        if exact:
+            return torch.equal(a, b)
+        torch.testing.assert_close(a, b)  # the dtype's default tolerances
+        return True
+
     g = torch.Generator().manual_seed(2)
     scale = D**-0.5
 
@@ -108,7 +117,7 @@ def test_rows_are_bitwise_one_token_decoding(dtype, tmp_path, monkeypatch) -> No
         plan = plan_blocks(torch.arange(start, start + n), start, None, window, 8)
         out = blocked_attention(q, k, v, plan, scale)
         for r in range(n):
-            assert torch.equal(out[:, r], single(q[:, r : r + 1], k, v, start + r, window))
+            assert same(out[:, r], single(q[:, r : r + 1], k, v, start + r, window))
     mask, depth = _ancestors([-1, 0, 1, 2, 0, 4, -1, 6, 6, 3])
     n = len(depth)
     for start, window in itertools.product([1, 6, 13, 40], [None, 10]):
@@ -124,7 +133,7 @@ def test_rows_are_bitwise_one_token_decoding(dtype, tmp_path, monkeypatch) -> No
             k2[:, start : start + len(anc)] = k[:, start + anc]
             v2[:, start : start + len(anc)] = v[:, start + anc]
             want = single(q[:, r : r + 1], k2, v2, start + len(anc) - 1, window)
-            assert torch.equal(out[:, r], want)
+            assert same(out[:, r], want)
 
 
 def test_tree_rows_must_not_share_a_position() -> None:

@@ -64,37 +64,46 @@ def _method(drafter, budget: int = 6) -> Method:
 
 
 # --------------------------------------------------------------------------- lossless greedy
+GREEDY_METHODS = {
+    "early-exit-draft": lambda m: build_method("early-exit-draft", m),
+    "swift": lambda m: build_method("swift", m),
+    "early-exit-draft-layer3-no-stop": lambda m: build_method(
+        "early-exit-draft", m, MethodOptions(exit_layer=3, draft_confidence=0.0)
+    ),
+    "exit1-subset": lambda m: _method(EarlyExitDrafter(m, 1, SUBSET)),
+    "exit2-subset-no-stop": lambda m: _method(
+        EarlyExitDrafter(m, 2, SUBSET, confidence=0.0), budget=5
+    ),
+    "every-layer-subset": lambda m: _method(EarlyExitDrafter(m, m.num_layers, SUBSET)),
+    "skip-search-subset": lambda m: _method(
+        SkipLayerDrafter(m, vocab_ids=SUBSET, probe_every=2, trial_steps=1)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(GREEDY_METHODS))
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_equals_ar(family: str, prompt: str) -> None:
+def test_greedy_equals_ar(family: str, prompt: str, method: str) -> None:
     m = native(family)
     ids = PROMPTS[prompt]
     ref = reference(family, tuple(ids))
-    methods = [build_method(name, m) for name in ("early-exit-draft", "swift")]
-    methods += [
-        build_method("early-exit-draft", m, MethodOptions(exit_layer=3, draft_confidence=0.0)),
-        _method(EarlyExitDrafter(m, 1, SUBSET)),
-        _method(EarlyExitDrafter(m, 2, SUBSET, confidence=0.0), budget=5),
-        _method(EarlyExitDrafter(m, m.num_layers, SUBSET)),  # every layer, reduced head
-        _method(SkipLayerDrafter(m, vocab_ids=SUBSET, probe_every=2, trial_steps=1)),
-    ]
-    for method in methods:
-        out, stats, reason = run(m, method, ids)
-        assert out == ref, method.name
-        assert reason == "length" and stats.drafted > 0, method.name
+    out, stats, reason = run(m, GREEDY_METHODS[method](m), ids)
+    assert out == ref
+    assert reason == "length" and stats.drafted > 0
 
 
-def test_sampling_stays_exact() -> None:
+@pytest.mark.parametrize("name", ["early-exit-draft", "swift"])
+def test_sampling_stays_exact(name: str) -> None:
     """Deterministic drafts under sampling: top_k=1 is greedy; seeded runs repeat."""
     m = native("llama")
     ids = PROMPTS["repeated"]
     ref = reference("llama", tuple(ids))
     greedy_sampling = SamplingParams(temperature=0.8, top_k=1, seed=0)
     seeded = SamplingParams(temperature=0.8, seed=3)
-    for name in ("early-exit-draft", "swift"):
-        assert run(m, build_method(name, m), ids, params=greedy_sampling)[0] == ref, name
-        a = run(m, build_method(name, m), ids, 30, seeded)[0]
-        assert a == run(m, build_method(name, m), ids, 30, seeded)[0] and len(a) == 30, name
+    assert run(m, build_method(name, m), ids, params=greedy_sampling)[0] == ref
+    a = run(m, build_method(name, m), ids, 30, seeded)[0]
+    assert a == run(m, build_method(name, m), ids, 30, seeded)[0] and len(a) == 30
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -341,17 +350,20 @@ def test_calm_sampling_repeats() -> None:
 
 
 # --------------------------------------------------------------------------- registry
-def test_registry_and_adapter_refusal() -> None:
+def test_registry_says_which_are_lossless() -> None:
     assert METHODS["early-exit-draft"].lossless and METHODS["swift"].lossless
     assert not METHODS["calm"].lossless
+
+
+@pytest.mark.parametrize("name", ["early-exit-draft", "swift", "calm"])
+def test_adapter_refusal(name: str) -> None:
     hf = HFModel(tiny_hf_model("llama"))
-    for name in ("early-exit-draft", "swift", "calm"):
-        with pytest.raises(GenrefineError) as e:
-            build_method(name, hf)
-        assert str(e.value) == (
-            f"method {name} needs the native runtime; this architecture runs through the "
-            "transformers adapter"
-        )
+    with pytest.raises(GenrefineError) as e:
+        build_method(name, hf)
+    assert str(e.value) == (
+        f"method {name} needs the native runtime; this architecture runs through the "
+        "transformers adapter"
+    )
 
 
 def test_default_draft_vocabulary_for_large_vocabularies(monkeypatch) -> None:

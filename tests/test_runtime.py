@@ -262,19 +262,19 @@ def test_logits_rows_and_vocab_subset(family: str) -> None:
         close(got.logits, full[rows][:, vocab])
 
 
-def test_bfloat16_is_close_to_float32() -> None:
-    for family in ("llama", "gemma3_text"):
-        m32, m16 = native(family), native(family, torch.bfloat16)
-        assert m16.dtype == torch.bfloat16 and m16.embed.dtype == torch.bfloat16
-        ids = tokens(LONG, seed=8)
-        ref = m32.forward(ids, m32.new_cache(32)).logits
-        cache = m16.new_cache(32)
-        assert cache.keys[0].dtype == torch.bfloat16
-        got = torch.cat([m16.forward(ids[:20], cache).logits, m16.forward(ids[20:], cache).logits])
-        assert got.dtype == torch.float32
-        scale = ref.abs().max().item()
-        assert (got - ref).abs().max().item() < 0.1 * scale
-        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_bfloat16_is_close_to_float32(family: str) -> None:
+    m32, m16 = native(family), native(family, torch.bfloat16)
+    assert m16.dtype == torch.bfloat16 and m16.embed.dtype == torch.bfloat16
+    ids = tokens(LONG, seed=8)
+    ref = m32.forward(ids, m32.new_cache(32)).logits
+    cache = m16.new_cache(32)
+    assert cache.keys[0].dtype == torch.bfloat16
+    got = torch.cat([m16.forward(ids[:20], cache).logits, m16.forward(ids[20:], cache).logits])
+    assert got.dtype == torch.float32
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() < 0.1 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
 # --------------------------------------------------------------------------- transformers adapter

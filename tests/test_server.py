@@ -134,18 +134,19 @@ def test_models_health_metrics(live) -> None:
         assert f"# TYPE genrefine_{name} " in text.text
 
 
-def test_completion_equals_the_library_and_counts_usage(live, gen16) -> None:
-    for method in ("ar", "pld", "jacobi"):
-        text, reason, r = live.complete(PROMPTS[0], 20, extra_body={"method": method})
-        ref = gen16.generate(PROMPTS[0], max_new_tokens=20, method=method)
-        assert text == ref.text and reason == ref.finish_reason
-        assert r.usage.prompt_tokens == len(ref.prompt_ids)
-        assert r.usage.completion_tokens == len(ref.token_ids)
-        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-        assert r.object == "text_completion" and r.model == live.model
+@pytest.mark.parametrize("method", ["ar", "pld", "jacobi"])
+def test_completion_equals_the_library_and_counts_usage(live, gen16, method) -> None:
+    text, reason, r = live.complete(PROMPTS[0], 20, extra_body={"method": method})
+    ref = gen16.generate(PROMPTS[0], max_new_tokens=20, method=method)
+    assert text == ref.text and reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_ids)
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "text_completion" and r.model == live.model
     m = live.metrics()
-    assert m['genrefine_method_steps_total{method="pld"}'] > 0
-    assert 'genrefine_acceptance_rate{method="pld"}' in m
+    assert m[f'genrefine_method_steps_total{{method="{method}"}}'] > 0
+    if method != "ar":  # (ar drafts nothing: no acceptance rate)
+        assert f'genrefine_acceptance_rate{{method="{method}"}}' in m
 
 
 def test_token_id_prompts_and_stop_strings(live, gen16) -> None:
@@ -551,7 +552,12 @@ def test_float32_and_bfloat16_batching_modes(gen32) -> None:
     assert torch.float32 == gen32.model.dtype
 
 
-def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(gen16, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "kind, methods", [("heads", ["bpd", "medusa", "pld"]), ("eagle", ["eagle", "ar", "eagle"])]
+)
+def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(
+    gen16, tmp_path, kind, methods
+) -> None:
     """Heads and EAGLE read the target's hidden states: their steps run a forward of their own
     beside the batched one, and every request still gets its text alone."""
     from genrefine.methods.base import MethodOptions
@@ -560,19 +566,17 @@ def test_trained_drafters_that_need_hidden_states_serve_beside_the_batch(gen16, 
 
     texts = [p * 20 for p in PROMPTS]
     cfg = TrainConfig(steps=3, warmup=1, batch=2)
-    for kind in ("heads", "eagle"):
-        run_training(gen16.model, gen16.tokenizer, texts,
-                     DrafterSpec(kind=kind, seq_len=32, max_tokens=4000), cfg, tmp_path / kind,
-                     progress=False, eval_prompts=1)
-    for kind, methods in (("heads", ["bpd", "medusa", "pld"]), ("eagle", ["eagle", "ar", "eagle"])):
-        s = Live(gen16, max_batch=4, options=MethodOptions(drafter=str(tmp_path / kind)))
-        try:
-            jobs = [(p, m) for p, m in zip(PROMPTS, methods)]
-            alone = [s.complete(p, 24, extra_body={"method": m})[0] for p, m in jobs]
-            assert _concurrent(s, jobs, 24) == alone
-            assert alone == [gen16.generate(p, max_new_tokens=24).text for p, _ in jobs]
-        finally:
-            s.close()
+    run_training(gen16.model, gen16.tokenizer, texts,
+                 DrafterSpec(kind=kind, seq_len=32, max_tokens=4000), cfg, tmp_path / kind,
+                 progress=False, eval_prompts=1)
+    s = Live(gen16, max_batch=4, options=MethodOptions(drafter=str(tmp_path / kind)))
+    try:
+        jobs = [(p, m) for p, m in zip(PROMPTS, methods)]
+        alone = [s.complete(p, 24, extra_body={"method": m})[0] for p, m in jobs]
+        assert _concurrent(s, jobs, 24) == alone
+        assert alone == [gen16.generate(p, max_new_tokens=24).text for p, _ in jobs]
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("method", ["pld", "lookahead"])

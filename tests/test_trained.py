@@ -98,23 +98,23 @@ def held_out(family: str):
 
 
 # --------------------------------------------------------------------------- lossless
+@pytest.mark.parametrize(
+    "kind, name", [("heads", n) for n in HEADS_METHODS] + [("eagle", "eagle")]
+)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trained_methods_equal_ar(family: str) -> None:
+def test_trained_methods_equal_ar(family: str, kind: str, name: str) -> None:
     m = native(family)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 97, (10,), generator=g).tolist() for _ in range(3)]
     prompts.append(char_tokenizer().encode(corpus(family)[1][:24], add_special_tokens=False))
-    for kind, names in (("heads", HEADS_METHODS), ("eagle", ("eagle",))):
-        out_dir = trained(family, kind)
-        for name in names:
-            method = build_method(name, m, MethodOptions(drafter=str(out_dir)))
-            accepted = 0
-            for p in prompts:
-                ref, _ = run(m, Method("ar"), p)
-                got, stats = run(m, method, p)
-                assert got == ref, (name, p)
-                accepted += stats.accepted
-            assert accepted > 0, name  # the drafts were used, not empty
+    method = build_method(name, m, MethodOptions(drafter=str(trained(family, kind))))
+    accepted = 0
+    for p in prompts:
+        ref, _ = run(m, Method("ar"), p)
+        got, stats = run(m, method, p)
+        assert got == ref, p
+        accepted += stats.accepted
+    assert accepted > 0  # the drafts were used, not empty
 
 
 def test_trees_are_trees_and_budgets_hold() -> None:

@@ -228,3 +228,17 @@ def tiny_drafter(model, kind: str) -> str:
         run_training(model, char_tokenizer(), texts, spec, cfg, out, progress=False, eval_prompts=0)
         _DRAFTERS[key] = out
     return _DRAFTERS[key]
+
+
+def without_exact_rows(family: str, dtype: torch.dtype = torch.bfloat16):
+    """The tiny native model of ``family`` as a machine whose invariance probe fails would build
+    it: ``bitwise_exact`` is False (the fallback of every bitwise test)."""
+    import pytest
+
+    import genrefine.models.runtime as runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "probe_attention", lambda *args, **kwargs: False)
+        m = runtime.NativeModel.from_hf(tiny_hf_model(family), dtype=dtype)
+    assert not m.bitwise_exact
+    return m
