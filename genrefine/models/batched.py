@@ -17,16 +17,16 @@ kernels round differently, or the transformers adapter) every sequence runs its 
 greedy output stays exactly what each request gets alone. ``mode="always"`` batches regardless
 (faster, equal only up to rounding).
 
-The layer body here is ``NativeModel._layer``'s, made of the model's own pieces (``_qkv``,
-``_masks``, ``_attend``, ``_finish_layer``, ``project``); the tests check bit for bit that a
-batched forward gives every sequence what ``model.forward`` gives it.
+The concatenated forward itself is :meth:`NativeModel.forward_batch` (its layer body is
+``NativeModel._layer``'s, made of the same pieces); this module decides when rows are batched
+and in which groups. The tests check bit for bit that a batched forward gives every sequence what
+``model.forward`` gives it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .runtime import EXACT_ROWS_MAX, NativeModel
@@ -90,59 +90,10 @@ def forward_batch(model, items: list[BatchItem], mode: str = "auto") -> list[Ten
         if len(group) == 1:
             out[group[0]] = _single(model, items[group[0]])
             continue
-        for i, logits in zip(group, _native_batch(model, [items[i] for i in group])):
+        for i, logits in zip(group, model.forward_batch([items[i] for i in group])):
             out[i] = logits
     return out  # type: ignore[return-value]
 
 
 def _single(model, it: BatchItem) -> Tensor:
     return model.forward(it.tokens, it.cache, positions=it.positions, tree_mask=it.tree_mask).logits
-
-
-@torch.inference_mode()
-def _native_batch(model: NativeModel, items: list[BatchItem]) -> list[Tensor]:
-    c = model.config
-    sizes = [int(it.tokens.shape[0]) for it in items]
-    starts = [it.cache.reserve(n) for it, n in zip(items, sizes)]
-    exact_max = max_rows()
-    seqs = []
-    ropes = []
-    for it, n, start in zip(items, sizes, starts):
-        pos = it.positions
-        if pos is None:
-            pos = torch.arange(start, start + n, device=model.device)
-        exact = bool(model.bitwise_exact) and n <= exact_max  # what model.forward would pick
-        seqs.append((it.cache, start, start + n, model._masks(pos, it.tree_mask, start, n, exact)))
-        ropes.append(model._rope_cos_sin(pos))  # per sequence, computed as its own forward would
-    rope = {
-        key: (torch.cat([r[key][0] for r in ropes]), torch.cat([r[key][1] for r in ropes]))
-        for key in ropes[0]
-    }  # key -> cos, sin: [N, head_dim]
-    tokens = torch.cat([it.tokens.to(model.device) for it in items])  # [N]
-    x = model.embed_tokens(tokens)  # [N, hidden]
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
-    for i in range(c.num_layers):
-        x = _layer(model, i, x, seqs, offsets, rope[c.layer_rope[i]])
-    for (cache, _, total, _) in seqs:
-        cache.length = total
-    logits = model.project(x)  # [N, V] float32
-    return [logits[offsets[j] : offsets[j + 1]] for j in range(len(items))]
-
-
-def _layer(model: NativeModel, i: int, x: Tensor, seqs, offsets: list[int], rope) -> Tensor:
-    """Layer ``i`` on the concatenated rows ``x`` [N, hidden]: projections and MLP over all rows,
-    attention per sequence (the pieces of ``NativeModel._layer``)."""
-    c = model.config
-    N = x.shape[0]
-    window = c.layer_windows[i]
-    q, k, v = model._qkv(i, x, rope, queries=True)  # [H, N, D], [KV, N, D], [KV, N, D]
-    parts = []
-    for j, (cache, start, total, masks) in enumerate(seqs):
-        rows = slice(offsets[j], offsets[j + 1])
-        cache.keys[i][:, start:total] = k[:, rows]
-        cache.values[i][:, start:total] = v[:, rows]
-        parts.append(model._attend(i, q[:, rows], cache, total, masks[window]))
-    att = torch.cat(parts, dim=1).transpose(0, 1).reshape(N, c.num_heads * c.head_dim)
-    return model._finish_layer(i, x, att)

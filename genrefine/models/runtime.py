@@ -310,6 +310,64 @@ class NativeModel:
             hidden[c.num_layers] = self._norm(x, self.final_norm)
         return ModelOutput(logits=logits, hidden=hidden)
 
+    # ------------------------------------------------------------------ batched
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence) -> list[Tensor]:
+        """One forward for the new tokens of several sequences, each on its own cache.
+
+        ``items``: objects with ``tokens`` ([n_i] long), ``cache``, ``positions`` ([n_i] long or
+        None) and ``tree_mask`` ([n_i, n_i] bool or None), as :meth:`forward` takes them. The rows
+        of all sequences are concatenated for everything that works row by row (embeddings,
+        norms, projections, MLP, head: each weight is read once), attention runs per sequence
+        against its own cache with the plan :meth:`forward` would use. Appends each sequence's
+        tokens to its cache; returns each sequence's logits ([n_i, vocab] float32). Rows equal
+        each sequence's own :meth:`forward` bit for bit as far as the matmuls are
+        batch-invariant (:mod:`genrefine.models.batched` decides when to rely on that).
+        """
+        c = self.config
+        sizes = [int(it.tokens.shape[0]) for it in items]
+        starts = [it.cache.reserve(n) for it, n in zip(items, sizes)]
+        seqs = []
+        ropes = []
+        for it, n, start in zip(items, sizes, starts):
+            pos = it.positions
+            if pos is None:
+                pos = torch.arange(start, start + n, device=self.device)
+            exact = bool(self.bitwise_exact) and n <= EXACT_ROWS_MAX  # what forward would pick
+            seqs.append((it.cache, start, start + n, self._masks(pos, it.tree_mask, start, n, exact)))
+            ropes.append(self._rope_cos_sin(pos))  # per sequence, as its own forward computes
+        rope = {
+            key: (torch.cat([r[key][0] for r in ropes]), torch.cat([r[key][1] for r in ropes]))
+            for key in ropes[0]
+        }  # key -> cos, sin: [N, head_dim]
+        tokens = torch.cat([it.tokens.to(self.device) for it in items])  # [N]
+        x = self.embed_tokens(tokens)  # [N, hidden]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        for i in range(c.num_layers):
+            x = self._batched_layer(i, x, seqs, offsets, rope[c.layer_rope[i]])
+        for cache, _, total, _ in seqs:
+            cache.length = total
+        logits = self.project(x)  # [N, V] float32
+        return [logits[offsets[j] : offsets[j + 1]] for j in range(len(items))]
+
+    def _batched_layer(self, i: int, x: Tensor, seqs, offsets: list[int], rope) -> Tensor:
+        """Layer ``i`` on the concatenated rows ``x`` [N, hidden]: projections and MLP over all
+        rows, attention per sequence (the pieces of :meth:`_layer`)."""
+        c = self.config
+        N = x.shape[0]
+        window = c.layer_windows[i]
+        q, k, v = self._qkv(i, x, rope, queries=True)  # [H, N, D], [KV, N, D], [KV, N, D]
+        parts = []
+        for j, (cache, start, total, masks) in enumerate(seqs):
+            rows = slice(offsets[j], offsets[j + 1])
+            cache.keys[i][:, start:total] = k[:, rows]
+            cache.values[i][:, start:total] = v[:, rows]
+            parts.append(self._attend(i, q[:, rows], cache, total, masks[window]))
+        att = torch.cat(parts, dim=1).transpose(0, 1).reshape(N, c.num_heads * c.head_dim)
+        return self._finish_layer(i, x, att)
+
     # ------------------------------------------------------------------ layer-by-layer
     @torch.inference_mode()
     def run_layers(self, x: Tensor, cache: KVCache, start: int, layers: Sequence[int]) -> Tensor:
