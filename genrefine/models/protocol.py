@@ -109,7 +109,8 @@ class NativeCapabilities(Protocol):
     def write_kv(self, x: Tensor, cache: Cache, start: int, layers: Sequence[int]) -> None:
         """Fill only the key/value slots of ``layers`` from a stand-in hidden state."""
 
-    def forward_batch(self, inputs: Sequence, exact: bool | None = None) -> list:
-        """One forward for the decoding steps of several sequences, each on its own cache
-        (:mod:`genrefine.models.batched`): every weight is read once for all their rows."""
+    def forward_batch(self, items: Sequence) -> list:
+        """One forward for the new tokens of several sequences (``tokens``, ``cache``,
+        ``positions``, ``tree_mask`` each), each on its own cache: every weight is read once for
+        all their rows; their logits in order (:mod:`genrefine.models.batched` decides when)."""
         ...
