@@ -16,7 +16,9 @@ from genrefine.bench.questions import (
     select_questions,
 )
 from genrefine.bench.report import markdown_report, plot_report
-from genrefine.bench.runner import Settings, TurnResult, first_difference, rotated, run_question
+from genrefine.bench.backends import TurnResult
+from genrefine.bench.plan import Settings
+from genrefine.bench.runner import first_difference, rotated, run_question
 from genrefine.cli import main
 from genrefine.errors import ConfigError
 
