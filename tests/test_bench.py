@@ -268,6 +268,41 @@ def test_second_turn_follows_the_ar_answer_for_every_method():
     assert rotated(["ar", "pld", "jacobi"], 4) == ["pld", "jacobi", "ar"]
 
 
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_dir):
+    from genrefine.api import load
+
+    return load(str(tiny_dir), dtype="float32", device="cpu")
+
+
+def test_genrefine_backend_times_token_ids_without_decoding(tiny_gen, monkeypatch):
+    """The clock covers generation alone: no detokenization (once per token for ar) inside it."""
+    from genrefine.bench.backends import GenrefineBackend
+
+    calls = []
+    real = tiny_gen.tokenizer.decode
+    monkeypatch.setattr(tiny_gen.tokenizer, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = tiny_gen.chat_prompt([{"role": "user", "content": "abc abc abc abc"}])
+    r = GenrefineBackend(tiny_gen, "ar").run(prompt, 12, 0.0, None)
+    assert len(r.token_ids) + r.ended_eos >= 1
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["rest", "pld", "jacobi"])
+def test_every_run_starts_from_the_same_method_state(tiny_gen, method):
+    """A repeat of the same prompt drafts exactly as the first run did: rest does not draft its
+    own earlier answer (nor anything an earlier run taught it)."""
+    from genrefine.bench.backends import GenrefineBackend
+
+    b = GenrefineBackend(tiny_gen, method)
+    prompt = tiny_gen.chat_prompt([{"role": "user", "content": "the cat sat on the mat. the"}])
+    first, second = (b.run(prompt, 24, 0.0, None) for _ in range(2))
+    assert second.token_ids == first.token_ids
+    assert (second.steps, second.drafted, second.accepted) == (
+        first.steps, first.drafted, first.accepted
+    )
+
+
 # ----------------------------------------------------------------------------- the command
 def bench(capsys, *argv):
     code = main(["bench", "--no-progress", *argv])
@@ -404,6 +439,29 @@ def test_bench_rejects_bad_input_before_loading(capsys, tmp_path, qfile, monkeyp
     assert code == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("genrefine: error:")
+
+
+def test_bench_warms_up_on_a_prompt_it_does_not_measure(capsys, tiny_dir, qfile, tmp_path,
+                                                         monkeypatch):
+    import genrefine.bench.runner as runner
+
+    prompts = []
+    real = runner.GenrefineBackend
+
+    class Spy(real):
+        def run(self, prompt_ids, *a, **k):
+            prompts.append((self.method, list(prompt_ids)))
+            return super().run(prompt_ids, *a, **k)
+
+    monkeypatch.setattr(runner, "GenrefineBackend", Spy)
+    code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
+                         "float32", "--methods", "rest", "--quick", "--json",
+                         str(tmp_path / "b.json"))
+    assert code == 0, err
+    for method in ("ar", "rest"):
+        seen = [p for m, p in prompts if m == method]
+        assert len(seen) == 1 + 4  # the warm-up, then 3 questions (one with two turns)
+        assert seen[0] not in seen[1:]
 
 
 def test_bench_transformers_baselines_on_a_tiny_model(capsys, tiny_dir, qfile, tmp_path):
