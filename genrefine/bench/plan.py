@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import __version__
 from ..errors import ConfigError
+from ..policy import _cpu_model
 from .questions import (
     DRAFT_MODEL_METHODS,
     LLAMACPP_METHODS,
@@ -26,7 +28,7 @@ from .questions import (
     parse_methods,
     select_questions,
 )
-from .results import read_results
+from .results import git_commit, read_results
 
 QUICK_MAX_NEW_TOKENS = 24
 
@@ -77,6 +79,9 @@ class Settings:
     drafter: str | None = None  # the trained drafter's folder; None: the shipped one (or unused)
     tree_cut: bool | None = None  # False: --no-tree-cut; None: drafts cut (files from before it)
     draft_vocab: int | None = None  # --draft-vocab N; None: each method's default
+    cpu: str | None = None  # the CPU model (lscpu's model name): timings of one machine only
+    version: str | None = None  # genrefine.__version__ of the code that measured
+    commit: str | None = None  # its git commit, when it runs from a checkout
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -106,7 +111,8 @@ def plan_bench(config: BenchConfig) -> Plan:
     """Check everything that can be checked without a model; ConfigError on the first problem.
 
     Order: methods, numbers, question file, categories, output paths, model/dtype/device, and
-    the settings of an earlier run in the JSONL (resume only with equal settings).
+    the settings of an earlier run in the JSONL (resume only with equal settings, the CPU model
+    and the code's version included).
     """
     from ..models.loading import resolve_device, resolve_dtype, resolve_source
     from ..types import SamplingParams
@@ -175,6 +181,9 @@ def plan_bench(config: BenchConfig) -> Plan:
         drafter=str(Path(config.drafter).expanduser().resolve()) if config.drafter else None,
         tree_cut=None if config.tree_cut else False,
         draft_vocab=config.draft_vocab,
+        cpu=_cpu_model(),
+        version=__version__,
+        commit=git_commit(),
     )
     done = {} if config.fresh else read_results(jsonl, settings)
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)

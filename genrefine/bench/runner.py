@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .backends import GenrefineBackend, TurnResult
 from .baselines import HF_PROMPT_LOOKUP_TOKENS, HFBackend, LlamaCppPlainBackend, load_hf_model
-from .metrics import BASELINE, build_report, reference_of
+from .metrics import BASELINE, EXACTNESS_OFF, build_report, reference_of
 from .plan import Plan, Settings
 from .questions import HF_METHODS, LLAMACPP_METHODS, Question
 from .results import append_line, start_results
@@ -192,17 +192,10 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.lower().startswith("model name"):
-                    cpu = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from ..policy import _cpu_model
+
     info = {
-        "cpu": cpu,
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -253,17 +246,20 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
     if plan.done:
         say(f"resuming: {len(plan.done)} question(s) already in {plan.jsonl_path}")
     model_name = resolve_source(plan.config.model).display_name
-    gen = None
+    gen = exact = None
     if pending:  # nothing to run: the report comes from the JSONL alone, no model needed
         t0 = time.perf_counter()
         gen = load(plan.config.model, dtype=st.dtype, device=st.device, backend=plan.config.backend)
         model_name = gen.name
+        exact = bool(getattr(gen.model, "bitwise_exact", False))
         say(f"model {gen.name}, {st.dtype} on {st.device}, loaded in {time.perf_counter() - t0:.1f} s")
+        if not exact:
+            say(EXACTNESS_OFF)
         backends = build_backends(plan, gen, say)
         warm = gen.chat_prompt([{"role": "user", "content": WARMUP_PROMPT}])
         for b in backends.values():  # warm-up: first-call costs, the cost table of auto
             b.run(warm, min(WARMUP_TOKENS, st.max_new_tokens), st.temperature, 0)
-    start_results(plan.jsonl_path, st, plan.config.fresh)
+    start_results(plan.jsonl_path, st, plan.config.fresh, exact)
 
     def decode(ids: list[int]) -> str:
         return gen.tokenizer.decode(ids, skip_special_tokens=True)
@@ -278,6 +274,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
         for q in pending:
             order = rotated(st.methods, index[q.question_id])
             rec = run_question(q, backends, gen.chat_prompt, st, order, decode)
+            rec["bitwise_exact"], rec["cpu"] = exact, st.cpu
             rec["finished_at"] = _now()
             rec["loadavg"] = _loadavg()
             append_line(plan.jsonl_path, rec)
