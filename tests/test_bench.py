@@ -304,6 +304,26 @@ def test_every_run_starts_from_the_same_method_state(tiny_gen, method):
     )
 
 
+def test_hf_assisted_runs_start_from_the_same_assistant_state():
+    """transformers' "heuristic" schedule keeps the assistant's draft length across generate
+    calls; each bench run starts from the length it had when the backend was built."""
+    import copy
+
+    from genrefine.bench.baselines import HFBackend
+
+    from tiny import tiny_hf_model
+
+    target = tiny_hf_model("llama")
+    assistant = copy.deepcopy(target)  # the same weights: every draft token is accepted
+    assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+    assistant.generation_config.num_assistant_tokens = 2
+    assistant.generation_config.assistant_confidence_threshold = 0.0  # drafts of that length
+    b = HFBackend(target, [2], 0, None, assistant)
+    first, second = (b.run([1, 5, 6, 7, 5, 6], 24, 0.0, None) for _ in range(2))
+    assert second.token_ids == first.token_ids
+    assert (second.steps, second.drafted) == (first.steps, first.drafted)
+
+
 # ----------------------------------------------------------------------------- the command
 def bench(capsys, *argv):
     code = main(["bench", "--no-progress", *argv])

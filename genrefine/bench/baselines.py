@@ -56,6 +56,11 @@ class HFBackend:
         self.pad_id = pad_id if pad_id is not None else (min(self.eos) if self.eos else 0)
         self.prompt_lookup = prompt_lookup
         self.assistant, self.tokenizers = assistant, tokenizers
+        # transformers' "heuristic" schedule carries the assistant's draft length from one
+        # generate call to the next: every run starts again from this one
+        self._assistant_tokens = (
+            assistant.generation_config.num_assistant_tokens if assistant is not None else None
+        )
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
         import torch
@@ -89,6 +94,7 @@ class HFBackend:
         if self.prompt_lookup:
             kw["prompt_lookup_num_tokens"] = self.prompt_lookup
         if self.assistant is not None:
+            self.assistant.generation_config.num_assistant_tokens = self._assistant_tokens
             kw["assistant_model"] = self.assistant
             if self.tokenizers is not None:
                 kw["tokenizer"], kw["assistant_tokenizer"] = self.tokenizers
