@@ -16,7 +16,9 @@ from genrefine.bench.questions import (
     select_questions,
 )
 from genrefine.bench.report import markdown_report, plot_report
-from genrefine.bench.runner import Settings, TurnResult, first_difference, rotated, run_question
+from genrefine.bench.backends import TurnResult
+from genrefine.bench.plan import Settings
+from genrefine.bench.runner import first_difference, rotated, run_question
 from genrefine.cli import main
 from genrefine.errors import ConfigError
 
@@ -266,6 +268,62 @@ def test_second_turn_follows_the_ar_answer_for_every_method():
     assert rotated(["ar", "pld", "jacobi"], 4) == ["pld", "jacobi", "ar"]
 
 
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_dir):
+    from genrefine.api import load
+
+    return load(str(tiny_dir), dtype="float32", device="cpu")
+
+
+def test_genrefine_backend_times_token_ids_without_decoding(tiny_gen, monkeypatch):
+    """The clock covers generation alone: no detokenization (once per token for ar) inside it."""
+    from genrefine.bench.backends import GenrefineBackend
+
+    calls = []
+    real = tiny_gen.tokenizer.decode
+    monkeypatch.setattr(tiny_gen.tokenizer, "decode",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = tiny_gen.chat_prompt([{"role": "user", "content": "abc abc abc abc"}])
+    r = GenrefineBackend(tiny_gen, "ar").run(prompt, 12, 0.0, None)
+    assert len(r.token_ids) + r.ended_eos >= 1
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["rest", "pld", "jacobi"])
+def test_every_run_starts_from_the_same_method_state(tiny_gen, method):
+    """A repeat of the same prompt drafts exactly as the first run did: rest does not draft its
+    own earlier answer (nor anything an earlier run taught it)."""
+    from genrefine.bench.backends import GenrefineBackend
+
+    b = GenrefineBackend(tiny_gen, method)
+    prompt = tiny_gen.chat_prompt([{"role": "user", "content": "the cat sat on the mat. the"}])
+    first, second = (b.run(prompt, 24, 0.0, None) for _ in range(2))
+    assert second.token_ids == first.token_ids
+    assert (second.steps, second.drafted, second.accepted) == (
+        first.steps, first.drafted, first.accepted
+    )
+
+
+def test_hf_assisted_runs_start_from_the_same_assistant_state():
+    """transformers' "heuristic" schedule keeps the assistant's draft length across generate
+    calls; each bench run starts from the length it had when the backend was built."""
+    import copy
+
+    from genrefine.bench.baselines import HFBackend
+
+    from tiny import tiny_hf_model
+
+    target = tiny_hf_model("llama")
+    assistant = copy.deepcopy(target)  # the same weights: every draft token is accepted
+    assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+    assistant.generation_config.num_assistant_tokens = 2
+    assistant.generation_config.assistant_confidence_threshold = 0.0  # drafts of that length
+    b = HFBackend(target, [2], 0, None, assistant)
+    first, second = (b.run([1, 5, 6, 7, 5, 6], 24, 0.0, None) for _ in range(2))
+    assert second.token_ids == first.token_ids
+    assert (second.steps, second.drafted) == (first.steps, first.drafted)
+
+
 # ----------------------------------------------------------------------------- the command
 def bench(capsys, *argv):
     code = main(["bench", "--no-progress", *argv])
@@ -402,6 +460,85 @@ def test_bench_rejects_bad_input_before_loading(capsys, tmp_path, qfile, monkeyp
     assert code == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("genrefine: error:")
+
+
+def test_bench_warms_up_on_a_prompt_it_does_not_measure(capsys, tiny_dir, qfile, tmp_path,
+                                                         monkeypatch):
+    import genrefine.bench.runner as runner
+
+    prompts = []
+    real = runner.GenrefineBackend
+
+    class Spy(real):
+        def run(self, prompt_ids, *a, **k):
+            prompts.append((self.method, list(prompt_ids)))
+            return super().run(prompt_ids, *a, **k)
+
+    monkeypatch.setattr(runner, "GenrefineBackend", Spy)
+    code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
+                         "float32", "--methods", "rest", "--quick", "--json",
+                         str(tmp_path / "b.json"))
+    assert code == 0, err
+    for method in ("ar", "rest"):
+        seen = [p for m, p in prompts if m == method]
+        assert len(seen) == 1 + 4  # the warm-up, then 3 questions (one with two turns)
+        assert seen[0] not in seen[1:]
+
+
+def test_bench_records_exactness_and_the_cpu(capsys, tiny_dir, qfile, tmp_path):
+    """float32 is not bitwise exact: every result, the settings header and the report say so
+    (and the CPU they ran on); lossless stays the measured token equality."""
+    from genrefine.policy import _cpu_model
+
+    code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
+                         "float32", "--methods", "pld", "--quick", "--json",
+                         str(tmp_path / "b.json"), "--report", str(tmp_path / "b.md"))
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "b.questions.jsonl").read_text().splitlines()]
+    header, records = lines[0], lines[1:]
+    assert header["bitwise_exact"] is False and header["settings"]["cpu"] == _cpu_model()
+    assert all(r["bitwise_exact"] is False and r["cpu"] == _cpu_model() for r in records)
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["bitwise_exact"] is False and r["machine"]["cpu"] == _cpu_model()
+    assert r["methods"]["pld"]["lossless"] is True  # measured: pld reproduced ar's tokens
+    md = (tmp_path / "b.md").read_text()
+    assert len([ln for ln in md.splitlines() if "bitwise exact" in ln]) == 1
+    assert len([ln for ln in err.splitlines() if "bitwise exact" in ln]) == 1
+
+
+def test_report_says_when_exactness_is_off():
+    def report(*flags):
+        records = [dict(r, bitwise_exact=f) for r, f in zip(RECORDS, flags)]
+        return build_report(records, ["ar", "pld"], model="m", dtype="float32", device="cpu",
+                            max_new_tokens=8)
+
+    exact = report(True, True, True)
+    assert exact["bitwise_exact"] is True and "bitwise exact" not in markdown_report(exact)
+    mixed = report(True, False, True)
+    assert mixed["bitwise_exact"] is False
+    assert len([ln for ln in markdown_report(mixed).splitlines() if "bitwise exact" in ln]) == 1
+
+
+def test_bench_refuses_results_of_another_version(capsys, tiny_dir, qfile, tmp_path):
+    import genrefine
+
+    args = ["--questions", str(qfile), "--model", str(tiny_dir), "--dtype", "float32",
+            "--methods", "pld", "--categories", "rag", "--quick", "--json",
+            str(tmp_path / "b.json")]
+    code, _, err = bench(capsys, *args)
+    assert code == 0, err
+    jsonl = tmp_path / "b.questions.jsonl"
+    lines = jsonl.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["settings"]["version"] == genrefine.__version__
+    header["settings"]["version"] = "0.0.1"
+    jsonl.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    code, _, err = bench(capsys, *args)
+    assert code == 2
+    assert "another version of genrefine" in err and "0.0.1" in err and "--fresh" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = bench(capsys, *args, "--fresh")
+    assert code == 0, err
 
 
 def test_bench_transformers_baselines_on_a_tiny_model(capsys, tiny_dir, qfile, tmp_path):

@@ -50,6 +50,12 @@ def test_methods_lists_every_method_with_losslessness(capsys):
         assert ln.split()[1] == ("lossless" if info.lossless else "lossy")
 
 
+def test_methods_notes_what_lossless_means_without_exactness(capsys):
+    _, _, err = run(capsys, "methods")
+    note = [ln for ln in err.splitlines() if "bitwise exact" in ln]
+    assert len(note) == 1 and "lossless" in note[0] and "genrefine bench" in note[0]
+
+
 def test_generate_on_a_tiny_model_directory(capsys, tiny_dir):
     code, out, err = run(capsys, "generate", "hello", "--model", str(tiny_dir), "--max-new-tokens",
                          "12", "--method", "pld", "--dtype", "float32")

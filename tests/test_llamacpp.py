@@ -239,7 +239,7 @@ def test_final_hidden_state_and_refusals(model):
 # ----------------------------------------------------------------------------- greedy identity
 @needs_llama
 def test_ar_equals_llama_cpp_pythons_greedy_completion(model):
-    from genrefine.models.llamacpp import plain_llama
+    from genrefine.bench.baselines import plain_llama
 
     llm = plain_llama(model.path, n_ctx=512, n_threads=model.n_threads)
     prompt = model.tokenize(PROMPTS[1])

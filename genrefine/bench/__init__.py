@@ -1,7 +1,11 @@
 """``genrefine bench``: Spec-Bench-style measurements of every method against ``ar``.
 
 questions.py  the inputs (question files, categories, methods, output paths), checked early
-runner.py     loading, warm-up, the interleaved run, the resumable per-question JSONL
+plan.py       the options checked before any model loads, and the settings numbers depend on
+results.py    the resumable per-question JSONL: its settings header, appending, resuming
+backends.py   the backend interface (run -> TurnResult) and genrefine's own backend
+baselines.py  the baselines that are not genrefine: transformers generate, llama.cpp plain
+runner.py     loading, warm-up, the interleaved run, the report files
 metrics.py    per-question records -> the report dict (pure)
 report.py     the report as Markdown and as a PNG
 """
@@ -15,7 +19,8 @@ from .questions import (
     select_questions,
 )
 from .report import markdown_report, plot_report
-from .runner import BenchConfig, execute, plan_bench
+from .plan import BenchConfig, plan_bench
+from .runner import execute
 
 __all__ = [
     "HF_METHODS",

@@ -25,7 +25,9 @@ Definitions used in the report:
 * ``lossless``: under greedy decoding, whether every question's tokens equal the reference's
   (``ar`` for genrefine's lossless methods and ``hf_generate``; ``hf_generate`` for
   ``hf_prompt_lookup`` and ``hf_assisted``); None under sampling, for lossy methods, and without
-  a reference.
+  a reference. It is the measured token equality whether or not the model ran bitwise exact
+  (``bitwise_exact``, recorded per question): without exactness a near-tie can flip a token, and
+  a method that matched here is not guaranteed to match elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 BASELINE = "ar"
+EXACTNESS_OFF = (
+    "the model did not run bitwise exact (float32, this CPU or the transformers adapter): "
+    "lossless is the measured token equality with the reference, not a guarantee"
+)
 
 
 def reference_of(method: str, methods: Sequence[str]) -> str | None:
@@ -207,6 +213,11 @@ def build_report(
             "hf_generate for hf_prompt_lookup and hf_assisted); null where it does not apply",
         },
     }
+    flags = [r.get("bitwise_exact") for r in records]
+    # False when any question ran without exactness; None when not recorded (or no questions)
+    report["bitwise_exact"] = (
+        False if False in flags else (True if flags and all(f is True for f in flags) else None)
+    )
     loads = [r["loadavg"] for r in records if r.get("loadavg") is not None]
     if loads:
         report["load_average_during"] = [min(loads), max(loads)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from .metrics import EXACTNESS_OFF
+
 
 def _fmt(v, spec: str, suffix: str = "") -> str:
     return "–" if v is None else f"{v:{spec}}{suffix}"
@@ -51,6 +53,10 @@ def markdown_report(report: dict) -> str:
         + ("greedy" if greedy else f"sampling at temperature {report.get('temperature')}")
         + f", {report.get('repeats', 1)} run(s) each; baseline `ar`.",
         "",
+    ]
+    if report.get("bitwise_exact") is False:
+        lines += [f"Note: {EXACTNESS_OFF}.", ""]
+    lines += [
         "## Overall",
         "",
     ]

@@ -58,7 +58,8 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from ..bench.runner import BenchConfig, command_line, execute, plan_bench
+    from ..bench.plan import BenchConfig, plan_bench
+    from ..bench.runner import command_line, execute
 
     argv = sys.argv[1:] if sys.argv[1:2] == ["bench"] else _bench_argv(args)
     config = BenchConfig(

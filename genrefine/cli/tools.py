@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import GenrefineError
 
 
@@ -77,4 +79,8 @@ def cmd_methods(args) -> int:
     for m in METHODS.values():
         kind = "lossless" if m.lossless else "lossy"
         print(f"{m.name:<10} {kind:<9} {m.summary}")
+    print("genrefine: note: lossless = greedy tokens equal ar's when the model runs bitwise exact "
+          "(bf16 with batch-invariant kernels); otherwise (float32, some CPUs, the transformers "
+          "backend) a near-tie can differ. genrefine bench records bitwise_exact per run",
+          file=sys.stderr)
     return 0

@@ -492,33 +492,6 @@ class LlamaCppModel:
         self._finalizer()
 
 
-def plain_llama(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None):
-    """llama-cpp-python's high-level ``Llama`` on ``path`` with this backend's kernels (no
-    repacked weights: see the module docstring), for comparisons token for token.
-
-    ``Llama`` has no option for repacking, so the default model parameters it starts from are
-    swapped for the duration of the constructor.
-    """
-    lc = import_llama_cpp()
-    import llama_cpp.llama_cpp as low
-
-    stock = low.llama_model_default_params
-
-    def defaults():
-        params = stock()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = defaults
-    try:
-        threads = int(n_threads or default_threads())
-        return lc.Llama(
-            str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
-    finally:
-        low.llama_model_default_params = stock
-
-
 def _free(lc, batch, ctx, model) -> None:
     lc.llama_batch_free(batch)
     lc.llama_free(ctx)
