@@ -488,7 +488,7 @@ def test_bench_warms_up_on_a_prompt_it_does_not_measure(capsys, tiny_dir, qfile,
 def test_bench_records_exactness_and_the_cpu(capsys, tiny_dir, qfile, tmp_path):
     """float32 is not bitwise exact: every result, the settings header and the report say so
     (and the CPU they ran on); lossless stays the measured token equality."""
-    from genrefine.policy import _cpu_model
+    from genrefine.diskcache import cpu_model
 
     code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
                          "float32", "--methods", "pld", "--quick", "--json",
@@ -496,10 +496,10 @@ def test_bench_records_exactness_and_the_cpu(capsys, tiny_dir, qfile, tmp_path):
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "b.questions.jsonl").read_text().splitlines()]
     header, records = lines[0], lines[1:]
-    assert header["bitwise_exact"] is False and header["settings"]["cpu"] == _cpu_model()
-    assert all(r["bitwise_exact"] is False and r["cpu"] == _cpu_model() for r in records)
+    assert header["bitwise_exact"] is False and header["settings"]["cpu"] == cpu_model()
+    assert all(r["bitwise_exact"] is False and r["cpu"] == cpu_model() for r in records)
     r = json.loads((tmp_path / "b.json").read_text())
-    assert r["bitwise_exact"] is False and r["machine"]["cpu"] == _cpu_model()
+    assert r["bitwise_exact"] is False and r["machine"]["cpu"] == cpu_model()
     assert r["methods"]["pld"]["lossless"] is True  # measured: pld reproduced ar's tokens
     md = (tmp_path / "b.md").read_text()
     assert len([ln for ln in md.splitlines() if "bitwise exact" in ln]) == 1

@@ -185,7 +185,7 @@ def plan_bench(config: BenchConfig) -> Plan:
         version=__version__,
         commit=git_commit(),
     )
-    done = {} if config.fresh else read_results(jsonl, settings)
+    done = {} if config.fresh else read_results(jsonl, settings.as_dict())
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
 
 

@@ -13,18 +13,15 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from .plan import Settings
 
 HEADER_KEY = "genrefine_bench"
 HEADER_VERSION = 1
 
 
-def read_results(path: Path, settings: Settings) -> dict:
+def read_results(path: Path, settings: dict) -> dict:
     """Records already in ``path`` (question_id -> record); {} when there is no file.
 
     Raises ConfigError when the file was written under other settings or is damaged; a last
@@ -62,7 +59,7 @@ def read_results(path: Path, settings: Settings) -> dict:
             continue
         records[obj["question_id"]] = obj
     if header is not None:
-        want = settings.as_dict()
+        want = settings
         code = [k for k in ("version", "commit") if header.get(k) != want[k]]
         if code:
             there, now = (_code_text(d.get("version"), d.get("commit")) for d in (header, want))
@@ -91,13 +88,13 @@ def append_line(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def start_results(path: Path, settings: Settings, fresh: bool, bitwise_exact: bool | None) -> None:
+def start_results(path: Path, settings: dict, fresh: bool, bitwise_exact: bool | None) -> None:
     """Write the settings header unless the file already holds one (and ``fresh`` is off).
 
     ``bitwise_exact``: the loaded model's (None: no model was loaded)."""
     if fresh or not path.exists() or path.stat().st_size == 0:
         path.write_text("")
-        header = {HEADER_KEY: HEADER_VERSION, "settings": settings.as_dict()}
+        header = {HEADER_KEY: HEADER_VERSION, "settings": settings}
         append_line(path, {**header, "bitwise_exact": bitwise_exact})
 
 

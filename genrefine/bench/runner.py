@@ -260,7 +260,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
         warm = gen.chat_prompt([{"role": "user", "content": WARMUP_PROMPT}])
         for b in backends.values():  # warm-up: first-call costs, the cost table of auto
             b.run(warm, min(WARMUP_TOKENS, st.max_new_tokens), st.temperature, 0)
-    start_results(plan.jsonl_path, st, plan.config.fresh, exact)
+    start_results(plan.jsonl_path, st.as_dict(), plan.config.fresh, exact)
 
     def decode(ids: list[int]) -> str:
         return gen.tokenizer.decode(ids, skip_special_tokens=True)
