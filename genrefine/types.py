@@ -87,6 +87,9 @@ class VerifyResult:
         return int(self.path.shape[0])
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen from the target's logits.
@@ -111,6 +114,10 @@ class SamplingParams:
             raise ConfigError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top-p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(
+                f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {self.seed}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -560,3 +560,14 @@ def test_a_huge_token_budget_stops_at_the_context(name: str) -> None:
     assert len(out) == m.max_context - len(ids) + 1  # the last token is never fed back
     if METHODS[name].lossless:
         assert out == ref
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_torch_cannot_take_is_a_config_error(seed) -> None:
+    """The API refuses what torch.Generator.manual_seed would raise on, in one line (the
+    server's 400 uses the same range); both ends of the range are accepted."""
+    with pytest.raises(ConfigError, match="seed must be between"):
+        SamplingParams(temperature=1.0, seed=seed)
+    for ok in (2**64 - 1, -(2**63)):
+        torch.Generator().manual_seed(SamplingParams(temperature=1.0, seed=ok).seed)
+

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GenrefineError
-from ..types import SamplingParams
+from ..types import SEED_RANGE, SamplingParams
 from .metrics import Metrics
 from .scheduler import Event, Job, QueueFull, Scheduler, ServerConfig, ShuttingDown
 
@@ -30,7 +30,6 @@ DEFAULT_CHAT_TOKENS = 512  # /v1/chat/completions without max_tokens (capped by 
 MAX_STOPS = 4
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
 MAX_BODY_BYTES = 16 << 20
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 # ---------------------------------------------------------------------------- request bodies
