@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from genrefine.cli import main
-from genrefine.methods.parts.heads import HeadsDrafter, HeadsNet, static_tree
+from genrefine.methods.medusa import MedusaDrafter
+from genrefine.methods.parts.heads import HeadsNet, static_tree
 from genrefine.methods.parts.store import load_drafter, read_drafter
 from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError
@@ -277,7 +278,7 @@ def test_tree_drafter_sampling_has_the_target_distribution() -> None:
     net = HeadsNet(m.hidden_size, 2)
     net.weight.data.normal_(0, 0.5)
     tree = [(0,), (1,), (0, 0), (0, 1), (1, 0)]
-    d = HeadsDrafter(m, net, torch.arange(V), mode="medusa", tree=tree, topk=2)
+    d = MedusaDrafter(m, net, torch.arange(V), tree=tree, topk=2)
     method = Method("medusa", [d], FixedPolicy(d, len(tree)), len(tree))
     params = SamplingParams(temperature=0.8)
     prefix = (1, 3)

@@ -26,7 +26,6 @@ from ..errors import ConfigError
 from ..models.runtime import EXACT_ROWS_MAX
 from ..types import Draft, SamplingParams, VerifyResult
 
-
 # The most draft nodes one step verifies, whatever the method asks: the root plus the draft must
 # fit the forwards that stay bitwise exact (models/runtime.py: one-token decoding's arithmetic
 # for every row). Every draft is cut here, in engine.Decoder.propose, the one place drafts enter a

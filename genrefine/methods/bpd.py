@@ -7,13 +7,26 @@ target. Needs a trained heads drafter (``--drafter DIR``, or the one shipped for
 
 from __future__ import annotations
 
-from .base import Method, MethodOptions, MethodSpec
-from .parts.heads import heads_method, load_heads
+from torch import Tensor
+
+from ..types import Draft
+from .base import Context, Method, MethodOptions, MethodSpec
+from .parts.heads import HeadsDrafter, heads_method, load_heads
+
+
+class BpdDrafter(HeadsDrafter):
+    """The chain of each head's argmax."""
+
+    name = "bpd"
+
+    def _draft(self, ctx: Context, h: Tensor, budget: int) -> tuple[Draft, Tensor, Tensor]:
+        ids, logp = self.candidates(h, 1)  # [K, 1]
+        return Draft.chain(ids[: min(budget, ids.shape[0]), 0]), ids, logp
 
 
 def build(model, opts: MethodOptions, tokenizer=None) -> Method:
     _, net, _, ids = load_heads(model, opts, tokenizer)
-    return heads_method("bpd", model, opts, net, ids, budget=net.num_heads)
+    return heads_method(BpdDrafter, model, opts, net, ids, budget=net.num_heads)
 
 
 SPEC = MethodSpec(

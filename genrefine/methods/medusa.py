@@ -7,15 +7,33 @@ training from the heads' measured top-``i`` accuracies on held-back text
 
 from __future__ import annotations
 
-from .base import Method, MethodOptions, MethodSpec
-from .parts.heads import heads_method, load_heads
+from torch import Tensor
+
+from ..types import Draft
+from .base import Context, Method, MethodOptions, MethodSpec
+from .parts.heads import HeadsDrafter, heads_method, load_heads, paths_draft
+
+
+class MedusaDrafter(HeadsDrafter):
+    """The heads' top-``k`` along a static tree of candidate index paths (``tree``: head 1's
+    ``i``-th best, then head 2's ``j``-th best, ...), best paths first."""
+
+    name = "medusa"
+
+    def __init__(self, model, net, vocab_ids, tree: list[tuple[int, ...]], **kw) -> None:
+        super().__init__(model, net, vocab_ids, **kw)
+        self.tree = tree
+
+    def _draft(self, ctx: Context, h: Tensor, budget: int) -> tuple[Draft, Tensor, Tensor]:
+        ids, logp = self.candidates(h, self.topk)
+        return paths_draft(self.tree[:budget], ids), ids, logp
 
 
 def build(model, opts: MethodOptions, tokenizer=None) -> Method:
     stored, net, _, ids = load_heads(model, opts, tokenizer)
     tree = [tuple(p) for p in stored.config["tree"]]
     topk = int(stored.config["topk"])
-    return heads_method("medusa", model, opts, net, ids, budget=len(tree), tree=tree, topk=topk)
+    return heads_method(MedusaDrafter, model, opts, net, ids, len(tree), tree=tree, topk=topk)
 
 
 SPEC = MethodSpec(

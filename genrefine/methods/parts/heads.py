@@ -8,19 +8,13 @@ output projection restricted to a reduced draft vocabulary (``vocab_ids``, the m
 tokens), so a head adds ``hidden^2`` weights and no output matrix. ``W_j`` starts at zero: an
 untrained head repeats the target's next-token prediction.
 
-Drafts (all verified by the target, so every mode is lossless; drafts are deterministic):
-
-* ``bpd``: the chain of each head's argmax.
-* ``medusa``: a static tree of candidate index paths (head 1's ``i``-th best, then head 2's
-  ``j``-th best, ...), chosen after training from the heads' measured top-``i`` accuracies on
-  held-back text (:func:`static_tree`), best paths first.
-* ``bpd+ngram``: the lattice of the heads' top-``k`` is rescored with an n-gram model counted from
-  the training corpus (global p-best rescoring, :mod:`genrefine.methods.parts.lattice`); the best
-  ``p`` paths form a tree.
-* ``bpd+lm``: local rescoring with a small neural language model (:class:`WindowLM`, a
-  fixed-window MLP over the target's embedding rows, distilled from the target by the same
-  training run): position by position, the candidate maximising head log-probability plus
-  ``alpha`` times the LM's score given the chosen prefix; a chain.
+What the four heads methods share is here: the network (:class:`HeadsNet`), the rescoring LM's
+network (:class:`WindowLM`), the trained drafter's loading, the static tree's choice
+(:func:`static_tree`) and :class:`HeadsDrafter` (candidates and the cost-aware cut). How each
+drafts is in its own module: ``bpd`` (:mod:`genrefine.methods.bpd`), ``medusa``
+(:mod:`genrefine.methods.medusa`), ``bpd+ngram`` (:mod:`genrefine.methods.bpd_ngram`),
+``bpd+lm`` (:mod:`genrefine.methods.bpd_lm`). Drafts are deterministic and verified by the
+target, so every one of them is lossless.
 
 The heads need ``Context.hidden`` (``wants_hidden``), so they run on backends that return final
 hidden states: the native runtime (and the transformers adapter).
@@ -114,7 +108,7 @@ def static_tree(acc: Tensor, nodes: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _paths_draft(paths: list[tuple[int, ...]], cand: Tensor) -> Draft:
+def paths_draft(paths: list[tuple[int, ...]], cand: Tensor) -> Draft:
     """Index paths (each after its parent) into a draft of candidate tokens cand [K, k]."""
     index = {(): -1}
     tokens, parents = [], []
@@ -126,39 +120,21 @@ def _paths_draft(paths: list[tuple[int, ...]], cand: Tensor) -> Draft:
 
 
 class HeadsDrafter:
-    """Drafts from trained prediction heads (see the module docstring for the modes)."""
+    """Drafts from trained prediction heads: what the heads methods share (the network, the
+    candidates, the cut). Each method subclasses it with its own :meth:`_draft`:
+    :class:`~genrefine.methods.bpd.BpdDrafter`, :class:`~genrefine.methods.medusa.MedusaDrafter`,
+    :class:`~genrefine.methods.bpd_ngram.NgramRescoredDrafter`,
+    :class:`~genrefine.methods.bpd_lm.LmRescoredDrafter`."""
 
     wants_hidden = True
+    name = "heads"
 
-    def __init__(
-        self,
-        model,
-        net: HeadsNet,
-        vocab_ids: Tensor,
-        mode: str = "bpd",
-        tree: list[tuple[int, ...]] | None = None,
-        topk: int = 4,
-        ngram=None,
-        lm: WindowLM | None = None,
-        alpha: float = 1.0,
-        num_paths: int = 4,
-        cost=None,
-    ) -> None:
-        if mode not in ("bpd", "medusa", "bpd+ngram", "bpd+lm"):
-            raise ConfigError(f"unknown heads mode {mode!r}")
-        if mode == "bpd+ngram" and ngram is None:
-            raise ConfigError("bpd+ngram needs the drafter's n-gram model (ngram.safetensors)")
-        if mode == "bpd+lm" and lm is None:
-            raise ConfigError("bpd+lm needs the drafter's window LM (train it with the heads)")
-        self.name = mode
-        self.model, self.mode = model, mode
+    def __init__(self, model, net: HeadsNet, vocab_ids: Tensor, topk: int = 4, cost=None) -> None:
+        self.model = model
         self.net = net.to(model.device, model.dtype).eval()
         self.ids = vocab_ids.to(model.device, torch.long)  # [v]
         self.rows = model.lm_head.index_select(0, self.ids).contiguous()  # [v, H]
-        self.tree = tree or []
         self.topk = max(1, topk)
-        self.ngram, self.alpha, self.num_paths = ngram, alpha, num_paths
-        self.lm = None if lm is None else lm.to(model.device, model.dtype).eval()
         # given the target's forward times, drafts are cut to what pays on this machine
         self.cut = None if cost is None else TreeCut(cost)
 
@@ -186,23 +162,13 @@ class HeadsDrafter:
     def propose(self, ctx: Context, budget: int) -> Draft:
         if ctx.hidden is None or ctx.hidden.shape[0] == 0:
             raise ConfigError("prediction heads need the target's hidden states (use the engine)")
-        h = ctx.hidden[-1]  # [H]: the state that predicted the root
-        if self.mode == "bpd":
-            ids, logp = self.candidates(h, 1)
-            return self._cut(Draft.chain(ids[: min(budget, ids.shape[0]), 0]), ids, logp)
-        if self.mode == "medusa":
-            ids, logp = self.candidates(h, self.topk)
-            return self._cut(_paths_draft(self.tree[:budget], ids), ids, logp)
-        if self.mode == "bpd+ngram":
-            from .lattice import paths_to_draft, rescore_lattice
+        draft, ids, logp = self._draft(ctx, ctx.hidden[-1], budget)  # the state that predicted the root
+        return self._cut(draft, ids, logp)
 
-            ids, logp = self.candidates(h, self.topk)
-            ctx_ids = ctx.tokens[-8:].tolist()
-            best = rescore_lattice(
-                ctx_ids, ids, logp, self.ngram, alpha=self.alpha, num_paths=self.num_paths
-            )
-            return self._cut(paths_to_draft([p for p, _ in best]), ids, logp)
-        return self._local_rescore(ctx, h, budget)
+    def _draft(self, ctx: Context, h: Tensor, budget: int) -> tuple[Draft, Tensor, Tensor]:
+        """The method's draft from the state ``h`` [H] that predicted the root, with the
+        candidates it came from (ids, log-probs [K, k]) for the cut."""
+        raise NotImplementedError
 
     def _cut(self, draft: Draft, ids: Tensor, logp: Tensor) -> Draft:
         """The draft cut to its nodes that pay on this machine (:class:`TreeCut`), a node's
@@ -228,25 +194,6 @@ class HeadsDrafter:
             torch.tensor([-1 if par[i] < 0 else new[par[i]] for i in keep], dtype=torch.long),
         )
 
-    def _local_rescore(self, ctx: Context, h: Tensor, budget: int) -> Draft:
-        ids, logp = self.candidates(h, self.topk)  # [K, k]
-        lm, w = self.lm, self.lm.window
-        prefix = ctx.tokens[-w:].to(self.model.device)
-        if prefix.shape[0] < w:  # a context shorter than the window: repeat its first token
-            prefix = torch.cat([prefix[:1].expand(w - prefix.shape[0]), prefix])
-        embed = self.model.embed_tokens
-        out = []
-        for j in range(min(budget, ids.shape[0])):
-            cand = ids[j].to(self.model.device)  # [k]
-            state = lm(embed(prefix[-w:]).unsqueeze(0))[0]  # [H]
-            rows = self.model.lm_head.index_select(0, cand)  # [k, H]
-            lm_score = output_logits(self.model, state.unsqueeze(0), rows)[0].cpu()  # [k]
-            best = int((logp[j] + self.alpha * lm_score).argmax())
-            tok = ids[j, best]
-            out.append(int(tok))
-            prefix = torch.cat([prefix, tok.view(1).to(prefix.device)])
-        return self._cut(Draft.chain(out), ids, logp)
-
 
 def load_heads(model, opts: MethodOptions, tokenizer=None):
     """``(stored drafter, heads, rescoring LM, draft vocabulary ids)`` of the trained heads
@@ -261,11 +208,11 @@ def load_heads(model, opts: MethodOptions, tokenizer=None):
     return d, net, lm, trained_vocab(model, opts, tokenizer, t["vocab_ids"].long())
 
 
-def heads_method(mode: str, model, opts: MethodOptions, net, ids, budget: int, **kw) -> Method:
-    """The :class:`Method` of a heads drafter in ``mode`` drafting at most ``budget`` nodes (or
-    ``--draft-len``); drafts are cut to what pays on this machine (:class:`TreeCut`) unless
+def heads_method(cls, model, opts: MethodOptions, net, ids, budget: int, **kw) -> Method:
+    """The :class:`Method` of a heads drafter of class ``cls`` drafting at most ``budget`` nodes
+    (or ``--draft-len``); drafts are cut to what pays on this machine (:class:`TreeCut`) unless
     ``opts.tree_cut`` is off."""
     budget = min(budget, opts.draft_len or budget)
     cost = target_costs(model) if opts.tree_cut else None
-    drafter = HeadsDrafter(model, net, ids, mode=mode, cost=cost, **kw)
-    return Method(mode, [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
+    drafter = cls(model, net, ids, cost=cost, **kw)
+    return Method(cls.name, [drafter], FixedPolicy(drafter, budget), budget, opts.acceptance)
