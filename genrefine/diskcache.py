@@ -52,12 +52,14 @@ def machine_key(device: torch.device | str | None = None) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, make_parent: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` to write a file or a folder to; when the block ends
     without an error it replaces ``path`` (a folder there is removed first), else it is removed.
-    The parent folder is created."""
+    The parent folder is created unless ``make_parent`` is off (a path the user named: a missing
+    folder is then an error, as a typo should be)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
@@ -78,10 +80,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
-    """Save ``tensors`` as safetensors (with string ``metadata``) to ``path`` atomically."""
-    from safetensors.torch import save_file
+def save_tensors(
+    path: str | os.PathLike, tensors: dict, metadata: dict | None = None, make_parent: bool = True
+) -> Path:
+    """Save ``tensors`` (torch tensors, or all numpy arrays) as safetensors with string
+    ``metadata`` to ``path`` atomically (``make_parent``: see :func:`atomic_path`)."""
+    import numpy as np
 
-    with atomic_path(path) as tmp:
+    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+
+    with atomic_path(path, make_parent) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

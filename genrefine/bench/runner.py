@@ -26,8 +26,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..diskcache import write_text
 from .backends import GenrefineBackend, TurnResult
-from .baselines import HF_PROMPT_LOOKUP_TOKENS, HFBackend, LlamaCppPlainBackend, load_hf_model
+from .baselines import (
+    HF_PROMPT_LOOKUP_TOKENS,
+    HFBackend,
+    LlamaCppPlainBackend,
+    load_hf_model,
+)
 from .metrics import BASELINE, EXACTNESS_OFF, build_report, reference_of
 from .plan import Plan, Settings
 from .questions import HF_METHODS, LLAMACPP_METHODS, Question
@@ -307,9 +313,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
             "references": {m: reference_of(m, st.methods) for m in st.methods},
         },
     )
-    tmp = plan.json_path.with_name(plan.json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(plan.json_path)
+    write_text(plan.json_path, json.dumps(report, indent=2) + "\n")
     md = markdown_report(report)
     if plan.report_path is not None:
         plan.report_path.write_text(md)

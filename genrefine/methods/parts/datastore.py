@@ -276,7 +276,8 @@ class Datastore:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file: ``tokens`` and ``suffix_array``, metadata as strings."""
         from safetensors import SafetensorError
-        from safetensors.numpy import save_file
+
+        from ...diskcache import save_tensors
 
         path = Path(path).expanduser()
         meta = {
@@ -287,15 +288,11 @@ class Datastore:
             "documents": str(self.num_documents),
             "tokens": str(self.num_tokens),
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            save_file({"tokens": self.tokens, "suffix_array": self.sa}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            tensors = {"tokens": self.tokens, "suffix_array": self.sa}
+            return save_tensors(path, tensors, meta, make_parent=False)
         except (OSError, SafetensorError) as e:
             raise GenrefineError(f"cannot write the datastore to {str(path)!r}: {e}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
     @classmethod
     def load(

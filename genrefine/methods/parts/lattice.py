@@ -162,7 +162,8 @@ class NgramLM:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the counts to a safetensors file (see the module docstring); returns the path."""
         from safetensors import SafetensorError
-        from safetensors.torch import save_file
+
+        from ...diskcache import save_tensors
 
         path = Path(path).expanduser()
         tensors = {}
@@ -176,15 +177,10 @@ class NgramLM:
             "vocab_size": str(self.vocab_size),
             "discount": repr(self.discount),
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            return save_tensors(path, tensors, meta, make_parent=False)
         except (OSError, SafetensorError) as e:
             raise GenrefineError(f"cannot write the n-gram model to {str(path)!r}: {e}") from e
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NgramLM":
