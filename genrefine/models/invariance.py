@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..diskcache import cache_root
+from ..diskcache import cache_root, machine_key, write_text
 
 PROBE_VERSION = 2  # part of the cache key: bump it when what the probe measures changes
 PROBE_ROWS = tuple(range(1, 65))  # every row count a bitwise-exact forward has (EXACT_ROWS_MAX)
@@ -99,8 +100,6 @@ def _inputs(weight: Tensor, real: Tensor | None, gen: torch.Generator) -> list[T
 
 
 def _key(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, extra: str = "") -> str:
-    from ..diskcache import machine_key
-
     text = (
         f"v{PROBE_VERSION}|{machine_key(device)}|{torch.__version__}|{dtype}|"
         f"{sorted(set(shapes))}|{extra}"
@@ -118,20 +117,21 @@ def _fingerprint(weights: dict[tuple[int, int], Tensor]) -> str:
 
 
 def probe_splits(
-    weights: dict[tuple[int, int], Tensor], activations: dict[tuple[int, int], Tensor] | None = None
+    weights: dict[tuple[int, int], Tensor],
+    activations: Callable[[], dict[tuple[int, int], Tensor]] | None = None,
 ) -> dict[tuple[int, int], int | None]:
     """For each weight shape (N, K), the first of :data:`SPLITS` (row by row last) whose matmul
     gives every row of a 1..64-row call the bits of a one-row call on the probe's inputs, None if
     none does; cached on disk per machine and weights.
 
-    activations: shape -> [R, K] rows that really enter that matmul (a forward of the model);
-    with R >= 64 the probe runs on blocks of them as well as on random rows at their scale.
+    activations: returns shape -> [R, K] rows that really enter that matmul (a forward of the
+    model), called only when the cache has no result; with R >= 64 the probe runs on blocks of
+    them as well as on random rows at their scale.
     This is a test on samples, not a proof: see the module docstring."""
     if not weights:
         return {}
-    activations = activations or {}
     any_w = next(iter(weights.values()))
-    extra = _fingerprint(weights) if activations else ""
+    extra = _fingerprint(weights) if activations is not None else ""
     key = _key(list(weights), any_w.dtype, any_w.device, extra)
     path = cache_root() / "invariance" / f"{key}.json"
     if path.is_file():
@@ -140,10 +140,11 @@ def probe_splits(
             return {tuple(map(int, k.split("x"))): v for k, v in saved.items()}
         except (ValueError, OSError):
             pass
+    real = activations() if activations is not None else {}
     gen = torch.Generator().manual_seed(0)
     out: dict[tuple[int, int], int | None] = {}
     for shape, w in weights.items():
-        inputs = _inputs(w, activations.get(shape), gen)
+        inputs = _inputs(w, real.get(shape), gen)
         out[shape] = next(
             (
                 s
@@ -153,8 +154,7 @@ def probe_splits(
             None,
         )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({f"{n}x{k}": v for (n, k), v in out.items()}))
+        write_text(path, json.dumps({f"{n}x{k}": v for (n, k), v in out.items()}))
     except OSError:
         pass
     return out
@@ -217,8 +217,7 @@ def probe_attention(
             v2[:, start : start + len(anc)] = v[:, start + anc]
             ok &= torch.equal(out[:, r], single(q[:, r : r + 1], k2, v2, start + len(anc) - 1)[:, 0])
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"invariant": bool(ok)}))
+        write_text(path, json.dumps({"invariant": bool(ok)}))
     except OSError:
         pass
     return bool(ok)

@@ -108,7 +108,7 @@ class NativeModel:
         for lw in self.layers:
             for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
                 weights.setdefault(tuple(w.shape), w)
-        found = probe_splits(weights, self._activations())
+        found = probe_splits(weights, self._activations)  # a forward, on a cache miss only
         self._splits = {shape: s for shape, s in found.items() if s not in (None, 1)}
         c = self.config
         self.bitwise_exact = all(s is not None for s in found.values()) and probe_attention(
