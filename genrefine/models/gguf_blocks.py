@@ -50,7 +50,10 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output.weight": "lm_head.weight",
+}
 _BLK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
@@ -64,16 +67,19 @@ class DecodedTensor:
     """
 
     fmt: str  # "q8_0", "q5_0", "q4_k" or "q6_k"
-    values: np.ndarray  # [N, K] int8 for q8_0 (signed q); uint8 for the others (q5_0 0..31, q4_k 0..15, q6_k 0..63)
+    # values: [N, K] int8 for q8_0 (the signed q); uint8 for the others, the stored unsigned q
+    # (q5_0 0..31, q4_k 0..15, q6_k 0..63)
+    values: np.ndarray
     group: int  # weights per scale: 32 (q8_0, q5_0, q4_k) or 16 (q6_k)
     zero: int  # integer zero point: q8_0 0, q5_0 16, q4_k 0, q6_k 32
     scale: np.ndarray  # [N, K // group] float32: d (q8_0, q5_0), d * sc_j (q4_k, q6_k), exact
-    offset: np.ndarray | None  # [N, K // group] float32: dmin * m_j for q4_k, exact; None for the others
+    offset: np.ndarray | None  # [N, K // group] float32: dmin * m_j for q4_k (exact); else None
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight ``[N, K]``, as ggml's reference dequantizer computes it."""
         n, k = self.values.shape
-        q = (self.values.astype(np.float32) - np.float32(self.zero)).reshape(n, k // self.group, self.group)
+        q = self.values.astype(np.float32) - np.float32(self.zero)
+        q = q.reshape(n, k // self.group, self.group)
         w = self.scale[..., None] * q
         if self.offset is not None:
             w = w - self.offset[..., None]
@@ -158,15 +164,16 @@ def decode_tensor(tensor) -> DecodedTensor:
     fmt = type_name.lower()
     if fmt not in _DECODERS:
         raise ValueError(
-            f"tensor {tensor.name!r} has type {type_name}: only Q8_0, Q5_0, Q4_K and Q6_K decode to blocks"
+            f"tensor {tensor.name!r} has type {type_name}: "
+            "only Q8_0, Q5_0, Q4_K and Q6_K decode to blocks"
         )
     shape = [int(x) for x in tensor.shape]
     if len(shape) != 2:
-        raise ValueError(f"tensor {tensor.name!r} ({type_name}) has shape {shape}: only 2-D tensors decode")
+        raise ValueError(f"tensor {tensor.name!r} ({type_name}) has shape {shape}: not 2-D")
     k, n = shape
     block, nbytes = _BLOCK[fmt]
     if k % block:
-        raise ValueError(f"tensor {tensor.name!r} ({type_name}) has rows of {k}, not a multiple of {block}")
+        raise ValueError(f"tensor {tensor.name!r} ({type_name}): row length {k} % {block} != 0")
     raw = np.asarray(tensor.data).view(np.uint8).reshape(n, k // block, nbytes)
     values, scale, offset = _DECODERS[fmt](raw)
     return DecodedTensor(
@@ -203,8 +210,14 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def _field(reader, key: str):
+    """A scalar metadata value (a string or a number), None when absent."""
     f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    if f is None or not f.data:
+        return None
+    part = f.parts[f.data[0]]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(part).decode("utf-8")
+    return part[0].item()
 
 
 def _unpermute_qk(n_rows: int, n_head: int) -> np.ndarray:
@@ -223,7 +236,8 @@ def read_quantized(path) -> dict[str, DecodedTensor | np.ndarray]:
     ``token_embd.weight`` becomes ``model.embed_tokens.weight``, ``output.weight``
     ``lm_head.weight`` (absent when the file ties it to the embedding), and ``blk.{i}``'s
     ``attn_q/attn_k/attn_v/attn_output`` and ``ffn_gate/ffn_up/ffn_down`` become
-    ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`` and ``model.layers.{i}.mlp.{gate,up,down}_proj.weight``.
+    ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`` and
+    ``model.layers.{i}.mlp.{gate,up,down}_proj.weight``.
     Quantized weights come back as :class:`DecodedTensor`, F32/F16/BF16 ones as float32 arrays
     ``[N, K]``. 1-D tensors (norms) and 2-D tensors outside these names are left out. As in
     transformers, a ``llama`` file's q/k rows are put back in Hugging Face's order. A quantized
