@@ -1,0 +1,257 @@
+"""Exact weight-only quantized matmuls for the CPU: :func:`qlinear`.
+
+A weight is stored as integer values ``q`` (one byte each) in sub-blocks of ``group`` (16 or 32)
+along the input dimension, with a float32 scale ``a`` and optional offset ``c`` per sub-block and
+an integer ``zero`` for the whole tensor: the weight is ``a * (q - zero) - c``, exactly as a GGUF
+file's Q8_0, Q5_0, Q4_K and Q6_K blocks define it (nothing is rounded again when they are
+converted, see ``genrefine/models/quant.py``). The input rows are quantized to int8 per 32-wide
+block (``dx = amax / 127``, ``xq = round_half_even(x / dx)``, as llama.cpp does for its dot
+products), and each output is::
+
+    acc = 0
+    for each sub-block j, in order:
+        I = sum((q - zero) * xq)          # integers: exact whatever the summation order
+        X = sum(xq)
+        t = a_j * float(I)  [- c_j * float(X) when there are offsets]
+        acc = acc + dx * t                 # float32, every operation rounded on its own
+
+This arithmetic does not depend on how many rows are computed together nor on which instruction
+set runs it, so outputs are batch-invariant by construction (no probe) and equal across the
+paths: AVX-512 VNNI, AVX2 and plain C++ in ``qmatmul.cpp`` (built once per machine on first use
+with torch's extension tooling and cached), and :func:`qlinear_reference`, a pure-PyTorch
+fallback used when nothing can be built.
+
+Layout (:class:`Packed`): output rows come in groups of 16 interleaved four bytes at a time, so
+that one 64-byte load holds four consecutive inputs of 16 output rows and one instruction
+(``vpdpbusd``) multiplies them by four broadcast inputs: each weight block is read once for all
+rows of ``x`` (weight reuse) and no horizontal sums are needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..diskcache import cache_root
+
+LANES = 16  # output rows per group
+XBLOCK = 32  # activation quantization block
+ISAS = {"generic": 0, "avx2": 1, "avx512-vnni": 2}
+_SOURCE = Path(__file__).with_name("qmatmul.cpp")
+
+
+@dataclass
+class Packed:
+    """One quantized weight [n, k] in the kernel's layout (see the module docstring).
+
+    w: uint8 [n_groups, k / group, group / 4, 16, 4]; a: float32 [n_groups, k / group, 16];
+    c: float32 like ``a`` or an empty tensor; rows past ``n`` in the last group are zero.
+    """
+
+    w: Tensor
+    a: Tensor
+    c: Tensor
+    group: int
+    zero: int
+    signed: bool  # q are int8 (stored as their bytes); else uint8
+    n: int
+    fmt: str = ""  # where the values came from, e.g. "q4_k" (for display)
+
+    @property
+    def k(self) -> int:
+        return int(self.w.shape[1]) * self.group
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.a, self.c))
+
+
+def pack(
+    values: Tensor, scale: Tensor, offset: Tensor | None, group: int, zero: int, fmt: str = ""
+) -> Packed:
+    """Pack ``values`` ([n, k] int8 or uint8), ``scale`` and ``offset`` ([n, k / group] float32)
+    into the kernel's layout. uint8 values must be at most 128 (the AVX2 path's bound)."""
+    if group not in (16, 32):
+        raise ValueError(f"group must be 16 or 32, got {group}")
+    n, k = values.shape
+    if k % XBLOCK or k % group:
+        raise ValueError(f"input size {k} is not a multiple of {XBLOCK}")
+    signed = values.dtype == torch.int8
+    if not signed:
+        if values.dtype != torch.uint8:
+            raise ValueError(f"values must be int8 or uint8, got {values.dtype}")
+        if values.numel() and int(values.max()) > 128:
+            raise ValueError("uint8 values above 128 are not supported (store them as int8)")
+    ng = -(-n // LANES)
+    pad = ng * LANES - n
+    raw = values.view(torch.uint8) if signed else values
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad, k)])
+    nb = k // group
+    w = raw.reshape(ng, LANES, nb, group // 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+    def lanes(s: Tensor) -> Tensor:
+        s = s.to(torch.float32)
+        if pad:
+            s = torch.cat([s, s.new_zeros(pad, nb)])
+        return s.reshape(ng, LANES, nb).permute(0, 2, 1).contiguous()
+
+    c = lanes(offset) if offset is not None else torch.empty(0, dtype=torch.float32)
+    return Packed(w, lanes(scale), c, group, int(zero), signed, int(n), fmt)
+
+
+def unpack_rows(p: Packed, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Integer values ([r, k] int32, zero already subtracted), scales and offsets ([r, k / group]
+    float32) of output rows ``rows`` ([r] long)."""
+    g, lane = rows // LANES, rows % LANES
+    q = p.w[g, :, :, lane, :]  # [r, nb, group / 4, 4]
+    q = q.reshape(rows.shape[0], p.k)
+    v = (q.view(torch.int8) if p.signed else q).to(torch.int32) - p.zero
+    a = p.a[g, :, lane]
+    c = p.c[g, :, lane] if p.c.numel() else None
+    return v, a, c
+
+
+def dequantize_rows(p: Packed, rows: Tensor) -> Tensor:
+    """The float32 weights ``a * (q - zero) - c`` of output rows ``rows`` ([r] long) -> [r, k]."""
+    v, a, c = unpack_rows(p, rows)
+    w = a.repeat_interleave(p.group, dim=1) * v.to(torch.float32)
+    if c is not None:
+        w = w - c.repeat_interleave(p.group, dim=1)
+    return w
+
+
+# ---------------------------------------------------------------------------- reference
+def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [m, k] float32 -> (xq [m, k] int8, dx [m, k / 32] float32, sums of xq per 16 [m, k / 16]
+    int32): the kernel's activation quantization, op for op."""
+    m, k = x.shape
+    xb = x.reshape(m, k // XBLOCK, XBLOCK)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    xq = torch.round(xb * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(m, k)
+    xs = xq.reshape(m, k // 16, 16).to(torch.int32).sum(-1, dtype=torch.int32)
+    return xq, d, xs
+
+
+def qlinear_reference(x: Tensor, p: Packed, chunk: int = 4096) -> Tensor:
+    """Pure-PyTorch :func:`qlinear` with the same numbers (slower; used where nothing builds)."""
+    x = x.to(torch.float32).contiguous()
+    m = x.shape[0]
+    xq, dx, xs = quantize_rows_reference(x)
+    nb, g = p.k // p.group, p.group
+    xq64 = xq.to(torch.float64).reshape(m, nb, g).transpose(0, 1)  # [nb, m, g]
+    xsum = xs if g == 16 else xs.reshape(m, nb, 2).sum(-1, dtype=torch.int32)  # [m, nb]
+    xsum_f = xsum.to(torch.float32)
+    dblock = dx[:, (torch.arange(nb) * g) // XBLOCK]  # [m, nb]
+    out = torch.empty(m, p.n, dtype=torch.float32)
+    for s in range(0, p.n, chunk):
+        rows = torch.arange(s, min(p.n, s + chunk))
+        v, a, c = unpack_rows(p, rows)  # [r, k]
+        v64 = v.to(torch.float64).reshape(-1, nb, g).permute(1, 2, 0)  # [nb, g, r]
+        ints = torch.bmm(xq64, v64).to(torch.float32)  # [nb, m, r]: exact integers
+        acc = torch.zeros(m, rows.shape[0], dtype=torch.float32)
+        for j in range(nb):
+            t = a[None, :, j] * ints[j]
+            if c is not None:
+                t = t - c[None, :, j] * xsum_f[:, j, None]
+            acc = acc + dblock[:, j, None] * t
+        out[:, s : s + rows.shape[0]] = acc
+    return out
+
+
+# ---------------------------------------------------------------------------- the extension
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build_dir() -> Path:
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    return cache_root() / "kernels" / f"qmatmul-{h.hexdigest()[:16]}"
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ninja package installs it beside
+    this interpreter, which is not on PATH when the virtual environment is not activated."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        here = os.path.dirname(sys.executable)
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_extension(quiet: bool = False) -> bool:
+    """Build (once, cached under the genrefine cache) and load the C++ kernels; False, with a
+    one-line notice on stderr, when they cannot be built here (the PyTorch fallback then runs).
+    ``GENREFINE_KERNELS=reference`` forces the fallback."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        ok, why = False, ""
+        if os.environ.get("GENREFINE_KERNELS", "") == "reference":
+            why = "GENREFINE_KERNELS=reference"
+        else:
+            try:
+                from torch.utils import cpp_extension
+
+                _ninja_on_path()
+                out = _build_dir()
+                out.mkdir(parents=True, exist_ok=True)
+                if not quiet and not any(out.glob("*.so")):
+                    print(
+                        "genrefine: building the quantized CPU kernels (once, cached) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                cpp_extension.load(
+                    name="genrefine_qmatmul",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(out),
+                    is_python_module=False,
+                    verbose=False,
+                )
+                ok = True
+            except Exception as e:  # no compiler, no ninja, a failed build: all mean the fallback
+                first = str(e).strip().splitlines()
+                why = first[0][:200] if first else type(e).__name__
+        if not ok and not quiet:
+            print(
+                f"genrefine: the C++ quantized kernels are not available ({why}); "
+                "running the pure-PyTorch fallback (same numbers, slower)",
+                file=sys.stderr,
+                flush=True,
+            )
+        _state["ok"] = ok
+        return ok
+
+
+def best_isa() -> str:
+    """The instruction set :func:`qlinear` uses on this CPU ("reference" without the extension)."""
+    if not load_extension(quiet=True):
+        return "reference"
+    code = int(torch.ops.genrefine_q.best_isa())
+    return {v: k for k, v in ISAS.items()}[code]
+
+
+def qlinear(x: Tensor, p: Packed, isa: str | None = None) -> Tensor:
+    """``x`` [m, k] (any float dtype) times the quantized weight ``p`` -> [m, n] float32.
+
+    ``isa``: force one path ("generic", "avx2", "avx512-vnni", "reference"); default the best
+    this CPU runs. All paths give the same bits.
+    """
+    if isa == "reference" or not load_extension():
+        return qlinear_reference(x, p)
+    code = -1 if isa is None else ISAS[isa]
+    return torch.ops.genrefine_q.qlinear(
+        x.reshape(-1, x.shape[-1]), p.w, p.a, p.c, p.group, p.zero, p.signed, p.n, code
+    )

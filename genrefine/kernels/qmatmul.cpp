@@ -1,0 +1,349 @@
+// Weight-only quantized matmul for 1 to 64 rows (and more, in chunks of 64): exact, flat and
+// batch-invariant by construction. See genrefine/kernels/__init__.py for the layout and the
+// arithmetic every path (and the pure-PyTorch fallback) follows to the bit.
+//
+// Per output (row m of x, output row n), over sub-blocks j of `group` weights:
+//   I_j = sum_i (q_i - zero) * xq_i          (integers: exact in any order)
+//   X_j = sum_i xq_i
+//   t   = a_j * float(I_j);  if offsets: t = t - c_j * float(X_j)
+//   acc = acc + dx_b * t                     (b: the 32-wide activation block holding j; j ascending)
+// xq, dx: x quantized per row and 32-wide block: dx = amax / 127, xq = round_half_even(x * (1/dx)).
+// Compiled with -ffp-contract=off so no multiply-add is fused: every path rounds the same way.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int LANES = 16;   // output rows interleaved per group
+constexpr int XBLOCK = 32;  // activation quantization block
+constexpr int MCHUNK = 64;  // rows of x accumulated at once
+
+struct Args {
+  const int8_t* xq;     // [M, K]
+  const float* dx;      // [M, K / 32]
+  const int32_t* xs;    // [M, K / 16]: sums of xq per 16
+  const uint8_t* w;     // [NG, NB, G / 4, 16, 4]
+  const float* a;       // [NG, NB, 16]
+  const float* c;       // [NG, NB, 16] or null
+  float* out;           // [M, N]
+  int64_t M, K, N, NB;
+  int zero;
+};
+
+inline int xsum(const Args& p, int64_t m, int64_t j, int G) {
+  const int32_t* xs = p.xs + m * (p.K / 16);
+  return G == 32 ? xs[2 * j] + xs[2 * j + 1] : xs[j];
+}
+
+inline void store_lanes(const Args& p, const float* acc, int64_t m0, int64_t mc, int64_t g) {
+  const int64_t n0 = g * LANES;
+  const int64_t nv = std::min<int64_t>(LANES, p.N - n0);
+  for (int64_t m = 0; m < mc; ++m)
+    std::memcpy(p.out + (m0 + m) * p.N + n0, acc + m * LANES, nv * sizeof(float));
+}
+
+// ---------------------------------------------------------------- generic (any x86-64)
+template <int G, bool SIGNED, bool HASC>
+void groups_generic(const Args& p, int64_t g0, int64_t g1) {
+  constexpr int S = G / 4;
+  alignas(64) float acc[MCHUNK * LANES];
+  const int zz = SIGNED ? 0 : p.zero;
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
+      const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
+      std::fill(acc, acc + mc * LANES, 0.0f);
+      for (int64_t j = 0; j < p.NB; ++j) {
+        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+        const float* ap = p.a + (g * p.NB + j) * LANES;
+        const float* cp = HASC ? p.c + (g * p.NB + j) * LANES : nullptr;
+        for (int64_t m = 0; m < mc; ++m) {
+          const int64_t row = m0 + m;
+          const int8_t* xp = p.xq + row * p.K + j * G;
+          const int X = xsum(p, row, j, G);
+          const float d = p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK];
+          float* ac = acc + m * LANES;
+          for (int r = 0; r < LANES; ++r) {
+            int32_t I = 0;
+            for (int s = 0; s < S; ++s)
+              for (int t = 0; t < 4; ++t) {
+                const uint8_t raw = wp[s * 64 + r * 4 + t];
+                const int v = SIGNED ? int(int8_t(raw)) : int(raw);
+                I += v * int(xp[4 * s + t]);
+              }
+            I -= zz * X;
+            float tt = ap[r] * float(I);
+            if (HASC) tt = tt - cp[r] * float(X);
+            ac[r] = ac[r] + d * tt;
+          }
+        }
+      }
+      store_lanes(p, acc, m0, mc, g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 (maddubs; values <= 128)
+template <int G, bool SIGNED, bool HASC>
+__attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
+  constexpr int S = G / 4;
+  alignas(64) float acc[MCHUNK * LANES];
+  const int zz = SIGNED ? 0 : p.zero;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
+      const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
+      std::fill(acc, acc + mc * LANES, 0.0f);
+      for (int64_t j = 0; j < p.NB; ++j) {
+        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+        __m256i wl[S], wh[S];  // lanes 0-7, lanes 8-15 (absolute values when SIGNED)
+        __m256i sl[S], sh[S];  // the signs, when SIGNED
+        for (int s = 0; s < S; ++s) {
+          wl[s] = _mm256_loadu_si256((const __m256i*)(wp + s * 64));
+          wh[s] = _mm256_loadu_si256((const __m256i*)(wp + s * 64 + 32));
+          if (SIGNED) {
+            sl[s] = wl[s];
+            sh[s] = wh[s];
+            wl[s] = _mm256_sign_epi8(wl[s], wl[s]);
+            wh[s] = _mm256_sign_epi8(wh[s], wh[s]);
+          }
+        }
+        const float* ap = p.a + (g * p.NB + j) * LANES;
+        const __m256 al = _mm256_loadu_ps(ap), ah = _mm256_loadu_ps(ap + 8);
+        __m256 cl = _mm256_setzero_ps(), ch = _mm256_setzero_ps();
+        if (HASC) {
+          const float* cp = p.c + (g * p.NB + j) * LANES;
+          cl = _mm256_loadu_ps(cp);
+          ch = _mm256_loadu_ps(cp + 8);
+        }
+        for (int64_t m = 0; m < mc; ++m) {
+          const int64_t row = m0 + m;
+          const int8_t* xp = p.xq + row * p.K + j * G;
+          __m256i il = _mm256_setzero_si256(), ih = _mm256_setzero_si256();
+          for (int s = 0; s < S; ++s) {
+            int32_t four;
+            std::memcpy(&four, xp + 4 * s, 4);
+            const __m256i xb = _mm256_set1_epi32(four);
+            __m256i pl, ph;
+            if (SIGNED) {
+              pl = _mm256_maddubs_epi16(wl[s], _mm256_sign_epi8(xb, sl[s]));
+              ph = _mm256_maddubs_epi16(wh[s], _mm256_sign_epi8(xb, sh[s]));
+            } else {
+              pl = _mm256_maddubs_epi16(wl[s], xb);
+              ph = _mm256_maddubs_epi16(wh[s], xb);
+            }
+            il = _mm256_add_epi32(il, _mm256_madd_epi16(pl, ones));
+            ih = _mm256_add_epi32(ih, _mm256_madd_epi16(ph, ones));
+          }
+          const int X = xsum(p, row, j, G);
+          if (zz) {
+            const __m256i zx = _mm256_set1_epi32(zz * X);
+            il = _mm256_sub_epi32(il, zx);
+            ih = _mm256_sub_epi32(ih, zx);
+          }
+          __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(il));
+          __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(ih));
+          if (HASC) {
+            const __m256 xf = _mm256_set1_ps(float(X));
+            tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
+            th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
+          }
+          const __m256 d = _mm256_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
+          float* ac = acc + m * LANES;
+          _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
+          _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+        }
+      }
+      store_lanes(p, acc, m0, mc, g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+template <int G, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni_finish(
+    const Args& p, float* acc, int64_t m0, int64_t m, int64_t j, int zz, __m512i isum, __m512 av,
+    __m512 cv) {
+  const int64_t row = m0 + m;
+  const int X = xsum(p, row, j, G);
+  if (zz) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(zz * X));
+  __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum));
+  if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(float(X))));
+  const __m512 d = _mm512_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
+  float* ac = acc + m * LANES;
+  _mm512_store_ps(ac, _mm512_add_ps(_mm512_load_ps(ac), _mm512_mul_ps(d, t)));
+}
+
+template <int G, bool SIGNED, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_vnni(
+    const Args& p, int64_t g0, int64_t g1) {
+  constexpr int S = G / 4;
+  alignas(64) float acc[MCHUNK * LANES];
+  const int zz = SIGNED ? 128 : p.zero;  // signed bytes run as unsigned (q + 128)
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
+      const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
+      std::fill(acc, acc + mc * LANES, 0.0f);
+      for (int64_t j = 0; j < p.NB; ++j) {
+        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+        __m512i wv[S];
+        for (int s = 0; s < S; ++s) {
+          wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
+          if (SIGNED) wv[s] = _mm512_xor_si512(wv[s], flip);
+        }
+        const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
+        const __m512 cv = HASC ? _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES) : _mm512_setzero_ps();
+        // four rows of x at a time: four independent integer chains keep the multipliers busy
+        int64_t m = 0;
+        for (; m + 4 <= mc; m += 4) {
+          __m512i isum[4];
+          for (int r = 0; r < 4; ++r) isum[r] = _mm512_setzero_si512();
+          for (int s = 0; s < S; ++s)
+            for (int r = 0; r < 4; ++r) {
+              int32_t four;
+              std::memcpy(&four, p.xq + (m0 + m + r) * p.K + j * G + 4 * s, 4);
+              isum[r] = _mm512_dpbusd_epi32(isum[r], wv[s], _mm512_set1_epi32(four));
+            }
+          for (int r = 0; r < 4; ++r) vnni_finish<G, HASC>(p, acc, m0, m + r, j, zz, isum[r], av, cv);
+        }
+        for (; m < mc; ++m) {
+          const int8_t* xp = p.xq + (m0 + m) * p.K + j * G;
+          __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+          for (int s = 0; s < S; s += 2) {  // two chains, added at the end (integers: exact)
+            int32_t f0, f1;
+            std::memcpy(&f0, xp + 4 * s, 4);
+            std::memcpy(&f1, xp + 4 * s + 4, 4);
+            i0 = _mm512_dpbusd_epi32(i0, wv[s], _mm512_set1_epi32(f0));
+            i1 = _mm512_dpbusd_epi32(i1, wv[s + 1], _mm512_set1_epi32(f1));
+          }
+          vnni_finish<G, HASC>(p, acc, m0, m, j, zz, _mm512_add_epi32(i0, i1), av, cv);
+        }
+      }
+      store_lanes(p, acc, m0, mc, g);
+    }
+  }
+}
+
+using GroupFn = void (*)(const Args&, int64_t, int64_t);
+
+template <int G, bool SIGNED, bool HASC>
+GroupFn pick_isa(int isa) {
+  if (isa == 2) return groups_vnni<G, SIGNED, HASC>;
+  if (isa == 1) return groups_avx2<G, SIGNED, HASC>;
+  return groups_generic<G, SIGNED, HASC>;
+}
+
+GroupFn pick(int isa, int G, bool is_signed, bool hasc) {
+  if (G == 32) {
+    if (is_signed) return hasc ? pick_isa<32, true, true>(isa) : pick_isa<32, true, false>(isa);
+    return hasc ? pick_isa<32, false, true>(isa) : pick_isa<32, false, false>(isa);
+  }
+  if (is_signed) return hasc ? pick_isa<16, true, true>(isa) : pick_isa<16, true, false>(isa);
+  return hasc ? pick_isa<16, false, true>(isa) : pick_isa<16, false, false>(isa);
+}
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return 2;
+  if (__builtin_cpu_supports("avx2")) return 1;
+  return 0;
+}
+
+// x [M, K] float32 -> xq [M, K] int8, dx [M, K/32] float32, xs [M, K/16] int32
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, int32_t* xs) {
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < K / XBLOCK; ++b) {
+        const float* xp = x + m * K + b * XBLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < XBLOCK; ++i) amax = std::max(amax, std::fabs(xp[i]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        dx[m * (K / XBLOCK) + b] = d;
+        int8_t* qp = xq + m * K + b * XBLOCK;
+        for (int i = 0; i < XBLOCK; ++i) {
+          float v = std::nearbyint(xp[i] * id);
+          v = std::min(127.0f, std::max(-127.0f, v));
+          qp[i] = int8_t(v);
+        }
+        for (int h = 0; h < 2; ++h) {
+          int32_t s = 0;
+          for (int i = 0; i < 16; ++i) s += qp[h * 16 + i];
+          xs[m * (K / 16) + b * 2 + h] = s;
+        }
+      }
+    }
+  });
+}
+
+void check(bool ok, const char* msg) { TORCH_CHECK(ok, "genrefine qlinear: ", msg); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [M, K] float32 contiguous");
+  const int64_t M = x.size(0), K = x.size(1);
+  check(K % XBLOCK == 0, "K must be a multiple of 32");
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto dx = at::empty({M, K / XBLOCK}, x.options());
+  auto xs = at::empty({M, K / 16}, x.options().dtype(at::kInt));
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>());
+  return {xq, dx, xs};
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
+                   int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
+  check(w.dim() == 5 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be uint8 [NG, NB, G/4, 16, 4]");
+  check(group == 16 || group == 32, "group must be 16 or 32");
+  check(w.size(2) == group / 4 && w.size(3) == LANES && w.size(4) == 4, "w layout does not match group");
+  const int64_t NG = w.size(0), NB = w.size(1), K = NB * group;
+  check(x.dim() == 2 && x.size(1) == K, "x must be [M, K] with K = blocks * group");
+  check(n > (NG - 1) * LANES && n <= NG * LANES, "n does not match the groups");
+  check(a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() == NG * NB * LANES, "a must be float32 [NG, NB, 16]");
+  const bool hasc = c.numel() != 0;
+  if (hasc) check(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == NG * NB * LANES, "c must be float32 [NG, NB, 16] or empty");
+  auto xc = x.to(at::kFloat).contiguous();
+  auto [xq, dx, xs] = quantize(xc);
+  const int64_t M = x.size(0);
+  auto out = at::empty({M, n}, x.options().dtype(at::kFloat));
+  if (M == 0) return out;
+  if (isa < 0) isa = best_isa();
+  Args p{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
+         a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K, n, NB,
+         int(zero)};
+  GroupFn fn = pick(int(isa), int(group), is_signed, hasc);
+  // about 64K multiply-adds per task: small weights stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 65536 / (LANES * K * std::min<int64_t>(M, MCHUNK)));
+  at::parallel_for(0, NG, grain, [&](int64_t g0, int64_t g1) { fn(p, g0, g1); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_op(const at::Tensor& x) {
+  return quantize(x.to(at::kFloat).contiguous());
+}
+
+int64_t isa_op() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(genrefine_q, m) {
+  m.def("qlinear(Tensor x, Tensor w, Tensor a, Tensor c, int group, int zero, bool is_signed, int n, int isa) -> Tensor");
+  m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("best_isa() -> int");
+}
+
+TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
+  m.impl("qlinear", &qlinear);
+  m.impl("quantize", &quantize_op);
+}
+
+TORCH_LIBRARY_IMPL(genrefine_q, CatchAll, m) { m.impl("best_isa", &isa_op); }

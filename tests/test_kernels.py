@@ -1,0 +1,160 @@
+"""The quantized kernels (genrefine/kernels): every instruction-set path and the PyTorch
+fallback give the same bits, rows never depend on how many are computed together, and outputs
+stay within a stated bound of float64 arithmetic on the dequantized weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from genrefine.kernels import (
+    ISAS,
+    Packed,
+    best_isa,
+    dequantize_rows,
+    load_extension,
+    pack,
+    qlinear,
+    qlinear_reference,
+    quantize_rows_reference,
+)
+from genrefine.models.quant import QuantWeight, quantize_weight
+
+BUILT = load_extension(quiet=True)
+# the paths this CPU can run: the best one and everything below it
+_ORDER = ["generic", "avx2", "avx512-vnni"]
+PATHS = ["reference"] + (_ORDER[: _ORDER.index(best_isa()) + 1] if BUILT else [])
+
+# (values kind, group, zero, offsets): the shapes of Q8_0, Q5_0, Q4_K and Q6_K
+KINDS = {
+    "q8_0": ("signed", 32, 0, False),
+    "q5_0": (31, 32, 16, False),
+    "q4_k": (15, 32, 0, True),
+    "q6_k": (63, 16, 32, False),
+    "top": (128, 32, 0, True),  # the largest unsigned byte the AVX2 path takes
+}
+
+
+def random_packed(kind: str, n: int, k: int, seed: int = 0) -> Packed:
+    g = torch.Generator().manual_seed(seed)
+    vmax, group, zero, offsets = KINDS[kind]
+    if vmax == "signed":
+        values = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+    else:
+        values = torch.randint(0, vmax + 1, (n, k), generator=g).to(torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02
+    offset = torch.rand(n, k // group, generator=g) * 0.1 if offsets else None
+    return pack(values, scale, offset, group, zero, kind)
+
+
+def test_the_extension_builds_here() -> None:
+    """CI machines have gcc: the C++ kernels must build there (the fallback is for others)."""
+    assert BUILT
+    assert best_isa() in ISAS
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_path_gives_the_reference_bits(kind: str) -> None:
+    p = random_packed(kind, 45, 128)  # 45 rows: a partial last group
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 2, 3, 4, 5, 16, 63, 64, 65, 130):
+        x = torch.randn(m, 128, generator=g) * 3
+        x[0, :32] = 0.0  # an all-zero block (scale 0)
+        ref = qlinear_reference(x, p)
+        for path in PATHS:
+            assert torch.equal(qlinear(x, p, path), ref), (path, m)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k", "q6_k"])
+def test_rows_are_batch_invariant_for_1_to_64_rows(kind: str) -> None:
+    """Row r of an m-row call equals the one-row call on that row, bit for bit, m = 1..64."""
+    p = random_packed(kind, 40, 96, seed=2)
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
+    single = torch.cat([qlinear(x[r : r + 1], p) for r in range(64)])
+    for m in range(1, 65):
+        assert torch.equal(qlinear(x[:m], p), single[:m]), m
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_within_the_stated_bound_of_float64(kind: str) -> None:
+    """|y - W x| <= sum over 32-blocks of (amax_b / 254) * sum_b |w| + 1e-5 * sum |w| |x|:
+    the activations' int8 rounding (at most half a step, amax / 254, per element) plus float32
+    rounding, with W the dequantized weights in float64."""
+    p = random_packed(kind, 33, 160, seed=4)
+    x = torch.randn(7, 160, generator=torch.Generator().manual_seed(5))
+    w = dequantize_rows(p, torch.arange(p.n)).double()  # [n, k]
+    exact = x.double() @ w.T
+    y = qlinear(x, p).double()
+    amax = x.double().reshape(7, 5, 32).abs().amax(-1)  # [m, blocks]
+    wabs = w.abs().reshape(p.n, 5, 32).sum(-1)  # [n, blocks]
+    bound = (amax / 254.0) @ wabs.T + 1e-5 * (x.double().abs() @ w.abs().T)
+    assert bool(((y - exact).abs() <= bound).all())
+    assert float((y - exact).abs().max()) > 0  # the bound is not vacuous: rounding happens
+
+
+def test_a_changed_weight_changes_the_output() -> None:
+    """The equality checks above can fail: one byte changed shows in its output column."""
+    p = random_packed("q4_k", 32, 64, seed=6)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    before = qlinear(x, p)
+    w = p.w.clone()
+    w[1, 0, 2, 5, 1] ^= 3  # output row 16 + 5
+    changed = qlinear(x, Packed(w, p.a, p.c, p.group, p.zero, p.signed, p.n))
+    diff = (changed != before).any(0).nonzero().flatten().tolist()
+    assert diff == [21]
+
+
+def test_activation_quantization_matches_the_kernel() -> None:
+    if not BUILT:
+        pytest.skip("no C++ extension on this machine")
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(8)) * 10
+    x[1, 32:64] = 0.0
+    ours = torch.ops.genrefine_q.quantize(x)
+    ref = quantize_rows_reference(x)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def test_pack_keeps_values_and_scales_exactly() -> None:
+    g = torch.Generator().manual_seed(9)
+    values = torch.randint(0, 16, (20, 64), generator=g).to(torch.uint8)
+    scale, offset = torch.rand(20, 2, generator=g), torch.rand(20, 2, generator=g)
+    p = pack(values, scale, offset, 32, 0)
+    rows = torch.tensor([19, 0, 7])
+    want = scale[rows].repeat_interleave(32, 1) * values[rows].float() - offset[rows].repeat_interleave(32, 1)
+    assert torch.equal(dequantize_rows(p, rows), want)
+    with pytest.raises(ValueError, match="above 128"):
+        pack(torch.full((2, 32), 200, dtype=torch.uint8), torch.ones(2, 1), None, 32, 0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack(torch.zeros(2, 48, dtype=torch.uint8), torch.ones(2, 3), None, 16, 0)
+
+
+def test_quant_weight_stacks_slices_and_selects_rows() -> None:
+    g = torch.Generator().manual_seed(10)
+    parts = [quantize_weight(torch.randn(n, 64, generator=g), f) for n, f in
+             [(32, "q8_0"), (16, "q8_0"), (24, "q4_k"), (16, "q6_k")]]
+    w = QuantWeight.cat(parts)
+    assert w.shape == (88, 64) and w.formats == ["q8_0", "q4_k", "q6_k"]  # the two q8_0 merged
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(w.linear(x), torch.cat([p.linear(x) for p in parts], dim=1))
+    tail = w.row_range(40)  # cuts the merged q8_0 segment off the group boundary
+    assert torch.equal(tail.linear(x), w.linear(x)[:, 40:])
+    ids = torch.tensor([87, 3, 50])
+    assert torch.equal(w.index_select(0, ids), torch.cat([w[87:88], w[3:4], w[50:51]]))
+    assert torch.equal(w.rows(torch.arange(88)) @ torch.eye(64), w[:])
+
+
+def test_the_fallback_runs_when_told_and_says_so(tmp_path) -> None:
+    env = dict(os.environ, GENREFINE_KERNELS="reference", GENREFINE_CACHE=str(tmp_path))
+    code = (
+        "import torch; from genrefine.models.quant import quantize_weight; "
+        "w = quantize_weight(torch.ones(16, 32)); print(w.linear(torch.ones(1, 32))[0, 0].item())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pure-PyTorch fallback" in r.stderr and r.stderr.count("\n") == 1
+    assert float(r.stdout) == pytest.approx(32.0, rel=1e-2)
