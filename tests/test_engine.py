@@ -27,7 +27,7 @@ from genrefine.diskcache import machine_key
 from genrefine.costs import CostTable
 from genrefine.types import Draft, SamplingParams
 from genrefine.verify import verify_greedy_argmax
-from tiny import ShallowModel, tiny_drafter, tiny_hf_model, without_exact_rows
+from tiny import ShallowModel, quantized_native, tiny_drafter, tiny_hf_model, without_exact_rows
 
 LOSSLESS = [name for name, info in METHODS.items() if info.lossless]
 
@@ -62,7 +62,11 @@ def _cost_cache(tmp_path_factory, _one_thread):
 
 @functools.lru_cache(maxsize=None)
 def model(backend: str, family: str):
+    """A tiny model: native (float32), quant (the native runtime on quantized weights of three
+    formats, mixed inside the fused projections) or hf (the transformers adapter)."""
     hf = tiny_hf_model(family)
+    if backend == "quant":
+        return quantized_native(hf)
     return NativeModel.from_hf(hf) if backend == "native" else HFModel(hf)
 
 
@@ -144,6 +148,7 @@ def test_lossless_methods_draft_and_verify_exactly(name: str) -> None:
     "backend,family,name",
     [("native", f, n) for f in ("llama", "mistral", "qwen3", "gemma3_text", "gemma2")
      for n in speculative_on("native")]
+    + [("quant", f, n) for f in ("llama", "gemma3_text") for n in speculative_on("native")]
     + [("hf", "llama", n) for n in speculative_on("hf")],
 )
 def test_greedy_output_equals_ar(backend: str, family: str, name: str, prompt: str) -> None:

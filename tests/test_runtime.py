@@ -16,7 +16,7 @@ from genrefine.models.config import ModelConfig, UnsupportedArchitecture, from_h
 from genrefine.models.hf import HFModel
 from genrefine.models.runtime import NativeModel
 from genrefine.verify import build_tree
-from tiny import FAMILIES, tiny_hf_config, tiny_hf_model
+from tiny import FAMILIES, tiny_hf_config, tiny_hf_model, quantized_native
 
 ATOL = 1e-5
 WINDOW = 6  # tiny_hf_config's sliding window
@@ -474,3 +474,54 @@ def test_bf16_chain_verification_rows_equal_one_token_decoding(tmp_path, monkeyp
             if not torch.equal(rows[r], m.forward(tokens[r : r + 1], decode).logits[0]):
                 bad.append((trial, r))
     assert not bad
+
+
+# --------------------------------------------------------------------------- quantized weights
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_quantized_rows_equal_one_token_decoding_bit_for_bit(family, tmp_path, monkeypatch) -> None:
+    """On quantized weights (three formats, mixed in the fused projections) the matmuls are
+    batch-invariant by construction, with no probe: random chains of 1..64 rows and a tree give
+    every row exactly the logits of one-token decoding."""
+    from genrefine.engine import prefill
+
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    m = quantized_native(tiny_hf_model(family))
+    assert m.quantized and m.bitwise_exact and not m._splits
+    g = torch.Generator().manual_seed(0)
+    bad = []
+    for trial in range(24):
+        L = int(torch.randint(1, 120, (1,), generator=g))
+        n = 64 if trial == 0 else int(torch.randint(1, 65, (1,), generator=g))
+        prompt = torch.randint(3, 97, (L,), generator=g)
+        tokens = torch.randint(3, 97, (n,), generator=g)
+        verify, decode = m.new_cache(256), m.new_cache(256)
+        prefill(m, verify, prompt)
+        prefill(m, decode, prompt)
+        rows = m.forward(tokens, verify).logits  # [n, V]
+        for r in range(n):
+            if not torch.equal(rows[r], m.forward(tokens[r : r + 1], decode).logits[0]):
+                bad.append((trial, r))
+    assert not bad
+    # a tree whose second branch is a chain: root -> [x, y] and root -> seq[1:4]
+    seq = torch.randint(3, 97, (4,), generator=g)
+    cache = m.new_cache(256)
+    m.forward(torch.randint(3, 97, (LONG,), generator=g), cache, exact=False)
+    single = torch.cat([m.forward(seq[i : i + 1], cache).logits for i in range(4)])
+    cache.rollback(4)
+    info = build_tree(torch.tensor([-1, 0, -1, 2, 3]))
+    toks = torch.cat([seq[:1], torch.tensor([5, 6]), seq[1:4]])
+    pos = cache.length + torch.cat([torch.zeros(1, dtype=torch.long), 1 + info.depth])
+    out = m.forward(toks, cache, positions=pos, tree_mask=info.mask_with_root).logits
+    assert torch.equal(out[[0, 3, 4, 5]], single)
+
+
+def test_quantized_model_is_close_to_float32() -> None:
+    """Quantization error, not a bug: logits stay near the float model's, and the weights
+    dequantize to within one quantization step of the float ones."""
+    hf = tiny_hf_model("llama")
+    q, f = quantized_native(hf, ("q8_0",)), NativeModel.from_hf(hf)
+    toks = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(1))
+    a = q.forward(toks, q.new_cache(32)).logits
+    b = f.forward(toks, f.new_cache(32)).logits
+    assert float((a - b).abs().max()) < 0.1 * float(b.abs().max())
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8

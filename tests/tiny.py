@@ -242,3 +242,17 @@ def without_exact_rows(family: str, dtype: torch.dtype = torch.bfloat16):
         m = runtime.NativeModel.from_hf(tiny_hf_model(family), dtype=dtype)
     assert not m.bitwise_exact
     return m
+
+
+def quantized_native(hf_model, formats=("q8_0", "q4_k", "q6_k")):
+    """The native runtime on a tiny transformers model's weights quantized (genrefine.models.quant),
+    cycling through ``formats`` so that fused projections hold several formats."""
+    from genrefine.models.config import from_hf_config, rope_tables
+    from genrefine.models.quant import quantize_linears
+    from genrefine.models.runtime import NativeModel
+
+    cfg = from_hf_config(hf_model.config)
+    sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    q = quantize_linears(sd, formats)
+    rope = rope_tables(hf_model.config, cfg.layer_rope)
+    return NativeModel.from_state_dict(cfg, sd, rope, torch.float32, quantized=q)

@@ -25,6 +25,7 @@ from .default import EMBEDDED_NAME, embedded_model_path
 
 _FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED = "gguf"  # --dtype gguf: the file's own quantized weights (genrefine/kernels)
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
@@ -66,16 +67,23 @@ def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
     return ModelSource(p.resolve(), p.name, gguf=True)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto": bfloat16 (measured fastest on CPU, see README) unless the device lacks it."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """``None``/"auto": bfloat16 here (:func:`load_model` decides "auto" for GGUF files on the
+    CPU by measurement, see ``weights_choice.py``); "gguf": the GGUF file's own quantized
+    weights, run by the integer kernels (returned as the string :data:`QUANTIZED`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16
+    if dtype in (QUANTIZED, "quantized"):
+        if torch.device(device).type != "cpu":
+            raise ModelLoadError("--dtype gguf runs on the CPU (integer kernels): use --device cpu")
+        return QUANTIZED
     name = _DTYPE_ALIASES.get(dtype, dtype)
     if name not in DTYPES:
         raise ModelLoadError(
-            f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)} (or bf16, fp32, fp16)"
+            f"unknown dtype {dtype!r}: choose one of auto, gguf, {', '.join(DTYPES)} "
+            "(or bf16, fp32, fp16)"
         )
     return DTYPES[name]
 
@@ -159,17 +167,44 @@ def _convert(src: ModelSource, out: Path, notice) -> None:
     tmp.rename(out)
 
 
-def _load_native(src: ModelSource, out: Path, dtype: torch.dtype, device: torch.device):
-    from safetensors.torch import load_file
+def _load_native(src: ModelSource, out: Path, dtype: torch.dtype | str, device: torch.device, notice=None):
+    from safetensors import safe_open
 
     from .runtime import NativeModel
 
     cfg = ModelConfig.from_json((out / "config.json").read_text())
-    sd = load_file(str(out / "model.safetensors"))
+    quantized = None
+    if dtype == QUANTIZED:
+        from .quant import load_packed
+
+        quantized = load_packed(src.path, out, notice)
+        dtype = torch.float32  # activations, norms, attention and the cache
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if not (quantized and k in quantized)}
     rope = {}
     for key in set(cfg.layer_rope):
         rope[key] = (sd.pop(f"rope.{key}.inv_freq"), float(sd.pop(f"rope.{key}.scale")[0]))
-    return NativeModel.from_state_dict(cfg, sd, rope, dtype, device, name=src.display_name)
+    return NativeModel.from_state_dict(
+        cfg, sd, rope, dtype, device, name=src.display_name, quantized=quantized
+    )
+
+
+def _auto_weights(src: ModelSource, notice) -> torch.dtype | str:
+    """``--dtype auto`` for a GGUF file on the CPU: its quantized weights or bfloat16, the
+    faster here (measured once, see ``weights_choice.py``)."""
+    from gguf import GGUFReader
+
+    from .weights_choice import choose_weights
+
+    try:
+        reader = GGUFReader(src.path)
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        hidden = int(reader.fields[f"{arch}.embedding_length"].parts[-1][0])
+    except (KeyError, ValueError, OSError, IndexError):
+        return torch.bfloat16
+    if hidden % 32:
+        return torch.bfloat16
+    return QUANTIZED if choose_weights(hidden, notice) == "gguf" else torch.bfloat16
 
 
 BACKENDS = ("native", "hf", "llama.cpp", "auto")
@@ -258,6 +293,15 @@ def load_model(
         return _load_llamacpp(src, device)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if (dtype is None or dtype == "auto") and src.gguf and dev.type == "cpu" and backend == "native":
+        dt = _auto_weights(src, notice)
+    if dt == QUANTIZED and not src.gguf:
+        raise ModelLoadError(
+            f"--dtype gguf runs a GGUF file's quantized weights and {src.display_name!r} is a "
+            "Hugging Face directory: give a .gguf file or a float dtype"
+        )
+    if dt == QUANTIZED and backend == "hf":
+        raise ModelLoadError("--dtype gguf runs on the native backend: use --backend native")
     if backend == "hf":
         from .hf import HFModel
 
@@ -273,7 +317,7 @@ def load_model(
             hf = _load_hf(src, dt).to(dev)
             return HFModel(hf, name=src.display_name), load_tokenizer(src)
     t0 = time.perf_counter()
-    model = _load_native(src, out, dt, dev)
+    model = _load_native(src, out, dt, dev, notice)
     tok = load_tokenizer(src)
     model.load_seconds = time.perf_counter() - t0
     return model, tok

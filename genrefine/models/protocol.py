@@ -114,3 +114,21 @@ class NativeCapabilities(Protocol):
         ``positions``, ``tree_mask`` each), each on its own cache: every weight is read once for
         all their rows; their logits in order (:mod:`genrefine.models.batched` decides when)."""
         ...
+
+
+def weights_format(model) -> str:
+    """What a model's matmuls run on, for display and cache keys: "bfloat16", "float32", or
+    "quantized:Q4_K+Q8_0..." for quantized weights (the native runtime's ``weights_format``)."""
+    fmt = getattr(model, "weights_format", None)
+    if isinstance(fmt, str):
+        return fmt
+    dtype = getattr(model, "dtype", None)
+    return str(dtype).replace("torch.", "") if dtype is not None else "unknown"
+
+
+def weights_key(model) -> str:
+    """:func:`weights_format` for cache keys; float models keep the ``torch.<dtype>`` spelling
+    that earlier caches used."""
+    if getattr(model, "quantized", False):
+        return weights_format(model)
+    return str(getattr(model, "dtype", "unknown"))

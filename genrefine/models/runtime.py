@@ -9,6 +9,7 @@ rows that need them, optionally over a reduced vocabulary. Checked against trans
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
+from .quant import QuantWeight
 
 
 @dataclass
@@ -99,21 +101,47 @@ class NativeModel:
         self._splits: dict[tuple[int, int], int] = {}
         self.bitwise_exact = False
         self.attn_block = BLOCK  # key slots per block of the exact attention (attention.py)
-        if dtype in (torch.bfloat16, torch.float16):
+        self.quantized = isinstance(lm_head, QuantWeight) or any(
+            isinstance(w, QuantWeight) for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)
+        )
+        # the KV cache and attention: the weights' dtype; quantized models pick theirs in
+        # _calibrate (bfloat16 where float32 attention is not batch-invariant, as llama.cpp keeps
+        # its cache in float16)
+        self.attn_dtype = dtype
+        # seconds spent in matmuls ("weights") and attention while ``phase_seconds`` is a dict
+        # (the bench sets it; None: not measured)
+        self.phase_seconds: dict[str, float] | None = None
+        if dtype in (torch.bfloat16, torch.float16) or self.quantized:
             self._calibrate()
 
+    @property
+    def weights_format(self) -> str:
+        """What the matmuls run on: the dtype, or the GGUF block formats of quantized weights."""
+        if not self.quantized:
+            return str(self.dtype).replace("torch.", "")
+        fmts = set()
+        for w in [self.lm_head] + [x for lw in self.layers for x in (lw.qkv, lw.o, lw.gate_up, lw.down)]:
+            fmts.update(w.formats if isinstance(w, QuantWeight) else [str(w.dtype).replace("torch.", "")])
+        return "quantized:" + "+".join(sorted(f.upper() for f in fmts))
+
     def _calibrate(self) -> None:
-        """Probe (once per machine, cached) how to make every matmul batch-invariant."""
-        weights = {tuple(self.lm_head.shape): self.lm_head}
-        for lw in self.layers:
-            for w in (lw.qkv, lw.o, lw.gate_up, lw.down):
+        """Probe (once per machine, cached) how to make every float matmul batch-invariant;
+        quantized weights are batch-invariant by construction (genrefine.kernels)."""
+        weights = {}
+        for w in [self.lm_head] + [x for lw in self.layers for x in (lw.qkv, lw.o, lw.gate_up, lw.down)]:
+            if not isinstance(w, QuantWeight):
                 weights.setdefault(tuple(w.shape), w)
-        found = probe_splits(weights, self._activations)  # a forward, on a cache miss only
+        found = probe_splits(weights, self._activations) if weights else {}  # on a cache miss only
         self._splits = {shape: s for shape, s in found.items() if s not in (None, 1)}
         c = self.config
-        self.bitwise_exact = all(s is not None for s in found.values()) and probe_attention(
-            c.num_heads, c.num_kv_heads, c.head_dim, self.attn_block, self.dtype, self.device
-        )
+
+        def attention_exact(dt: torch.dtype) -> bool:
+            return probe_attention(c.num_heads, c.num_kv_heads, c.head_dim, self.attn_block, dt, self.device)
+
+        exact = attention_exact(self.dtype)
+        if not exact and self.quantized and attention_exact(torch.bfloat16):
+            self.attn_dtype, exact = torch.bfloat16, True
+        self.bitwise_exact = all(s is not None for s in found.values()) and exact
 
     def _activations(self, rows: int = 128) -> dict[tuple[int, int], Tensor]:
         """What enters each weight shape's matmul in a forward over ``rows`` random tokens
@@ -125,6 +153,8 @@ class NativeModel:
         seen: dict[tuple[int, int], list[Tensor]] = {}
 
         def record(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            if isinstance(weight, QuantWeight):
+                return weight.linear(x) if bias is None else weight.linear(x) + bias
             seen.setdefault(tuple(weight.shape), []).append(x.reshape(-1, x.shape[-1]))
             return F.linear(x, weight, bias)
 
@@ -135,7 +165,18 @@ class NativeModel:
             del self._linear
         return {shape: torch.cat(xs) for shape, xs in seen.items()}
 
-    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _linear(self, x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None) -> Tensor:
+        if self.phase_seconds is not None:
+            t0 = time.perf_counter()
+            y = self._linear_untimed(x, weight, bias)
+            self.phase_seconds["weights"] = self.phase_seconds.get("weights", 0.0) + time.perf_counter() - t0
+            return y
+        return self._linear_untimed(x, weight, bias)
+
+    def _linear_untimed(self, x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None) -> Tensor:
+        if isinstance(weight, QuantWeight):
+            y = weight.linear(x)
+            return y if bias is None else y + bias
         split = self._splits.get(tuple(weight.shape))
         if split is None:
             return F.linear(x, weight, bias)
@@ -150,12 +191,27 @@ class NativeModel:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         name: str = "model",
+        quantized: dict[str, QuantWeight] | None = None,
     ) -> "NativeModel":
-        """Build from transformers-style parameter names (``model.layers.0.self_attn.q_proj...``)."""
+        """Build from transformers-style parameter names (``model.layers.0.self_attn.q_proj...``).
+
+        ``quantized``: weights under the same names to run quantized (see quant.py); they take
+        the place of the float ones in ``sd``, which may then lack them.
+        """
         device = torch.device(device)
+        quantized = quantized or {}
 
         def w(key: str) -> Tensor:
+            if key in quantized:
+                return quantized[key]  # type: ignore[return-value]
             return sd[key].to(device=device, dtype=dtype).contiguous()
+
+        def cat(parts: list) -> Tensor:
+            if any(isinstance(p, QuantWeight) for p in parts):
+                if not all(isinstance(p, QuantWeight) for p in parts):
+                    raise ValueError("a fused projection mixes quantized and float weights")
+                return QuantWeight.cat(parts)  # type: ignore[return-value]
+            return torch.cat(parts)
 
         def norm(key: str) -> Tensor:
             t = sd[key].to(device=device, dtype=torch.float32)
@@ -168,7 +224,7 @@ class NativeModel:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
-            qkv = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+            qkv = cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
             qkv_b = None
             if config.qkv_bias:
                 qkv_b = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
@@ -181,7 +237,7 @@ class NativeModel:
                     qkv_bias=qkv_b,
                     o=w(a + "o_proj.weight"),
                     o_bias=opt(a + "o_proj.bias") if config.o_bias else None,
-                    gate_up=torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]),
+                    gate_up=cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")]),
                     gate_up_bias=gu_b,
                     down=w(m + "down_proj.weight"),
                     down_bias=opt(m + "down_proj.bias") if config.mlp_bias else None,
@@ -198,7 +254,7 @@ class NativeModel:
                 )
             )
         embed = w("model.embed_tokens.weight")
-        if config.tie_embeddings or "lm_head.weight" not in sd:
+        if config.tie_embeddings or ("lm_head.weight" not in sd and "lm_head.weight" not in quantized):
             lm_head = embed
         else:
             lm_head = w("lm_head.weight")
@@ -224,7 +280,7 @@ class NativeModel:
         c = self.config
         cap = min(capacity or self.max_context, self.max_context)
         return KVCache(
-            c.num_layers, c.num_kv_heads, c.head_dim, cap, self.dtype, self.device, self.attn_block
+            c.num_layers, c.num_kv_heads, c.head_dim, cap, self.attn_dtype, self.device, self.attn_block
         )
 
     def reduced_head(self, ids: Tensor) -> ReducedHead:
@@ -234,7 +290,10 @@ class NativeModel:
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """[n] long -> [n, hidden] (scaled as the model does)."""
-        x = F.embedding(tokens, self.embed)
+        if isinstance(self.embed, QuantWeight):
+            x = self.embed.rows(tokens.reshape(-1)).reshape(*tokens.shape, self.hidden_size)
+        else:
+            x = F.embedding(tokens, self.embed)
         if self.config.embed_scale != 1.0:
             x = x * self._embed_scale
         return x
@@ -366,6 +425,7 @@ class NativeModel:
             cache.values[i][:, start:total] = v[:, rows]
             parts.append(self._attend(i, q[:, rows], cache, total, masks[window]))
         att = torch.cat(parts, dim=1).transpose(0, 1).reshape(N, c.num_heads * c.head_dim)
+        att = att.to(self.dtype)
         return self._finish_layer(i, x, att)
 
     # ------------------------------------------------------------------ layer-by-layer
@@ -479,7 +539,12 @@ class NativeModel:
             q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
         else:  # only the key/value rows of the fused projection
             bias = None if lw.qkv_bias is None else lw.qkv_bias[nh * hd :]
-            k, v = torch.split(F.linear(h, lw.qkv[nh * hd :], bias), [nkv * hd, nkv * hd], dim=-1)
+            w = lw.qkv.row_range(nh * hd) if isinstance(lw.qkv, QuantWeight) else lw.qkv[nh * hd :]
+            if isinstance(w, QuantWeight):
+                kv = w.linear(h) if bias is None else w.linear(h) + bias
+            else:
+                kv = F.linear(h, w, bias)
+            k, v = torch.split(kv, [nkv * hd, nkv * hd], dim=-1)
             q = None
         k = k.view(n, nkv, hd).transpose(0, 1)  # [KV, n, D]
         v = v.view(n, nkv, hd).transpose(0, 1)
@@ -492,6 +557,9 @@ class NativeModel:
         if lw.k_norm is not None:
             k = self._norm(k, lw.k_norm)
         k = k * cos + _rotate_half(k) * sin
+        if self.attn_dtype != self.dtype:
+            q = None if q is None else q.to(self.attn_dtype)
+            k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
         return q, k, v
 
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
@@ -525,12 +593,22 @@ class NativeModel:
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
         att = self._attend(i, q, cache, total, mask)
-        return self._finish_layer(i, x, att.transpose(0, 1).reshape(n, nh * hd))
+        return self._finish_layer(i, x, att.transpose(0, 1).reshape(n, nh * hd).to(self.dtype))
 
     def _attend(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
         """Layer ``i``'s attention of q [H, n, D] over ``cache`` (slots below ``total`` filled),
         with ``mask`` from :meth:`_masks`: a :class:`BlockPlan` (bitwise-exact blocked
         attention) or (first visible slot, [n, S] bool or None) for fused attention."""
+        if self.phase_seconds is not None:
+            t0 = time.perf_counter()
+            out = self._attend_untimed(i, q, cache, total, mask)
+            self.phase_seconds["attention"] = (
+                self.phase_seconds.get("attention", 0.0) + time.perf_counter() - t0
+            )
+            return out
+        return self._attend_untimed(i, q, cache, total, mask)
+
+    def _attend_untimed(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
         c = self.config
         if isinstance(mask, BlockPlan):  # bitwise-exact: rows as one-token decoding computes them
             return blocked_attention(
