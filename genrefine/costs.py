@@ -243,6 +243,7 @@ def load_or_measure(model, key: str, **measure_kwargs) -> CostTable:
 def target_costs(model):
     """The target's forward times on this machine (measured on first use, cached on disk)."""
     from .diskcache import machine_key
+    from .models.protocol import weights_key
 
-    key = f"{getattr(model, 'name', 'model')}|{model.dtype}|{machine_key(model.device)}"
+    key = f"{getattr(model, 'name', 'model')}|{weights_key(model)}|{machine_key(model.device)}"
     return load_or_measure(model, key)

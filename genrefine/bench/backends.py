@@ -22,6 +22,8 @@ class TurnResult:
     drafted: int | None = None
     accepted: int | None = None
     accepted_hist: list[int] | None = None  # [k] = steps that accepted k draft tokens
+    # seconds by phase: weights (matmuls), attention, drafting, other; None where not measured
+    phases: dict[str, float] | None = None
 
     @property
     def step_tokens(self) -> int:
@@ -63,10 +65,27 @@ class GenrefineBackend:
         engine = Engine(gen.model, method)
         stats = Stats(method.name)
         ids: list[int] = []
+        timed = hasattr(gen.model, "phase_seconds")
+        if timed:
+            gen.model.phase_seconds = {}
         t0 = time.perf_counter()
-        for chunk in engine.generate(list(prompt_ids), max_new_tokens, params, gen.eos_ids, stats):
-            ids.extend(chunk)
-        seconds = time.perf_counter() - t0
+        try:
+            for chunk in engine.generate(list(prompt_ids), max_new_tokens, params, gen.eos_ids, stats):
+                ids.extend(chunk)
+            seconds = time.perf_counter() - t0
+            phases = None
+            if timed:
+                got = gen.model.phase_seconds
+                phases = {
+                    "weights": got.get("weights", 0.0),
+                    "attention": got.get("attention", 0.0),
+                    "drafting": stats.time_draft,
+                }
+                # drafters that run the target (self-speculation) count in weights/attention too
+                phases["other"] = max(seconds - sum(phases.values()), 0.0)
+        finally:
+            if timed:
+                gen.model.phase_seconds = None
         return TurnResult(
             token_ids=ids,
             seconds=seconds,
@@ -76,4 +95,5 @@ class GenrefineBackend:
             drafted=stats.drafted,
             accepted=stats.accepted,
             accepted_hist=list(stats.accepted_hist),
+            phases=phases,
         )

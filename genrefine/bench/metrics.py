@@ -132,6 +132,22 @@ def same_as_reference(records: Sequence[dict], method: str, methods: Sequence[st
     return [sum(flags), len(flags)] if flags else None
 
 
+def _sum_phases(parts) -> dict | None:
+    """Seconds per phase (weights, attention, drafting, other) summed over questions, with each
+    phase's share of their total; None where no question measured them."""
+    total: dict[str, float] = {}
+    seen = False
+    for p in parts:
+        if p:
+            seen = True
+            for k, v in p.items():
+                total[k] = total.get(k, 0.0) + v
+    if not seen:
+        return None
+    whole = sum(total.values()) or 1.0
+    return {"seconds": total, "share": {k: v / whole for k, v in total.items()}}
+
+
 def aggregate(
     records: Sequence[dict], methods: Sequence[str], greedy: bool = True
 ) -> dict[str, dict]:
@@ -167,6 +183,7 @@ def aggregate(
             "new_tokens": s["new_tokens"],
             "time_s": s["time"],
             "accepted_hist": _sum_hist(x.get("accepted_hist") for x in rows),
+            "phases": _sum_phases(x.get("phases") for x in rows),
             "per_category": per_cat,
         }
     return out

@@ -88,6 +88,14 @@ def markdown_report(report: dict) -> str:
                 + [_fmt(m.get(key), spec, suffix)]
             )
         lines += _table(["method", *cats, "overall"], rows)
+    phased = {n: m["phases"] for n, m in methods.items() if m.get("phases")}
+    if phased:
+        names = ["weights", "attention", "drafting", "other"]
+        lines += ["", "## Where the time goes (share of each method's seconds)", ""]
+        lines += _table(
+            ["method", *names],
+            [[f"`{n}`"] + [_fmt(p["share"].get(k), ".0%") for k in names] for n, p in phased.items()],
+        )
     mach = report.get("machine", {})
     lines += [
         "",
@@ -98,7 +106,7 @@ def markdown_report(report: dict) -> str:
           if report.get("draft_model") else []),
         (f"- backend: llama.cpp (the GGUF's own quantized weights), device: {report['device']}"
          if report.get("backend") == "llama.cpp"
-         else f"- dtype: {report['dtype']}, device: {report['device']}"),
+         else f"- weights: {report.get('weights') or report['dtype']}, device: {report['device']}"),
         f"- machine: {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} CPUs, "
         f"{mach.get('torch_threads', '?')} torch threads" + _load_text(report),
         f"- software: torch {mach.get('torch', '?')}, transformers {mach.get('transformers', '?')}",
@@ -147,7 +155,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     ax1.set_xticks(x, cats, rotation=20 if len(cats) > 6 else 0)
     ax1.set_ylabel("speedup over ar (×)")
     ax1.set_title(
-        f"{report['model']} · {report['dtype']} · {report['device']} · "
+        f"{report['model']} · {report.get('weights') or report['dtype']} · {report['device']} · "
         f"{report['max_new_tokens']} new tokens · {report.get('n_questions', 0)} questions",
         fontsize=9,
     )

@@ -147,6 +147,10 @@ def run_question(
                         a["_has"][flag] = False
                     else:
                         a[key] += v
+                if r.phases is not None:
+                    ph = a.setdefault("phases", {})
+                    for k, v in r.phases.items():
+                        ph[k] = ph.get(k, 0.0) + v
                 if r.accepted_hist is None:
                     a["_has"]["hist"] = False
                 else:
@@ -239,6 +243,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
 
     from ..api import load
     from ..models.loading import resolve_source
+    from ..models.protocol import weights_format
     from .report import markdown_report, plot_report
 
     def say(msg: str) -> None:
@@ -253,13 +258,15 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
     if plan.done:
         say(f"resuming: {len(plan.done)} question(s) already in {plan.jsonl_path}")
     model_name = resolve_source(plan.config.model).display_name
-    gen = exact = None
+    gen = exact = weights = None
     if pending:  # nothing to run: the report comes from the JSONL alone, no model needed
         t0 = time.perf_counter()
         gen = load(plan.config.model, dtype=st.dtype, device=st.device, backend=plan.config.backend)
         model_name = gen.name
         exact = bool(getattr(gen.model, "bitwise_exact", False))
-        say(f"model {gen.name}, {st.dtype} on {st.device}, loaded in {time.perf_counter() - t0:.1f} s")
+        weights = weights_format(gen.model)
+        say(f"model {gen.name}, weights {weights} on {st.device} ({st.cpu}), "
+            f"loaded in {time.perf_counter() - t0:.1f} s")
         if not exact:
             say(EXACTNESS_OFF)
         backends = build_backends(plan, gen, say)
@@ -305,6 +312,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
         command=plan.config.command,
         timestamp=_now(),
         extra={
+            "weights": weights,  # what the matmuls ran on (None: nothing ran now)
             "model_path": st.model,
             "questions_file": st.questions,
             "questions_jsonl": str(plan.jsonl_path),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ..diskcache import cpu_model
+from ..models.protocol import weights_format
 from .options import (
     add_draft_model_option,
     add_drafter_option,
@@ -105,7 +107,7 @@ def cmd_demo(args) -> int:
     prompt = args.prompt or DEMO_PROMPT
     t0 = time.perf_counter()
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    print(f"model: {gen.name}, dtype {str(gen.model.dtype).replace('torch.', '')}, "
+    print(f"model: {gen.name}, weights {weights_format(gen.model)}, CPU {cpu_model()}, "
           f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     gen.generate(prompt, max_new_tokens=8)  # warm-up
     results = {}

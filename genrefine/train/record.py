@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..diskcache import cache_root, save_tensors
 from ..errors import ConfigError
+from ..models.protocol import weights_key
 
 FORMAT = "genrefine-record-1"
 
@@ -66,7 +67,7 @@ def tokenize_corpus(tokenizer, texts: list[str], max_tokens: int) -> Tensor:
 
 def _key(model, stream: Tensor, seq_len: int) -> str:
     h = hashlib.sha256()
-    h.update(f"{FORMAT}|{getattr(model, 'name', 'model')}|{model.dtype}|{seq_len}|".encode())
+    h.update(f"{FORMAT}|{getattr(model, 'name', 'model')}|{weights_key(model)}|{seq_len}|".encode())
     h.update(stream.numpy().tobytes())
     return h.hexdigest()[:16]
 

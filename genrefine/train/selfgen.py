@@ -18,6 +18,7 @@ import torch
 
 from ..diskcache import cache_root
 from ..errors import ConfigError
+from ..models.protocol import weights_key
 from .corpus import _stdlib_docstrings
 
 INSTRUCTIONS = (
@@ -111,7 +112,7 @@ def self_generated_texts(model, tokenizer, eos: set[int], n: int, max_new: int =
                          progress: bool = True) -> list[str]:
     """``n`` transcripts (prompt + the target's greedy answer, decoded), cached on disk."""
     key = hashlib.sha256(
-        json.dumps([getattr(model, "name", "model"), str(model.dtype), n, max_new,
+        json.dumps([getattr(model, "name", "model"), weights_key(model), n, max_new,
                     INSTRUCTIONS]).encode()
     ).hexdigest()[:16]
     path = cache_root() / "train" / f"selfgen-{key}.json"
