@@ -26,7 +26,7 @@ from genrefine.models.quant import QuantWeight, quantize_weight
 
 BUILT = load_extension(quiet=True)
 # the paths this CPU can run: the best one and everything below it
-_ORDER = ["generic", "avx2", "avx512-vnni"]
+_ORDER = ["generic", "avx2", "avx512-vnni", "amx"]
 PATHS = ["reference"] + (_ORDER[: _ORDER.index(best_isa()) + 1] if BUILT else [])
 
 # (values kind, group, zero, offsets): the shapes of Q8_0, Q5_0, Q4_K and Q6_K
@@ -158,3 +158,16 @@ def test_the_fallback_runs_when_told_and_says_so(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert "pure-PyTorch fallback" in r.stderr and r.stderr.count("\n") == 1
     assert float(r.stdout) == pytest.approx(32.0, rel=1e-2)
+
+
+def test_rmsnorm_matches_its_reference_and_is_row_invariant() -> None:
+    from genrefine.kernels import rmsnorm, rmsnorm_reference
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 64, generator=g) * 5
+    w = torch.randn(64, generator=g)
+    y = rmsnorm(x, w, 1e-6)
+    assert torch.equal(y, rmsnorm_reference(x, w, 1e-6))
+    assert torch.equal(torch.cat([rmsnorm(x[i : i + 1], w, 1e-6) for i in range(37)]), y)
+    want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6)

@@ -43,7 +43,7 @@ from ..diskcache import cache_root
 
 LANES = 16  # output rows per group
 XBLOCK = 32  # activation quantization block
-ISAS = {"generic": 0, "avx2": 1, "avx512-vnni": 2}
+ISAS = {"generic": 0, "avx2": 1, "avx512-vnni": 2, "amx": 3}
 _SOURCE = Path(__file__).with_name("qmatmul.cpp")
 
 
@@ -255,3 +255,28 @@ def qlinear(x: Tensor, p: Packed, isa: str | None = None) -> Tensor:
     return torch.ops.genrefine_q.qlinear(
         x.reshape(-1, x.shape[-1]), p.w, p.a, p.c, p.group, p.zero, p.signed, p.n, code
     )
+
+
+def rmsnorm_reference(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """:func:`rmsnorm` in PyTorch, op for op (16 lanes summed in order, then pairwise)."""
+    d = x.shape[-1]
+    xr = x.reshape(-1, d // 16, 16)
+    lanes = torch.zeros(xr.shape[0], 16, dtype=torch.float32)
+    for i in range(d // 16):
+        lanes = lanes + xr[:, i] * xr[:, i]
+    width = 8
+    while width >= 1:
+        lanes = torch.cat([lanes[:, :width] + lanes[:, width : 2 * width], lanes[:, 2 * width :]], 1)
+        width //= 2
+    inv = 1.0 / torch.sqrt(lanes[:, :1] / float(d) + torch.tensor(eps, dtype=torch.float32))
+    y = (x.reshape(-1, d) * inv) * w
+    return y.reshape(x.shape)
+
+
+def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm of float32 rows over the last dim, ``(x * r) * w`` with
+    ``r = 1 / sqrt(mean(x**2) + eps)``, in one call; the same bits as
+    :func:`rmsnorm_reference` (its order of summation is fixed for every row)."""
+    if not load_extension():
+        return rmsnorm_reference(x, w, eps)
+    return torch.ops.genrefine_q.rmsnorm(x, w, eps)

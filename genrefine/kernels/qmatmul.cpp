@@ -12,9 +12,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +40,11 @@ struct Args {
   float* out;           // [M, N]
   int64_t M, K, N, NB;
   int zero;
+  // per row and sub-block, computed once per call: (zero, or 128 for signed bytes) * X, float(X),
+  // and the activation scale of the sub-block's 32-wide block
+  const int32_t* zx = nullptr;  // [M, NB]
+  const float* xf = nullptr;    // [M, NB]
+  const float* dj = nullptr;    // [M, NB]
 };
 
 inline int xsum(const Args& p, int64_t m, int64_t j, int G) {
@@ -168,68 +176,129 @@ __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, 
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI
-template <int G, bool HASC>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni_finish(
-    const Args& p, float* acc, int64_t m0, int64_t m, int64_t j, int zz, __m512i isum, __m512 av,
-    __m512 cv) {
-  const int64_t row = m0 + m;
-  const int X = xsum(p, row, j, G);
-  if (zz) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(zz * X));
-  __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(isum));
-  if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(float(X))));
-  const __m512 d = _mm512_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
-  float* ac = acc + m * LANES;
-  _mm512_store_ps(ac, _mm512_add_ps(_mm512_load_ps(ac), _mm512_mul_ps(d, t)));
+// R rows of x against one group of 16 output rows, all sub-blocks: the accumulators stay in
+// registers; the group's weights come from memory for the first rows and from cache after.
+template <int G, bool SIGNED, bool HASC, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni_rows(
+    const Args& p, int64_t g, int64_t m0) {
+  constexpr int S = G / 4;
+  const int zz = SIGNED ? 128 : p.zero;  // signed bytes run as unsigned (q + 128)
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < p.NB; ++j) {
+    const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+    __m512i wv[S];
+    for (int s = 0; s < S; ++s) {
+      wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
+      if (SIGNED) wv[s] = _mm512_xor_si512(wv[s], flip);
+    }
+    const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
+    __m512 cv = _mm512_setzero_ps();
+    if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
+    // R == 1: two chains (integers: the split cannot change the sum); else one per row
+    constexpr int C = R == 1 ? 2 : 1;
+    __m512i isum[R * C];
+    for (int r = 0; r < R * C; ++r) isum[r] = _mm512_setzero_si512();
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, p.xq + (m0 + r) * p.K + j * G + 4 * s, 4);
+        __m512i& t = isum[r * C + (C == 2 ? (s & 1) : 0)];
+        t = _mm512_dpbusd_epi32(t, wv[s], _mm512_set1_epi32(four));
+      }
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (m0 + r) * p.NB + j;
+      __m512i is = C == 2 ? _mm512_add_epi32(isum[2 * r], isum[2 * r + 1]) : isum[r];
+      if (zz) is = _mm512_sub_epi32(is, _mm512_set1_epi32(p.zx[at]));
+      __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));
+      if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(p.xf[at])));
+      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
+    }
+  }
+  const int64_t n0 = g * LANES;
+  const int64_t nv = std::min<int64_t>(LANES, p.N - n0);
+  const __mmask16 keep = nv == LANES ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc[r]);
+}
+
+// ---------------------------------------------------------------- AMX (Sapphire Rapids on)
+// 16 rows of x against one group of 16 output rows: one tile multiply per sub-block gives all
+// 256 integer dot products; the float part is the same as above, row by row.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int G>
+__attribute__((target("amx-tile,amx-int8"))) void amx_configure() {
+  TileConfig cfg;
+  cfg.colsb[0] = 64; cfg.rows[0] = 16;     // C: 16 x 16 int32
+  cfg.colsb[1] = G;  cfg.rows[1] = 16;     // A: 16 rows of x, one sub-block of int8
+  cfg.colsb[2] = 64; cfg.rows[2] = G / 4;  // B: the packed group, four bytes per output row
+  // gcc 12 at -O3 drops the stores above as dead (it does not see ldtilecfg read them)
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+template <int G, bool SIGNED, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) void amx_rows16(
+    const Args& p, int64_t g, int64_t m0) {
+  constexpr int S = G / 4;
+  const int zz = SIGNED ? 0 : p.zero;
+  alignas(64) int32_t ints[16 * LANES];
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < p.NB; ++j) {
+    _tile_zero(0);
+    _tile_loadd(1, p.xq + m0 * p.K + j * G, p.K);
+    _tile_loadd(2, p.w + (g * p.NB + j) * S * 64, 64);
+    if (SIGNED)
+      _tile_dpbssd(0, 1, 2);
+    else
+      _tile_dpbsud(0, 1, 2);
+    _tile_stored(0, ints, 64);
+    const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
+    __m512 cv = _mm512_setzero_ps();
+    if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
+    for (int r = 0; r < 16; ++r) {
+      const int64_t at = (m0 + r) * p.NB + j;
+      __m512i is = _mm512_load_si512((const void*)(ints + r * LANES));
+      if (!SIGNED && zz) is = _mm512_sub_epi32(is, _mm512_set1_epi32(p.zx[at]));
+      __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));
+      if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(p.xf[at])));
+      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
+    }
+  }
+  const int64_t n0 = g * LANES;
+  const int64_t nv = std::min<int64_t>(LANES, p.N - n0);
+  const __mmask16 keep = nv == LANES ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1);
+  for (int r = 0; r < 16; ++r) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc[r]);
+}
+
+template <int G, bool SIGNED, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_amx(
+    const Args& p, int64_t g0, int64_t g1) {
+  amx_configure<G>();
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t m = 0;
+    for (; m + 16 <= p.M; m += 16) amx_rows16<G, SIGNED, HASC>(p, g, m);
+    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4>(p, g, m);
+    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1>(p, g, m);
+  }
+  amx_release();
 }
 
 template <int G, bool SIGNED, bool HASC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_vnni(
     const Args& p, int64_t g0, int64_t g1) {
-  constexpr int S = G / 4;
-  alignas(64) float acc[MCHUNK * LANES];
-  const int zz = SIGNED ? 128 : p.zero;  // signed bytes run as unsigned (q + 128)
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (int64_t g = g0; g < g1; ++g) {
-    for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
-      const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
-      std::fill(acc, acc + mc * LANES, 0.0f);
-      for (int64_t j = 0; j < p.NB; ++j) {
-        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
-        __m512i wv[S];
-        for (int s = 0; s < S; ++s) {
-          wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
-          if (SIGNED) wv[s] = _mm512_xor_si512(wv[s], flip);
-        }
-        const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
-        const __m512 cv = HASC ? _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES) : _mm512_setzero_ps();
-        // four rows of x at a time: four independent integer chains keep the multipliers busy
-        int64_t m = 0;
-        for (; m + 4 <= mc; m += 4) {
-          __m512i isum[4];
-          for (int r = 0; r < 4; ++r) isum[r] = _mm512_setzero_si512();
-          for (int s = 0; s < S; ++s)
-            for (int r = 0; r < 4; ++r) {
-              int32_t four;
-              std::memcpy(&four, p.xq + (m0 + m + r) * p.K + j * G + 4 * s, 4);
-              isum[r] = _mm512_dpbusd_epi32(isum[r], wv[s], _mm512_set1_epi32(four));
-            }
-          for (int r = 0; r < 4; ++r) vnni_finish<G, HASC>(p, acc, m0, m + r, j, zz, isum[r], av, cv);
-        }
-        for (; m < mc; ++m) {
-          const int8_t* xp = p.xq + (m0 + m) * p.K + j * G;
-          __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
-          for (int s = 0; s < S; s += 2) {  // two chains, added at the end (integers: exact)
-            int32_t f0, f1;
-            std::memcpy(&f0, xp + 4 * s, 4);
-            std::memcpy(&f1, xp + 4 * s + 4, 4);
-            i0 = _mm512_dpbusd_epi32(i0, wv[s], _mm512_set1_epi32(f0));
-            i1 = _mm512_dpbusd_epi32(i1, wv[s + 1], _mm512_set1_epi32(f1));
-          }
-          vnni_finish<G, HASC>(p, acc, m0, m, j, zz, _mm512_add_epi32(i0, i1), av, cv);
-        }
-      }
-      store_lanes(p, acc, m0, mc, g);
-    }
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4>(p, g, m);
+    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1>(p, g, m);
   }
 }
 
@@ -237,6 +306,7 @@ using GroupFn = void (*)(const Args&, int64_t, int64_t);
 
 template <int G, bool SIGNED, bool HASC>
 GroupFn pick_isa(int isa) {
+  if (isa == 3) return groups_amx<G, SIGNED, HASC>;
   if (isa == 2) return groups_vnni<G, SIGNED, HASC>;
   if (isa == 1) return groups_avx2<G, SIGNED, HASC>;
   return groups_generic<G, SIGNED, HASC>;
@@ -251,8 +321,22 @@ GroupFn pick(int isa, int G, bool is_signed, bool hasc) {
   return hasc ? pick_isa<16, false, true>(isa) : pick_isa<16, false, false>(isa);
 }
 
+// Linux hands out the AMX tile state only to processes that ask for it.
+bool amx_permitted() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-int8") || !__builtin_cpu_supports("amx-tile")) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
 int64_t best_isa() {
   __builtin_cpu_init();
+  const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (vnni && amx_permitted()) return 3;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
     return 2;
@@ -312,14 +396,38 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a
   const bool hasc = c.numel() != 0;
   if (hasc) check(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == NG * NB * LANES, "c must be float32 [NG, NB, 16] or empty");
   auto xc = x.to(at::kFloat).contiguous();
-  auto [xq, dx, xs] = quantize(xc);
+  auto [xq, dx_t, xs_t] = quantize(xc);
   const int64_t M = x.size(0);
   auto out = at::empty({M, n}, x.options().dtype(at::kFloat));
   if (M == 0) return out;
   if (isa < 0) isa = best_isa();
-  Args p{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
+  if (isa == 3 && !amx_permitted()) isa = 2;
+  Args p{xq.data_ptr<int8_t>(), dx_t.data_ptr<float>(), xs_t.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
          a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K, n, NB,
          int(zero)};
+  // the per-row, per-sub-block terms every path needs
+  auto zx = at::empty({M, NB}, x.options().dtype(at::kInt));
+  auto xf = at::empty({M, NB}, x.options());
+  auto dj = at::empty({M, NB}, x.options());
+  {
+    const int32_t* xs = xs_t.data_ptr<int32_t>();
+    const float* dxp = dx_t.data_ptr<float>();
+    int32_t* zxp = zx.data_ptr<int32_t>();
+    float* xfp = xf.data_ptr<float>();
+    float* djp = dj.data_ptr<float>();
+    const int zzv = is_signed ? 128 : int(zero);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < NB; ++j) {
+        const int32_t* r = xs + m * (K / 16);
+        const int X = group == 32 ? r[2 * j] + r[2 * j + 1] : r[j];
+        zxp[m * NB + j] = zzv * X;
+        xfp[m * NB + j] = float(X);
+        djp[m * NB + j] = dxp[m * (K / XBLOCK) + (j * group) / XBLOCK];
+      }
+    p.zx = zxp;
+    p.xf = xfp;
+    p.dj = djp;
+  }
   GroupFn fn = pick(int(isa), int(group), is_signed, hasc);
   // about 64K multiply-adds per task: small weights stay on one thread
   const int64_t grain = std::max<int64_t>(1, 65536 / (LANES * K * std::min<int64_t>(M, MCHUNK)));
@@ -333,17 +441,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_op(const at::Tensor& x) 
 
 int64_t isa_op() { return best_isa(); }
 
+// RMSNorm of float32 rows in one call (the runtime's six norms per layer were ~8 small ops each):
+// y = (x * r) * w with r = 1 / sqrt(mean(x^2) + eps); the sum of squares runs over 16 lanes in
+// order, then the lanes pairwise: a fixed order for every row, however many rows there are.
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rmsnorm wants float32");
+  const int64_t d = x.size(-1);
+  check(w.numel() == d && d % 16 == 0, "rmsnorm: weight size must equal the last dim (a multiple of 16)");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t rows = xc.numel() / d;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = float(eps);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * d;
+    float lanes[16] = {};
+    for (int64_t i = 0; i < d; i += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] = lanes[l] + xr[i + l] * xr[i + l];
+    for (int width = 8; width >= 1; width /= 2)
+      for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
+    const float inv = 1.0f / std::sqrt(lanes[0] / float(d) + e);
+    float* yr = yp + r * d;
+    for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * inv) * wp[i];
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(genrefine_q, m) {
   m.def("qlinear(Tensor x, Tensor w, Tensor a, Tensor c, int group, int zero, bool is_signed, int n, int isa) -> Tensor");
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("best_isa() -> int");
+  m.def("rmsnorm(Tensor x, Tensor w, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("quantize", &quantize_op);
+  m.impl("rmsnorm", &rmsnorm);
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CatchAll, m) { m.impl("best_isa", &isa_op); }

@@ -22,6 +22,7 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
+from ..kernels import rmsnorm
 from .quant import QuantWeight
 
 
@@ -468,6 +469,8 @@ class NativeModel:
     # ------------------------------------------------------------------ internals
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
         """RMSNorm over the last dim in float32; weight already holds (1 + w) for Gemma."""
+        if self.quantized and x.dtype == torch.float32:
+            return rmsnorm(x, weight, self.config.rms_norm_eps)  # one call, same rounding per row
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         if self.config.norm_offset:
