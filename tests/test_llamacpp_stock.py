@@ -96,6 +96,19 @@ def _not_found(name):
     raise stock.metadata.PackageNotFoundError(name)
 
 
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ("sse4_2 avx avx2 fma f16c", ()),  # llama.cpp's own default without GGML_NATIVE: AVX2
+        ("avx2 avx512f avx512cd avx512vl avx512dq", ()),  # no avx512bw: ggml's AVX512 needs it
+        ("avx2 avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni amx_int8",
+         ("-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON")),  # AMX stays off
+    ],
+)
+def test_the_stock_build_names_the_instruction_sets_the_cpu_has(flags, want):
+    assert stock.isa_args(frozenset(flags.split())) == want
+
+
 def test_stock_env_names_the_library_and_leaves_tiling_on(tmp_path):
     env = stock.stock_env(tmp_path, {"PATH": "/bin", TILED_ENV: "0"})
     assert env == {"PATH": "/bin", stock.LIB_ENV: str(tmp_path)}

@@ -5,7 +5,8 @@ matmuls) and runs with the other fast paths off (no repacked weights, no tiled m
 ``pip install llama-cpp-python`` has all three. One process loads one build of the library, so the
 stock one lives beside genrefine's: :func:`stock_library` builds ``libllama`` / ``libggml`` from the
 llama.cpp sources of the *installed* llama-cpp-python version (the same C API: the bindings match)
-with llama.cpp's default options, only ``GGML_NATIVE`` off (:data:`STOCK_CMAKE_ARGS`), into
+with llama.cpp's default options, only ``GGML_NATIVE`` off and the CPU's instruction sets named
+instead (:func:`cmake_args`), into
 ``cache_root()/llamacpp-stock/<key>/lib``, keyed by CPU model, version and options. A process that
 sets ``LLAMA_CPP_LIB_PATH`` to that folder before importing ``llama_cpp`` runs the stock kernels
 (:func:`stock_env`; the bench runs its baseline in such a child process).
@@ -34,9 +35,10 @@ from pathlib import Path
 from ..diskcache import atomic_path, cache_root, cpu_model, write_text
 from ..errors import ModelLoadError
 
-#: llama.cpp's own defaults (llamafile sgemm, repacking, tiled matmuls, OpenMP, AVX2 without
-#: -march=native) but for GGML_NATIVE, which died with an illegal instruction on the CI machines;
-#: the rest only skips what the Python bindings do not load (tools, tests, curl, the common library).
+#: llama.cpp's own defaults (llamafile sgemm, repacking, tiled matmuls, OpenMP) but for
+#: GGML_NATIVE, which died with an illegal instruction on the CI machines: the instruction sets a
+#: native build would use come from the CPU's flags instead (:func:`isa_args`). The rest only skips
+#: what the Python bindings do not load (tools, tests, curl, the common library).
 STOCK_CMAKE_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",
@@ -49,6 +51,15 @@ STOCK_CMAKE_ARGS = (
     "-DLLAMA_CURL=OFF",
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",  # libllama finds the libggml beside it, not genrefine's
+)
+#: ggml's x86 options and the /proc/cpuinfo flags each needs (AMX is left out, as in genrefine's
+#: own build; without GGML_NATIVE, llama.cpp's default is AVX2 without AVX-512)
+ISA_OPTIONS = (
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512vbmi",)),
+    ("GGML_AVX512_VNNI", ("avx512_vnni",)),
+    ("GGML_AVX512_BF16", ("avx512_bf16",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
 )
 LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama_cpp/llama_cpp.py loads libllama from this folder
 INFO = "build.json"  # written last: a folder without it is not a finished build
@@ -67,10 +78,32 @@ def llama_cpp_version() -> str:
         raise StockUnavailable("llama-cpp-python is not installed (the genrefine[llamacpp] extra)") from None
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where that file is missing."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_args(flags: frozenset[str]) -> tuple[str, ...]:
+    """The ggml options (``-DGGML_...=ON``) of :data:`ISA_OPTIONS` whose flags the CPU has."""
+    return tuple(f"-D{opt}=ON" for opt, need in ISA_OPTIONS if all(f in flags for f in need))
+
+
+def cmake_args() -> tuple[str, ...]:
+    """The stock build's cmake options on this machine."""
+    return STOCK_CMAKE_ARGS + isa_args(cpu_flags())
+
+
 def stock_dir(version: str | None = None) -> Path:
     """The cache folder of the stock build for this CPU model and llama-cpp-python version."""
     version = version or llama_cpp_version()
-    key = hashlib.sha256("\n".join((cpu_model(), version, *STOCK_CMAKE_ARGS)).encode()).hexdigest()
+    key = hashlib.sha256("\n".join((cpu_model(), version, *cmake_args())).encode()).hexdigest()
     return cache_root() / "llamacpp-stock" / f"{version}-{key[:12]}"
 
 
@@ -122,7 +155,7 @@ def install(build: Path, root: Path) -> Path:
             shutil.copy2(p, out / p.name, follow_symlinks=False)  # keeps the .so -> .so.0 links
     write_text(root / INFO, json.dumps({
         "llama_cpp_python": llama_cpp_version(), "cpu": cpu_model(),
-        "cmake_args": list(STOCK_CMAKE_ARGS),
+        "cmake_args": list(cmake_args()),
     }, indent=2) + "\n")
     return root / "lib"
 
@@ -166,6 +199,6 @@ def _sources(version: str, tmp: Path, log) -> Path:
 
 def _build(src: Path, build: Path, log) -> None:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(src), "-B", str(build), *gen, *STOCK_CMAKE_ARGS], log, "cmake configure")
+    _run(["cmake", "-S", str(src), "-B", str(build), *gen, *cmake_args()], log, "cmake configure")
     jobs = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     _run(["cmake", "--build", str(build), "--target", "llama", "-j", jobs], log, "the stock llama.cpp build")
