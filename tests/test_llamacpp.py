@@ -255,6 +255,25 @@ def test_ar_equals_llama_cpp_pythons_greedy_completion(model):
 
 
 @needs_llama
+def test_the_stock_baselines_worker_runs_llama_cpp_python_in_a_child(model):
+    """llamacpp_plain's child process (bench/llamacpp_worker.py run as a script), here on
+    genrefine's own library (the stock one is built only when the bench asks for it)."""
+    from pathlib import Path
+
+    from genrefine.bench.baselines import LlamaCppStockBackend
+
+    lib = Path(import_llama_cpp().__file__).parent / "lib"
+    b = LlamaCppStockBackend(str(model.path), [1, 106], 512, model.n_threads, lib)
+    try:
+        assert b.system_info == model.system_info.strip()  # the library LLAMA_CPP_LIB_PATH named
+        r = b.run(model.tokenize(PROMPTS[1]), 12, 0.0, None)
+        assert len(r.token_ids) == 12 or r.ended_eos
+        assert r.seconds > 0 and r.prompt_tokens == len(model.tokenize(PROMPTS[1]))
+    finally:
+        b.close()
+
+
+@needs_llama
 @pytest.mark.parametrize("name", LOSSLESS)
 def test_lossless_methods_equal_ar(model, name, _cost_cache):
     if not model.bitwise_exact:

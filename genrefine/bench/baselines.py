@@ -1,15 +1,23 @@
 """The baselines that are not genrefine: transformers' ``generate`` (plain, with prompt lookup,
-with an assistant model) and llama-cpp-python's own completion loop. Each offers the backends'
+with an assistant model) and llama-cpp-python's own completion loop, stock (``llamacpp_plain``,
+in a child process) and on genrefine's exact build (``llamacpp_exact``). Each offers the backends'
 ``run(...) -> TurnResult`` (backends.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
+from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..models.llamacpp_stock import StockUnavailable
 from .backends import TurnResult
+from .llamacpp_worker import generate_plain
+
+WORKER = str(Path(__file__).with_name("llamacpp_worker.py"))  # run as a script (its docstring)
 
 HF_PROMPT_LOOKUP_TOKENS = 10
 
@@ -138,15 +146,12 @@ class HFBackend:
         return res
 
 
-class LlamaCppPlainBackend:
+class LlamaCppExactBackend:
     """llama-cpp-python's own completion loop (``Llama.generate``, the generator under
-    ``create_completion``) on the same GGUF file: the external baseline ``llamacpp_plain``. It
-    runs with the llama.cpp backend's kernel settings (``plain_llama``: no repacked weights), so
-    its greedy tokens are comparable with ``ar``'s one for one.
-
-    Greedy is ``temp=0``; sampling uses temperature alone (top-k 0, top-p 1, min-p 0, no repeat
-    penalty). Each run starts from an empty cache (``reset``), as genrefine's runs do: no
-    prompt-prefix reuse between turns.
+    ``create_completion``) on the same GGUF file, in this process: ``llamacpp_exact``. It runs
+    genrefine's build with the llama.cpp backend's kernel settings (``plain_llama``: no repacked
+    weights, no tiled or llamafile matmuls), so its greedy tokens are comparable with the llama.cpp
+    backend's ``ar`` one for one. Loop and sampling: ``llamacpp_worker.generate_plain``.
     """
 
     def __init__(self, model_path: str, eos_ids, n_ctx: int, n_threads: int) -> None:
@@ -154,24 +159,80 @@ class LlamaCppPlainBackend:
         self.eos = frozenset(int(e) for e in eos_ids)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
-        llm = self.llm
-        if seed is not None:
-            llm.set_seed(int(seed))
-        llm.reset()
-        tokens: list[int] = []
-        ended = False
-        t0 = time.perf_counter()
-        for t in llm.generate(
-            prompt_ids, temp=temperature, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0
-        ):
-            if t in self.eos:  # the same stop tokens as genrefine's runs
-                ended = True
-                break
-            tokens.append(int(t))
-            if len(tokens) >= max_new_tokens:
-                break
-        seconds = time.perf_counter() - t0
+        tokens, seconds, ended = generate_plain(
+            self.llm, prompt_ids, max_new_tokens, temperature, seed, self.eos
+        )
         return TurnResult(tokens, seconds, ended, len(prompt_ids))
+
+
+class LlamaCppStockBackend:
+    """llama-cpp-python as a user gets it: ``llamacpp_plain``. The same loop as
+    :class:`LlamaCppExactBackend`, in a child process (llamacpp_worker.py) that loads the stock
+    library ``lib`` (models/llamacpp_stock.py: repacked weights, tiled and llamafile matmuls), since
+    one process holds one build. The child times its own loop; the pipe is not timed.
+
+    ``command`` replaces the child's command line (tests run a fake worker)."""
+
+    def __init__(
+        self, model_path: str, eos_ids, n_ctx: int, n_threads: int, lib, command=None
+    ) -> None:
+        import subprocess
+        import tempfile
+        import weakref
+
+        from ..models.llamacpp_stock import stock_env
+
+        cmd = command or [sys.executable, WORKER, str(model_path), str(n_ctx), str(n_threads)]
+        self.eos = sorted(int(e) for e in eos_ids)
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+            env=stock_env(lib), text=True, bufsize=1,
+        )
+        self._finalizer = weakref.finalize(self, _stop, self.proc, self._err)
+        ready = self._receive("start")
+        self.system_info = ready.get("ready", "")
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed) -> TurnResult:
+        req = {"prompt": [int(t) for t in prompt_ids], "max_new_tokens": int(max_new_tokens),
+               "temperature": float(temperature), "seed": seed, "eos": self.eos}
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child died: _receive says how
+        r = self._receive("generate")
+        return TurnResult([int(t) for t in r["tokens"]], float(r["seconds"]), bool(r["ended"]),
+                          len(prompt_ids))
+
+    def close(self) -> None:
+        """End the child process (also done when the object is collected)."""
+        self._finalizer()
+
+    def _receive(self, what: str) -> dict:
+        line = self.proc.stdout.readline()
+        msg = json.loads(line) if line.strip() else None
+        if msg is None or "error" in msg:
+            if msg is None:
+                rc = self.proc.wait(timeout=30)
+                self._err.seek(0)
+                tail = [t for t in self._err.read().decode("utf-8", "replace").splitlines() if t.strip()]
+                why = f"it exited ({rc}){': ' + tail[-1].strip() if tail else ''}"
+            else:
+                why = msg["error"]
+            raise StockUnavailable(f"the stock llama.cpp process could not {what}: {why}")
+        return msg
+
+
+def _stop(proc, err) -> None:
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except Exception:
+            proc.kill()
+            proc.wait()
+    err.close()
 
 
 def plain_llama(path: str | os.PathLike, n_ctx: int, n_threads: int | None = None):

@@ -29,7 +29,9 @@ HF_METHODS = {
 #: external baselines through llama-cpp-python (the ``genrefine[llamacpp]`` extra)
 LLAMACPP_METHODS = {
     "llamacpp_plain": "llama-cpp-python's own greedy (or sampled) completion, Llama.generate(), "
-    "on the same GGUF file",
+    "on the same GGUF file, as a user gets it: stock llama.cpp (default kernels), built once",
+    "llamacpp_exact": "the same completion loop on genrefine's exact build of llama.cpp (no "
+    "repacked weights, no tiled or llamafile matmuls: the llama.cpp backend's kernels)",
 }
 
 #: methods that need ``--draft-model``

@@ -24,14 +24,15 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..diskcache import write_text
 from .backends import GenrefineBackend, TurnResult
 from .baselines import (
     HF_PROMPT_LOOKUP_TOKENS,
     HFBackend,
-    LlamaCppPlainBackend,
+    LlamaCppExactBackend,
+    LlamaCppStockBackend,
     load_hf_model,
 )
 from .metrics import BASELINE, EXACTNESS_OFF, build_report, reference_of
@@ -47,8 +48,11 @@ WARMUP_PROMPT = "Warm-up: name three colours of the rainbow, then count from one
 
 def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
     """A backend per method; the transformers model is loaded only when an hf_* method asks
-    (and the draft model through transformers only for hf_assisted)."""
+    (and the draft model through transformers only for hf_assisted). A method missing from the
+    result could not run here (``notice`` said why): the stock llama.cpp baseline, when its
+    library cannot be built."""
     from ..methods.base import MethodOptions
+    from ..models.llamacpp_stock import StockUnavailable, stock_library
     from ..registry import METHODS
 
     backends = {}
@@ -60,7 +64,16 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
             from ..models.llamacpp import DEFAULT_CONTEXT, default_threads
 
             n_ctx = min(int(getattr(gen.model, "max_context", DEFAULT_CONTEXT)), DEFAULT_CONTEXT)
-            backends[m] = LlamaCppPlainBackend(st.model, gen.eos_ids, n_ctx, default_threads())
+            if m == "llamacpp_exact":
+                backends[m] = LlamaCppExactBackend(st.model, gen.eos_ids, n_ctx, default_threads())
+                continue
+            try:  # the stock library: built on first use; without it, the run goes on without m
+                lib = stock_library(notice)
+                backends[m] = LlamaCppStockBackend(
+                    st.model, gen.eos_ids, n_ctx, default_threads(), lib
+                )
+            except StockUnavailable as e:
+                notice(f"{m} is unavailable and left out of this run: {e}")
         elif m in HF_METHODS:
             if hf is None:
                 notice("loading the model through transformers for the hf_* baselines ...")
@@ -270,6 +283,8 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
         if not exact:
             say(EXACTNESS_OFF)
         backends = build_backends(plan, gen, say)
+        if len(backends) < len(st.methods):  # reported unavailable: the run goes on without them
+            st = replace(st, methods=tuple(m for m in st.methods if m in backends))
         warm = gen.chat_prompt([{"role": "user", "content": WARMUP_PROMPT}])
         for b in backends.values():  # warm-up: first-call costs, the cost table of auto
             b.run(warm, min(WARMUP_TOKENS, st.max_new_tokens), st.temperature, 0)
