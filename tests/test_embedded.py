@@ -78,8 +78,15 @@ def gen32():
 
 @pytest.fixture(scope="module")
 def gen16():
-    g = genrefine.load(quiet=True)  # the default dtype
+    g = genrefine.load(dtype="bfloat16", quiet=True)
     assert g.model.dtype == torch.bfloat16
+    return g
+
+
+@pytest.fixture(scope="module")
+def genq():
+    g = genrefine.load(dtype="gguf", quiet=True)  # the file's own Q4_K/Q5_0/Q6_K/Q8_0 weights
+    assert g.model.quantized and g.model.dtype == torch.float32
     return g
 
 
@@ -107,7 +114,7 @@ def outputs():
 
 def _generator(request, dtype: str):
     """The module's Generator for ``dtype``, loaded on first use (float32-only runs skip bf16)."""
-    return request.getfixturevalue({"float32": "gen32", "bfloat16": "gen16"}[dtype])
+    return request.getfixturevalue({"float32": "gen32", "bfloat16": "gen16", "gguf": "genq"}[dtype])
 
 
 def _greedy(g, outputs: dict, dtype: str, name: str, method: str) -> list[int]:
@@ -219,7 +226,7 @@ def test_ar_equals_transformers_generate(gen32, hf32, tokenizer, name):
 
 # ------------------------------------------------------------------------------------ lossless
 def _cases():
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "gguf"):
         for name in NEW_TOKENS:
             for method in LOSSLESS:
                 yield pytest.param(dtype, name, method, id=f"{dtype}-{name}-{method}")
@@ -234,6 +241,8 @@ def test_lossless_method_equals_ar(request, outputs, dtype, name, method):
     g = _generator(request, dtype)
     if dtype == "bfloat16":
         assert g.model.bitwise_exact, "bf16 matmuls could not be made batch-invariant here"
+    if dtype == "gguf":
+        assert g.model.bitwise_exact, "quantized weights are exact by construction; attention was not"
     ids = g.encode(PROMPTS[name])
     if name == "long":
         assert len(ids) > WINDOW  # the prompt alone passes the window; prefill takes two chunks
@@ -253,3 +262,30 @@ def test_warm_load_gives_the_same_first_token(gen32, capfd):
     assert again.model.load_seconds > 0
     assert again.generate(PROMPTS["story"], max_new_tokens=1).token_ids == first
     assert len(first) == 1
+
+
+# ------------------------------------------------------------------------------------ quantized
+def test_default_dtype_is_measured_and_runs(capfd):
+    """``--dtype auto`` on the embedded GGUF picks quantized or bfloat16 weights by a measurement
+    it caches, and names the choice; a second load reuses it."""
+    from genrefine.models.weights_choice import _key, choice_path
+
+    g = genrefine.load()
+    assert g.model.quantized or g.model.dtype == torch.bfloat16
+    assert choice_path(_key(g.model.hidden_size)).is_file()
+    capfd.readouterr()
+    genrefine.load()
+    assert "weights" not in capfd.readouterr().err  # measured once, not again
+
+
+def test_quantized_logits_stay_near_float32(gen32, genq):
+    """The file's quantized weights (the arithmetic llama.cpp runs) against transformers'
+    dequantized float32 weights: the same weights, activations rounded to int8 per 32 values.
+    Measured on this prompt: top-1 agrees on most rows; the bound below is loose on purpose."""
+    ids = torch.tensor(gen32.encode(PROMPTS["story"] + " a fisherman who sang to the waves."))
+    with torch.inference_mode():
+        a = gen32.model.forward(ids, gen32.model.new_cache(len(ids))).logits
+        b = genq.model.forward(ids, genq.model.new_cache(len(ids))).logits
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    assert agree >= 0.8, agree
+    assert float((a - b).abs().max()) < 0.1 * float(a.abs().max()) * 3

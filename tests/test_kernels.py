@@ -171,3 +171,14 @@ def test_rmsnorm_matches_its_reference_and_is_row_invariant() -> None:
     assert torch.equal(torch.cat([rmsnorm(x[i : i + 1], w, 1e-6) for i in range(37)]), y)
     want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_is_the_pytorch_expression_bit_for_bit() -> None:
+    from genrefine.kernels import rope
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 7, 16, generator=g)
+    cos, sin = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    want = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
+    assert torch.equal(rope(x, cos, sin), want)
+    assert torch.equal(rope(x.transpose(0, 1).contiguous().transpose(0, 1), cos, sin), want)

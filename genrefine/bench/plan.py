@@ -169,7 +169,9 @@ def plan_bench(config: BenchConfig) -> Plan:
     draft = resolve_source(config.draft_model) if config.draft_model is not None else None
     settings = Settings(
         model=str(src.path),
-        dtype=str(dt).replace("torch.", ""),
+        # "auto" stays "auto" (the load measures what runs: quantized or bfloat16, see
+        # models/weights_choice.py; the report names the weights that ran)
+        dtype="auto" if config.dtype in (None, "auto") else str(dt).replace("torch.", ""),
         device=str(dev),
         methods=tuple(methods),
         max_new_tokens=max_new,

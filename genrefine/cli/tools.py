@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import GenrefineError
+from ..diskcache import cpu_model, machine_key
 
 
 def add_index_parser(sub) -> None:
@@ -80,7 +81,39 @@ def cmd_methods(args) -> int:
         kind = "lossless" if m.lossless else "lossy"
         print(f"{m.name:<10} {kind:<9} {m.summary}")
     print("genrefine: note: lossless = greedy tokens equal ar's when the model runs bitwise exact "
-          "(bf16 with batch-invariant kernels); otherwise (float32, some CPUs, the transformers "
-          "backend) a near-tie can differ. genrefine bench records bitwise_exact per run",
+          "(the GGUF's quantized weights: by construction; bf16: with batch-invariant kernels, "
+          "probed); otherwise (float32, some CPUs, the transformers backend) a near-tie can "
+          "differ. genrefine bench records bitwise_exact and the weights' format per run",
           file=sys.stderr)
+    print(f"genrefine: this CPU: {cpu_model()} ({', '.join(cpu_features()) or 'no SIMD flags read'}); "
+          f"weights: {auto_weights_summary()}", file=sys.stderr)
     return 0
+
+
+def cpu_features() -> list[str]:
+    """The instruction sets the quantized kernels dispatch on, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"]
+    return [w for w in wanted if w in flags]
+
+
+def auto_weights_summary() -> str:
+    """What ``--dtype auto`` chose for the embedded model here, when it was measured."""
+    import json
+
+    from ..diskcache import cache_root
+
+    found = sorted((cache_root() / "weights").glob("*.json"))
+    for path in found:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("key", "").startswith(machine_key("cpu") + "|"):
+            w = "the GGUF's own quantized weights" if rec["weights"] == "gguf" else "bfloat16"
+            return f"--dtype auto runs GGUF models on {w} here (measured, {path})"
+    return "--dtype auto measures on the first load of a GGUF model whether its quantized weights or bfloat16 run faster here"

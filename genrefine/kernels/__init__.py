@@ -280,3 +280,12 @@ def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     if not load_extension():
         return rmsnorm_reference(x, w, eps)
     return torch.ops.genrefine_q.rmsnorm(x, w, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` for float32 ``x`` [..., n, D] and ``cos``/``sin``
+    [n, D] in one call: bit for bit the PyTorch expression (each product and sum rounded once)."""
+    if not load_extension():
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return torch.ops.genrefine_q.rope(x, cos, sin)

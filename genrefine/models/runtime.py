@@ -22,7 +22,7 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
-from ..kernels import rmsnorm
+from ..kernels import rmsnorm, rope
 from .quant import QuantWeight
 
 
@@ -477,6 +477,13 @@ class NativeModel:
             return (xf * weight).to(x.dtype)
         return weight.to(x.dtype) * xf.to(x.dtype)
 
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotary embedding of x [H, n, D]; quantized (float32) models use the one-call kernel,
+        which computes the same expression to the bit."""
+        if self.quantized and x.dtype == torch.float32 and cos.dtype == torch.float32:
+            return rope(x, cos, sin)
+        return x * cos + _rotate_half(x) * sin
+
     def _rope_cos_sin(self, positions: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         out = {}
         pos = positions.to(self.device, torch.float32)
@@ -556,10 +563,10 @@ class NativeModel:
             q = q.view(n, nh, hd).transpose(0, 1)  # [H, n, D]
             if lw.q_norm is not None:
                 q = self._norm(q, lw.q_norm)
-            q = q * cos + _rotate_half(q) * sin
+            q = self._rope(q, cos, sin)
         if lw.k_norm is not None:
             k = self._norm(k, lw.k_norm)
-        k = k * cos + _rotate_half(k) * sin
+        k = self._rope(k, cos, sin)
         if self.attn_dtype != self.dtype:
             q = None if q is None else q.to(self.attn_dtype)
             k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
