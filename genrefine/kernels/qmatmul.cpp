@@ -178,7 +178,7 @@ __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, 
 // ---------------------------------------------------------------- AVX-512 VNNI
 // R rows of x against one group of 16 output rows, all sub-blocks: the accumulators stay in
 // registers; the group's weights come from memory for the first rows and from cache after.
-template <int G, bool SIGNED, bool HASC, int R>
+template <int G, bool SIGNED, bool HASC, int R, bool PREFETCH = false>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni_rows(
     const Args& p, int64_t g, int64_t m0) {
   constexpr int S = G / 4;
@@ -188,6 +188,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < p.NB; ++j) {
     const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+    if (PREFETCH) {  // the next group's same block: the stream runs one group ahead
+      const char* nx = reinterpret_cast<const char*>(wp + p.NB * S * 64);
+      for (int s = 0; s < S; ++s) _mm_prefetch(nx + s * 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p.a + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
+    }
     __m512i wv[S];
     for (int s = 0; s < S; ++s) {
       wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
@@ -286,8 +291,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_amx(
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = 0;
     for (; m + 16 <= p.M; m += 16) amx_rows16<G, SIGNED, HASC>(p, g, m);
-    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4>(p, g, m);
-    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1>(p, g, m);
+    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4, true>(p, g, m);
+    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1, true>(p, g, m);
   }
   amx_release();
 }
@@ -297,8 +302,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_vnni
     const Args& p, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4>(p, g, m);
-    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1>(p, g, m);
+    for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4, true>(p, g, m);
+    for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1, true>(p, g, m);
   }
 }
 
