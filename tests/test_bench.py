@@ -571,3 +571,22 @@ def test_bench_sampling_makes_no_lossless_claim(capsys, tiny_dir, qfile, tmp_pat
     line = json.loads((tmp_path / "b.questions.jsonl").read_text().splitlines()[1])
     assert line["methods"]["pld"]["same_as_ar"] is None
     assert [t["repeat"] for t in line["methods"]["pld"]["turns"]] == [0, 1]
+
+
+def test_bench_splits_each_methods_time_into_phases(capsys, tiny_dir, qfile, tmp_path):
+    """The JSON names the weights that ran and, per method, seconds spent in weights (matmuls),
+    attention, drafting and the rest, with shares that add up to one; the Markdown shows them."""
+    code, _, err = bench(capsys, "--questions", str(qfile), "--model", str(tiny_dir), "--dtype",
+                         "float32", "--methods", "ar,pld", "--quick", "--json",
+                         str(tmp_path / "b.json"), "--report", str(tmp_path / "b.md"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["weights"] == "float32"
+    for m in ("ar", "pld"):
+        ph = r["methods"][m]["phases"]
+        assert set(ph["seconds"]) == {"weights", "attention", "drafting", "other"}
+        assert ph["seconds"]["weights"] > 0 and ph["seconds"]["attention"] > 0
+        assert sum(ph["share"].values()) == pytest.approx(1.0)
+        assert sum(ph["seconds"].values()) <= r["methods"][m]["time_s"] * 1.001
+    assert r["methods"]["ar"]["phases"]["seconds"]["drafting"] == 0
+    assert "Where the time goes" in (tmp_path / "b.md").read_text()
