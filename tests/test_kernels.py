@@ -182,3 +182,37 @@ def test_rope_is_the_pytorch_expression_bit_for_bit() -> None:
     want = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
     assert torch.equal(rope(x, cos, sin), want)
     assert torch.equal(rope(x.transpose(0, 1).contiguous().transpose(0, 1), cos, sin), want)
+
+
+@pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
+def test_exact_attention_matches_float64_softmax(window, softcap) -> None:
+    """kernels.attend against plain softmax attention in float64 over the keys each row sees:
+    the prefix (within the window) and, in a tree, its ancestors."""
+    from genrefine.kernels import attend
+
+    g = torch.Generator().manual_seed(13)
+    H, KV, D, S, start = 4, 2, 32, 40, 9
+    keys, values = torch.randn(KV, S, D, generator=g), torch.randn(KV, S, D, generator=g)
+    parents = [-1, 0, 0, 1, 3]  # a tree of 5 new tokens
+    depth, tree = [], torch.zeros(5, 5, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        depth.append(0 if p < 0 else depth[p] + 1)
+        j = i
+        while j >= 0:
+            tree[i, j] = True
+            j = parents[j]
+    pos = start + torch.tensor(depth)
+    q = torch.randn(H, 5, D, generator=g)
+    out = attend(q, keys, values, start, pos, tree, window, D**-0.5, softcap)
+    for h in range(H):
+        for r in range(5):
+            lo = 0 if window is None else max(0, int(pos[r]) - window + 1)
+            slots = [s for s in range(lo, start)] + [start + j for j in range(5)
+                                                      if tree[r, j] and int(pos[j]) >= lo]
+            k = keys[h // 2, slots].double()
+            s = (k @ q[h, r].double()) * D**-0.5
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
+            want = torch.softmax(s, 0) @ values[h // 2, slots].double()
+            assert torch.allclose(out[h, r].double(), want, atol=1e-5), (h, r)

@@ -289,3 +289,27 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
     return torch.ops.genrefine_q.rope(x, cos, sin)
+
+
+def attend(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    positions: Tensor,
+    tree: Tensor | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None = None,
+) -> Tensor:
+    """Exact attention for ``q`` [H, n, D] (new tokens at slots ``start ..``, positions
+    ``positions``) over a cache's ``keys``/``values`` [KV, S, D], all float32: each row sees the
+    prefix (slot = position) and the new tokens ``tree`` [n, n] bool lets it see (None: a causal
+    chain), within ``window``, in position order, and is computed the same way whatever else is
+    in the call (see qmatmul.cpp). Needs the C++ extension (:func:`load_extension`)."""
+    empty = torch.empty(0, dtype=torch.bool)
+    return torch.ops.genrefine_q.attend(
+        q, keys, values, int(start), positions.to("cpu", torch.long),
+        empty if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale),
+        float(softcap or 0.0),
+    )

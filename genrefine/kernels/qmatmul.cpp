@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <vector>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -504,6 +505,157 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
+// ---------------------------------------------------------------- exact attention
+// Each row's attention is a function of its query and of the keys and values it sees, in
+// position order, and of nothing else: the arithmetic below runs the same way for a row decoded
+// alone and for the same row among 63 others, in a chain or in a tree (a tree node sees the
+// committed prefix, then its ancestors, whose keys and values equal those sequential decoding
+// would have put in the following slots). float32 throughout, no fused multiply-adds:
+//   s_k = dot(q, k_k) * scale (16 lanes in order, then pairwise), soft-capped if asked;
+//   e_k = exp(s_k - max s); out = (sum_k e_k v_k, in order) / (sum_k e_k, in order).
+typedef float v16 __attribute__((vector_size(64)));
+
+// the lanes of v added 8 + 8, 4 + 4, 2 + 2, 1 + 1: lane l of each step is lanes[l] + lanes[l + w]
+inline __attribute__((always_inline)) float hsum16(v16 v) {
+  float lanes[16];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int width = 8; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
+  return lanes[0];
+}
+
+inline __attribute__((always_inline)) v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// One row of one key/value head against its visible slots, for the `group` query heads that
+// share that key/value head (each key and value is loaded once for all of them). D % 16 == 0.
+inline __attribute__((always_inline)) void attend_row_body(
+    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
+    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
+  const int64_t C = D / 16;
+  float mx[8];
+  for (int h = 0; h < group; ++h) mx[h] = -INFINITY;
+  for (int64_t k = 0; k < L; ++k) {
+    const float* kr = kb + slots[k] * D;
+    v16 a[8];
+    for (int h = 0; h < group; ++h) a[h] = v16{};
+    for (int64_t c = 0; c < C; ++c) {
+      const v16 kv = load16(kr + 16 * c);
+      for (int h = 0; h < group; ++h) a[h] = a[h] + load16(qs[h] + 16 * c) * kv;
+    }
+    for (int h = 0; h < group; ++h) {
+      float sk = hsum16(a[h]) * sc;
+      if (cap > 0.0f) sk = std::tanh(sk / cap) * cap;
+      e[h * L + k] = sk;
+      mx[h] = std::max(mx[h], sk);
+    }
+  }
+  float denom[8];
+  for (int h = 0; h < group; ++h) {
+    denom[h] = 0.0f;
+    for (int64_t k = 0; k < L; ++k) {
+      e[h * L + k] = std::exp(e[h * L + k] - mx[h]);
+      denom[h] = denom[h] + e[h * L + k];
+    }
+  }
+  std::fill(acc, acc + group * D, 0.0f);
+  for (int64_t k = 0; k < L; ++k) {
+    const float* vr = vb + slots[k] * D;
+    for (int64_t c = 0; c < C; ++c) {
+      const v16 vv = load16(vr + 16 * c);
+      for (int h = 0; h < group; ++h) {
+        v16 t = load16(acc + h * D + 16 * c) + vv * e[h * L + k];
+        std::memcpy(acc + h * D + 16 * c, &t, sizeof(t));
+      }
+    }
+  }
+  for (int h = 0; h < group; ++h)
+    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+}
+
+__attribute__((target("avx512f"))) void attend_row_avx512(
+    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
+    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
+  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+}
+
+__attribute__((target("avx2"))) void attend_row_avx2(
+    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
+    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
+  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+}
+
+void attend_row_generic(
+    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
+    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
+  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
+                  const at::Tensor& positions, const at::Tensor& tree, int64_t window, double scale,
+                  double softcap) {
+  check(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
+        "attend wants float32 queries, keys and values");
+  check(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "attend: q [H, n, D], keys/values [KV, S, D]");
+  const int64_t H = q.size(0), n = q.size(1), D = q.size(2), KV = keys.size(0), S = keys.size(1);
+  check(keys.size(2) == D && values.size(2) == D && H % KV == 0 && H / KV <= 8 && D % 16 == 0,
+        "attend: shapes (head size a multiple of 16, at most 8 query heads per key/value head)");
+  check(keys.is_contiguous() && values.is_contiguous(), "attend: keys and values must be contiguous");
+  check(positions.numel() == n && start + n <= S, "attend: positions / slots");
+  const bool is_tree = tree.numel() != 0;
+  if (is_tree) check(tree.scalar_type() == at::kBool && tree.numel() == n * n, "attend: tree mask [n, n] bool");
+  auto qc = q.contiguous();
+  auto pos_t = positions.to(at::kLong).contiguous();
+  auto tree_t = is_tree ? tree.contiguous() : tree;
+  auto out = at::empty({H, n, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const bool* tm = is_tree ? tree_t.data_ptr<bool>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float sc = float(scale), cap = float(softcap);
+  const int group = int(H / KV);
+  int64_t most = 0;
+  for (int64_t r = 0; r < n; ++r) most = std::max(most, pos[r] + 1);
+  const int64_t isa = best_isa();
+  auto row_fn = isa >= 2 ? attend_row_avx512 : isa == 1 ? attend_row_avx2 : attend_row_generic;
+  const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
+  at::parallel_for(0, KV * n, work > (1 << 20) ? 1 : KV * n, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> slots;
+    std::vector<float> e, acc(size_t(group) * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t kv = t / n, r = t % n;
+      const int64_t p = pos[r];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      slots.clear();
+      for (int64_t sl = lo; sl < std::min(start, p + 1); ++sl) slots.push_back(sl);  // the prefix
+      // new tokens this row sees, in position order (a chain: j <= r; a tree: its ancestors)
+      const size_t first_new = slots.size();
+      for (int64_t j = 0; j < n; ++j) {
+        const bool sees = is_tree ? tm[r * n + j] : j <= r;
+        if (sees && pos[j] >= lo) slots.push_back(start + j);
+      }
+      std::sort(slots.begin() + first_new, slots.end(),
+                [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; });
+      const int64_t L = int64_t(slots.size());
+      e.resize(size_t(group) * std::max<int64_t>(L, 1));
+      const float* qs[8];
+      float* outs[8];
+      for (int h = 0; h < group; ++h) {
+        qs[h] = qp + ((kv * group + h) * n + r) * D;
+        outs[h] = op + ((kv * group + h) * n + r) * D;
+      }
+      row_fn(qs, group, kp + kv * S * D, vp + kv * S * D, slots.data(), L, D, sc, cap, e.data(),
+             acc.data(), outs);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(genrefine_q, m) {
@@ -512,6 +664,7 @@ TORCH_LIBRARY(genrefine_q, m) {
   m.def("best_isa() -> int");
   m.def("rmsnorm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("attend(Tensor q, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
@@ -519,6 +672,7 @@ TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
   m.impl("quantize", &quantize_op);
   m.impl("rmsnorm", &rmsnorm);
   m.impl("rope", &rope);
+  m.impl("attend", &attend);
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CatchAll, m) { m.impl("best_isa", &isa_op); }

@@ -22,7 +22,7 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
-from ..kernels import rmsnorm, rope
+from ..kernels import attend, load_extension, rmsnorm, rope
 from .quant import QuantWeight
 
 
@@ -53,6 +53,18 @@ class ReducedHead:
     def __init__(self, ids: Tensor, weight: Tensor) -> None:
         self.ids = ids  # [v] long
         self.weight = weight  # [v, hidden]
+
+
+@dataclass
+class ExactRows:
+    """What :func:`genrefine.kernels.attend` needs to give each row exactly one-token decoding's
+    attention: the new tokens' first slot, their positions, the tree mask (None: a causal chain)
+    and the sliding window (None: global)."""
+
+    start: int
+    positions: Tensor
+    tree: Tensor | None
+    window: int | None
 
 
 EXACT_ROWS_MAX = 64  # forwards of up to this many tokens use bitwise-exact attention (see forward)
@@ -109,6 +121,7 @@ class NativeModel:
         # _calibrate (bfloat16 where float32 attention is not batch-invariant, as llama.cpp keeps
         # its cache in float16)
         self.attn_dtype = dtype
+        self.exact_attention = False  # the C++ exact attention (quantized float32 models)
         # seconds spent in matmuls ("weights") and attention while ``phase_seconds`` is a dict
         # (the bench sets it; None: not measured)
         self.phase_seconds: dict[str, float] | None = None
@@ -139,9 +152,20 @@ class NativeModel:
         def attention_exact(dt: torch.dtype) -> bool:
             return probe_attention(c.num_heads, c.num_kv_heads, c.head_dim, self.attn_block, dt, self.device)
 
-        exact = attention_exact(self.dtype)
-        if not exact and self.quantized and attention_exact(torch.bfloat16):
-            self.attn_dtype, exact = torch.bfloat16, True
+        c = self.config
+        if (
+            self.quantized
+            and self.dtype == torch.float32
+            and c.head_dim % 16 == 0
+            and c.num_heads // c.num_kv_heads <= 8
+            and load_extension(quiet=True)
+        ):
+            self.exact_attention = True  # genrefine.kernels.attend: exact by construction
+            exact = True
+        else:
+            exact = attention_exact(self.dtype)
+            if not exact and self.quantized and attention_exact(torch.bfloat16):
+                self.attn_dtype, exact = torch.bfloat16, True
         self.bitwise_exact = all(s is not None for s in found.values()) and exact
 
     def _activations(self, rows: int = 128) -> dict[tuple[int, int], Tensor]:
@@ -509,6 +533,8 @@ class NativeModel:
             tm = None if chain else tree_mask
             if tm is None and not chain:
                 tm = torch.ones(n, n, dtype=torch.bool).tril_()
+            if self.exact_attention:
+                return {w: ExactRows(start, pos.cpu(), tm, w) for w in [None, *self._windows]}
             return {
                 w: plan_blocks(pos, start, tm, w, self.attn_block) for w in [None, *self._windows]
             }
@@ -609,6 +635,11 @@ class NativeModel:
         """Layer ``i``'s attention of q [H, n, D] over ``cache`` (slots below ``total`` filled),
         with ``mask`` from :meth:`_masks`: a :class:`BlockPlan` (bitwise-exact blocked
         attention) or (first visible slot, [n, S] bool or None) for fused attention."""
+        if isinstance(mask, ExactRows):
+            c = self.config
+            return self._timed("attention", attend, q, cache.keys[i], cache.values[i], mask.start,
+                               mask.positions, mask.tree, mask.window, c.attn_scale,
+                               c.attn_logit_softcap)
         if self.phase_seconds is not None:
             t0 = time.perf_counter()
             out = self._attend_untimed(i, q, cache, total, mask)
@@ -617,6 +648,14 @@ class NativeModel:
             )
             return out
         return self._attend_untimed(i, q, cache, total, mask)
+
+    def _timed(self, phase: str, fn, *args):
+        if self.phase_seconds is None:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
+        return out
 
     def _attend_untimed(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
         c = self.config
