@@ -17,9 +17,11 @@ products), and each output is::
 
 This arithmetic does not depend on how many rows are computed together nor on which instruction
 set runs it, so outputs are batch-invariant by construction (no probe) and equal across the
-paths: AVX-512 VNNI, AVX2 and plain C++ in ``qmatmul.cpp`` (built once per machine on first use
-with torch's extension tooling and cached), and :func:`qlinear_reference`, a pure-PyTorch
-fallback used when nothing can be built.
+paths: AMX tiles (16-row chunks), AVX-512 VNNI, AVX2 and plain C++ in ``qmatmul.cpp``, chosen at
+run time from the CPU's features (built once per machine on first use with torch's extension
+tooling and cached), and :func:`qlinear_reference`, a pure-PyTorch fallback used when nothing can
+be built. The same extension holds the quantized runtime's one-call RMSNorm and rotary embedding
+and its exact attention (:func:`attend`).
 
 Layout (:class:`Packed`): output rows come in groups of 16 interleaved four bytes at a time, so
 that one 64-byte load holds four consecutive inputs of 16 output rows and one instruction
