@@ -417,6 +417,28 @@ def test_unsupported_architecture() -> None:
 
 
 # --------------------------------------------------------------------------- bitwise exactness
+def _rows_unlike_decoding(m, g, trials: int, rows_for) -> list[tuple[int, int]]:
+    """Random chain verifications on ``m`` (a prompt of 1..119 tokens, then ``rows_for(trial)``
+    new tokens, drawn from ``g``): the (trial, row) pairs whose logits differ from one-token
+    decoding of the same tokens."""
+    from genrefine.engine import prefill
+
+    bad = []
+    for trial in range(trials):
+        L = int(torch.randint(1, 120, (1,), generator=g))
+        n = rows_for(trial)
+        prompt = torch.randint(3, 97, (L,), generator=g)
+        tokens = torch.randint(3, 97, (n,), generator=g)
+        verify, decode = m.new_cache(256), m.new_cache(256)
+        prefill(m, verify, prompt)
+        prefill(m, decode, prompt)
+        rows = m.forward(tokens, verify).logits  # [n, V]
+        for r in range(n):
+            if not torch.equal(rows[r], m.forward(tokens[r : r + 1], decode).logits[0]):
+                bad.append((trial, r))
+    return bad
+
+
 @pytest.mark.parametrize("block", [64, 4])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_bf16_verification_rows_equal_sequential_decoding_bit_for_bit(
@@ -453,26 +475,14 @@ def test_bf16_chain_verification_rows_equal_one_token_decoding(tmp_path, monkeyp
     bit with one-token decoding of the same tokens. The matmul probe draws its inputs from the
     model's own activations and from many random rows, every row count 1..64; with one random
     input per shape it passed splits under which 4 of these rows differed."""
-    from genrefine.engine import prefill
 
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))  # probe afresh
     m = NativeModel.from_hf(tiny_hf_model("llama"), dtype=torch.bfloat16)
     if not m.bitwise_exact:
         pytest.skip("this machine's bfloat16 matmuls could not be made batch-invariant")
     g = torch.Generator().manual_seed(0)
-    bad = []
-    for trial in range(60):
-        L = int(torch.randint(1, 120, (1,), generator=g))
-        n = int(torch.randint(1, 64, (1,), generator=g)) + 1  # root + draft: 2..64 rows
-        prompt = torch.randint(3, 97, (L,), generator=g)
-        tokens = torch.randint(3, 97, (n,), generator=g)
-        verify, decode = m.new_cache(256), m.new_cache(256)
-        prefill(m, verify, prompt)
-        prefill(m, decode, prompt)
-        rows = m.forward(tokens, verify).logits  # [n, V]
-        for r in range(n):
-            if not torch.equal(rows[r], m.forward(tokens[r : r + 1], decode).logits[0]):
-                bad.append((trial, r))
+    # root + draft: 2..64 rows
+    bad = _rows_unlike_decoding(m, g, 60, lambda trial: int(torch.randint(1, 64, (1,), generator=g)) + 1)
     assert not bad
 
 
@@ -482,25 +492,14 @@ def test_quantized_rows_equal_one_token_decoding_bit_for_bit(family, tmp_path, m
     """On quantized weights (three formats, mixed in the fused projections) the matmuls are
     batch-invariant by construction, with no probe: random chains of 1..64 rows and a tree give
     every row exactly the logits of one-token decoding."""
-    from genrefine.engine import prefill
 
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
     m = quantized_native(tiny_hf_model(family))
     assert m.quantized and m.bitwise_exact and not m._splits
     g = torch.Generator().manual_seed(0)
-    bad = []
-    for trial in range(24):
-        L = int(torch.randint(1, 120, (1,), generator=g))
-        n = 64 if trial == 0 else int(torch.randint(1, 65, (1,), generator=g))
-        prompt = torch.randint(3, 97, (L,), generator=g)
-        tokens = torch.randint(3, 97, (n,), generator=g)
-        verify, decode = m.new_cache(256), m.new_cache(256)
-        prefill(m, verify, prompt)
-        prefill(m, decode, prompt)
-        rows = m.forward(tokens, verify).logits  # [n, V]
-        for r in range(n):
-            if not torch.equal(rows[r], m.forward(tokens[r : r + 1], decode).logits[0]):
-                bad.append((trial, r))
+    bad = _rows_unlike_decoding(
+        m, g, 24, lambda trial: 64 if trial == 0 else int(torch.randint(1, 65, (1,), generator=g))
+    )
     assert not bad
     # a tree whose second branch is a chain: root -> [x, y] and root -> seq[1:4]
     seq = torch.randint(3, 97, (4,), generator=g)

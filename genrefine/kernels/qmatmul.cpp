@@ -177,6 +177,17 @@ __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, 
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI
+// The float part shared by the VNNI and AMX paths: one sub-block's integer sums of 16 outputs
+// (row ``at`` of the per-call terms) added into ``acc``: acc + d * (a * I - c * X).
+template <bool SUB_ZERO, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribute__((always_inline)) __m512
+finish16(const Args& p, int64_t at, __m512i is, __m512 av, __m512 cv, __m512 acc) {
+  if (SUB_ZERO) is = _mm512_sub_epi32(is, _mm512_set1_epi32(p.zx[at]));
+  __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));
+  if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(p.xf[at])));
+  return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
+}
+
 // R rows of x against one group of 16 output rows, all sub-blocks: the accumulators stay in
 // registers; the group's weights come from memory for the first rows and from cache after.
 template <int G, bool SIGNED, bool HASC, int R, bool PREFETCH = false>
@@ -215,11 +226,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni
       }
     for (int r = 0; r < R; ++r) {
       const int64_t at = (m0 + r) * p.NB + j;
-      __m512i is = C == 2 ? _mm512_add_epi32(isum[2 * r], isum[2 * r + 1]) : isum[r];
-      if (zz) is = _mm512_sub_epi32(is, _mm512_set1_epi32(p.zx[at]));
-      __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));
-      if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(p.xf[at])));
-      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
+      const __m512i is = C == 2 ? _mm512_add_epi32(isum[2 * r], isum[2 * r + 1]) : isum[r];
+      acc[r] = zz ? finish16<true, HASC>(p, at, is, av, cv, acc[r])
+                  : finish16<false, HASC>(p, at, is, av, cv, acc[r]);
     }
   }
   const int64_t n0 = g * LANES;
@@ -272,11 +281,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
     for (int r = 0; r < 16; ++r) {
       const int64_t at = (m0 + r) * p.NB + j;
-      __m512i is = _mm512_load_si512((const void*)(ints + r * LANES));
-      if (!SIGNED && zz) is = _mm512_sub_epi32(is, _mm512_set1_epi32(p.zx[at]));
-      __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));
-      if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(p.xf[at])));
-      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
+      const __m512i is = _mm512_load_si512((const void*)(ints + r * LANES));
+      acc[r] = !SIGNED && zz ? finish16<true, HASC>(p, at, is, av, cv, acc[r])
+                             : finish16<false, HASC>(p, at, is, av, cv, acc[r]);
     }
   }
   const int64_t n0 = g * LANES;

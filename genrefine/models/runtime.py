@@ -191,12 +191,7 @@ class NativeModel:
         return {shape: torch.cat(xs) for shape, xs in seen.items()}
 
     def _linear(self, x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None) -> Tensor:
-        if self.phase_seconds is not None:
-            t0 = time.perf_counter()
-            y = self._linear_untimed(x, weight, bias)
-            self.phase_seconds["weights"] = self.phase_seconds.get("weights", 0.0) + time.perf_counter() - t0
-            return y
-        return self._linear_untimed(x, weight, bias)
+        return self._timed("weights", self._linear_untimed, x, weight, bias)
 
     def _linear_untimed(self, x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None) -> Tensor:
         if isinstance(weight, QuantWeight):
@@ -640,16 +635,10 @@ class NativeModel:
             return self._timed("attention", attend, q, cache.keys[i], cache.values[i], mask.start,
                                mask.positions, mask.tree, mask.window, c.attn_scale,
                                c.attn_logit_softcap)
-        if self.phase_seconds is not None:
-            t0 = time.perf_counter()
-            out = self._attend_untimed(i, q, cache, total, mask)
-            self.phase_seconds["attention"] = (
-                self.phase_seconds.get("attention", 0.0) + time.perf_counter() - t0
-            )
-            return out
-        return self._attend_untimed(i, q, cache, total, mask)
+        return self._timed("attention", self._attend_untimed, i, q, cache, total, mask)
 
     def _timed(self, phase: str, fn, *args):
+        """``fn(*args)``, its seconds added to ``phase_seconds[phase]`` while that is measured."""
         if self.phase_seconds is None:
             return fn(*args)
         t0 = time.perf_counter()
