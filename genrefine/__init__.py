@@ -8,6 +8,16 @@ from .methods.base import MethodOptions
 from .registry import METHODS
 from .types import Draft, SamplingParams, VerifyResult  # noqa: E402
 
+
+
+def load_image(path: str | None = None, **kwargs):
+    """Load an image bundle (default: the embedded glyph model); see
+    :func:`genrefine.modalities.image.api.load_image`."""
+    from .modalities.image.api import load_image as _load_image
+
+    return _load_image(path, **kwargs)
+
+
 __all__ = [
     "Draft",
     "GenerationResult",
@@ -18,4 +28,5 @@ __all__ = [
     "SamplingParams",
     "VerifyResult",
     "load",
+    "load_image",
 ]

@@ -2,7 +2,7 @@
 
 One module per group of subcommands, each with an ``add_*_parser(sub)`` that declares its options
 and a ``cmd_*(args)`` that runs it: :mod:`.generate` (generate, demo), :mod:`.bench`,
-:mod:`.train`, :mod:`.serve`, :mod:`.tools` (methods, index, draft-model); the option groups and
+:mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench), :mod:`.tools` (methods, index, draft-model); the option groups and
 the checks made before a model is loaded are in :mod:`.options`. :func:`main` turns a
 :class:`~genrefine.errors.GenrefineError` into one line on stderr and exit status 2.
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from ..errors import GenrefineError
-from . import bench, generate, serve, tools, train
+from . import bench, generate, image, serve, tools, train
 from .options import version
 
 
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     tools.add_draft_model_parser(sub)
     train.add_train_parser(sub)
     serve.add_serve_parser(sub)
+    image.add_image_parser(sub)
     tools.add_methods_parser(sub)
     return p
 
@@ -47,6 +48,7 @@ HANDLERS = {
     "serve": serve.cmd_serve,
     "draft-model": tools.cmd_draft_model,
     "train": train.cmd_train,
+    "image": image.cmd_image,
 }
 
 

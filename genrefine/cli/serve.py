@@ -10,7 +10,7 @@ from .options import add_model_options, validate_before_load
 
 DESCRIPTION = (
     "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
-    "GET /v1/models, /health and /metrics. Requests that arrive together are decoded together, "
+    "GET /v1/models, /health and /metrics (and POST /v1/images/generations with --image-model). Requests that arrive together are decoded together, "
     "one target forward per step for the whole batch; a request may pick its method with the "
     "extra body field \"method\". Ctrl-C or SIGTERM stops after the requests in flight."
 )
@@ -42,6 +42,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--datastore", default=None,
                    help="rest: a datastore built by `genrefine index build` (requests cannot "
                    "name files)")
+    s.add_argument("--image-model", default="none", metavar="DIR|embedded|none",
+                   help="also serve POST /v1/images/generations with this image bundle "
+                   "(`embedded`: the shipped glyph model; default none)")
     s.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info shows every request; default warning)")
@@ -69,7 +72,12 @@ def cmd_serve(args) -> int:
             f"--backend {args.backend} may serve on llama.cpp, which decodes one request at a "
             "time: add --max-batch 1 (or use --backend native)"
         )
+    image = None
+    if args.image_model != "none":
+        from ..modalities.image.api import load_image
+
+        image = load_image(None if args.image_model == "embedded" else args.image_model)
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    serve(gen, config, host=args.host, port=args.port, log_level=args.log_level)
+    serve(gen, config, host=args.host, port=args.port, log_level=args.log_level, image=image)
     print("genrefine: server stopped", file=sys.stderr)
     return 0

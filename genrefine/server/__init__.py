@@ -32,12 +32,13 @@ def _need_extras() -> None:
         ) from e
 
 
-def create_app(generator, config: ServerConfig | None = None, warm: bool = True):
-    """The FastAPI app for a loaded :class:`genrefine.Generator` (see ``app.create_app``)."""
+def create_app(generator, config: ServerConfig | None = None, warm: bool = True, image=None):
+    """The FastAPI app for a loaded :class:`genrefine.Generator` (see ``app.create_app``);
+    ``image``: a loaded image model for ``POST /v1/images/generations``."""
     _need_extras()
     from .app import create_app as _create
 
-    return _create(generator, config, warm=warm)
+    return _create(generator, config, warm=warm, image=image)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -62,6 +63,7 @@ def serve(
     port: int = 8000,
     announce: Callable[[str], None] | None = None,
     log_level: str = "warning",
+    image=None,
 ) -> None:
     """Serve until Ctrl-C or SIGTERM; then finish the requests in flight and return.
 
@@ -70,7 +72,7 @@ def serve(
     _need_extras()
     import uvicorn
 
-    app = create_app(generator, config)
+    app = create_app(generator, config, image=image)
     sock = bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]

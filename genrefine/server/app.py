@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GenrefineError
+from ..methods.base import MethodOptions
 from ..types import SEED_RANGE, SamplingParams
 from .metrics import Metrics
 from .scheduler import Event, Job, QueueFull, Scheduler, ServerConfig, ShuttingDown
@@ -89,6 +90,26 @@ class ChatRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+
+
+MAX_IMAGES_PER_REQUEST = 16
+
+
+class ImageRequest(_Body):
+    """``POST /v1/images/generations``: ``prompt`` names a class of the image model (its name or
+    index, e.g. "3"); genrefine's extra fields choose the method and the sampling."""
+
+    prompt: str
+    n: Annotated[int, Field(ge=1, le=MAX_IMAGES_PER_REQUEST)] = 1
+    model: str | None = None
+    size: str | None = None  # must be the model's own size ("32x32") when given
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = None
+    method: str | None = None
+    seed: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    cfg: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
 
 
 class BadRequest(Exception):
@@ -329,8 +350,12 @@ def _method_figures(ev: Event) -> dict | None:
             "acceptance_rate": s.acceptance_rate, "steps": s.steps}
 
 
-def create_app(generator, config: ServerConfig | None = None, warm: bool = True) -> FastAPI:
+def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
+               image=None) -> FastAPI:
     """The FastAPI app serving ``generator`` (a :class:`genrefine.Generator`).
+
+    ``image``: an :class:`~genrefine.modalities.image.api.ImageGenerator` for
+    ``POST /v1/images/generations`` (None: that route answers that no image model is loaded).
 
     The scheduler's worker starts with the app and, on shutdown, finishes every request it has.
     ``warm`` builds the default method first (``auto`` measures its cost table once per machine).
@@ -423,6 +448,29 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True)
                 "genrefine": _method_figures(done)}
         return JSONResponse(body)
 
+    image_lock = asyncio.Lock()  # one image request at a time (the text worker runs beside it)
+
+    @app.post("/v1/images/generations")
+    async def images(request: Request):
+        raw = await request.body()
+        try:
+            if len(raw) > MAX_BODY_BYTES:
+                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", status=413)
+            req = _parse(raw, ImageRequest)
+            if image is None:
+                raise BadRequest("this server has no image model: start it with --image-model",
+                                 status=404, code="not_found")
+            run = _image_job(image, req, config)
+        except BadRequest:
+            server.metrics.reject("bad_request")
+            raise
+        async with image_lock:
+            try:
+                res = await asyncio.to_thread(run)
+            except GenrefineError as e:
+                raise BadRequest(str(e)) from e
+        return JSONResponse(_image_body(res))
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model",
@@ -440,6 +488,55 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True)
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _image_job(image, req: ImageRequest, config: ServerConfig):
+    """Validate an image request against the loaded image model; a function that runs it."""
+    from ..registry import METHODS
+
+    if req.response_format != "b64_json":
+        raise BadRequest("only response_format b64_json is served (no URLs: nothing is stored)",
+                         "response_format")
+    side = image.bundle.image_size
+    if req.size is not None and req.size != f"{side}x{side}":
+        raise BadRequest(f"this image model makes {side}x{side} images, not {req.size}", "size")
+    method = req.method or "ar"
+    if method not in METHODS:
+        raise BadRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}", "method")
+    try:
+        c = image.class_index(req.prompt.strip())
+    except GenrefineError as e:
+        raise BadRequest(f"{e} (the prompt names a class of the image model)", "prompt") from e
+    options = MethodOptions(draft_len=config.options.draft_len) if config.options else None
+    try:
+        image.method(method, options)  # build errors are the request's (e.g. a missing drafter)
+    except GenrefineError as e:
+        raise BadRequest(str(e), "method") from e
+
+    def run():
+        return image.generate([c] * req.n, method=method, temperature=req.temperature,
+                              top_k=req.top_k, cfg=req.cfg, seed=req.seed, options=options)
+
+    return run
+
+
+def _image_body(res) -> dict:
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = []
+    for img in res.images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        data.append({"b64_json": base64.b64encode(buf.getvalue()).decode("ascii")})
+    s = res.summary()
+    return {"created": int(time.time()), "data": data,
+            "usage": {"images": s["images"],
+                      "target_forwards": int(round(s["steps_per_image"] * s["images"]))},
+            "genrefine": {k: s[k] for k in ("method", "images_per_s", "steps_per_image",
+                                            "tokens_per_step", "acceptance_rate")}}
 
 
 async def _collect(server: Server, request: Request, job: Job, queue) -> tuple[str, Event]:

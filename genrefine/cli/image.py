@@ -1,0 +1,155 @@
+"""``genrefine image generate|bench``: the image modality (the embedded glyph model by default)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import GenrefineError
+
+
+def _common(p) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="an image bundle written by `genrefine train image` (default: the "
+                   "embedded glyph model)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the bundle's, 1.0; 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes (default: the bundle's)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none; default: the bundle's)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--draft-len", type=int, default=None, help="largest draft per step (method default)")
+    p.add_argument("--relax-k", type=int, default=None,
+                   help="lantern: latent neighbours per code (method default)")
+    p.add_argument("--relax-delta", type=float, default=None,
+                   help="lantern, gsd: total-variation budget per token (method default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_image_parser(sub) -> None:
+    img = sub.add_parser(
+        "image",
+        help="generate class-conditional images (sjd, mc-sjd, lantern, gsd and the lossless "
+        "text methods) and measure them",
+        description="Autoregressive image generation on the same engine as text: a class token, "
+        "then a grid of VQ codes, decoded to pixels.",
+    )
+    isub = img.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
+    g = isub.add_parser("generate", help="generate images of one class into a PNG grid")
+    g.add_argument("--class", dest="cls", default="0", help="class index or name (default 0)")
+    g.add_argument("--n", type=int, default=16, help="images (default 16)")
+    g.add_argument("--method", default="ar", help="a method of `genrefine methods` (default ar)")
+    g.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
+    _common(g)
+    b = isub.add_parser("bench", help="speed and quality of image methods, one run")
+    b.add_argument("--methods", default="ar,sjd,mc-sjd,lantern,gsd",
+                   help="comma-separated methods (ar is always run, twice: the noise)")
+    b.add_argument("--n-per-class", type=int, default=20, help="images per class per method (default 20)")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    b.add_argument("--report", default=None, metavar="PATH", help="write the report as Markdown")
+    b.add_argument("--plot", default=None, metavar="PNG", help="write samples and bars as a figure")
+    _common(b)
+
+
+def _options(args):
+    from ..methods.base import MethodOptions
+
+    kw = {"draft_len": args.draft_len}
+    fields = MethodOptions.__dataclass_fields__
+    for name in ("relax_k", "relax_delta"):
+        v = getattr(args, name)
+        if v is not None:
+            if name not in fields:
+                raise GenrefineError(f"--{name.replace('_', '-')} is not supported by this version")
+            kw[name] = v
+    return MethodOptions(**kw)
+
+
+def _check_methods(names: list[str]) -> None:
+    from ..registry import METHODS
+
+    for m in names:
+        if m not in METHODS:
+            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+
+
+def _progress(total: int, desc: str, off: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=off, file=sys.stderr)
+
+
+def save_grid(images, path: str, cols: int | None = None) -> None:
+    """Write uint8 [N, H, W] images as one PNG grid (1-pixel gaps)."""
+    import numpy as np
+    from PIL import Image
+
+    images = np.asarray(images, dtype=np.uint8)
+    n, h, w = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 128, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
+    Image.fromarray(canvas).save(path)
+
+
+def cmd_image(args) -> int:
+    from ..modalities.image.api import MAX_IMAGES, load_image
+
+    if args.image_command is None:
+        raise GenrefineError("say what to do: `genrefine image generate` or `genrefine image bench`")
+    options = _options(args)
+    if args.image_command == "generate":
+        _check_methods([args.method])
+        if not 1 <= args.n <= MAX_IMAGES:
+            raise GenrefineError(f"--n must be between 1 and {MAX_IMAGES}, got {args.n}")
+        if not args.out.lower().endswith(".png"):
+            raise GenrefineError(f"--out must name a .png file, got {args.out!r}")
+        gen = load_image(args.model)
+        c = gen.class_index(args.cls)
+        with _progress(args.n, args.method, args.no_progress) as bar:
+            res = gen.generate([c] * args.n, method=args.method, temperature=args.temperature,
+                               top_k=args.top_k, cfg=args.cfg, seed=args.seed, options=options,
+                               progress=bar.update)
+        save_grid(res.images, args.out)
+        s = res.summary()
+        acc = gen.quality(res.images, res.classes)["classifier_accuracy"]
+        rate = "–" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.2f}"
+        print(f"{args.out}: {s['images']} images of class {gen.class_names[c]} with {res.method}, "
+              f"{s['images_per_s']:.2f} images/s, {s['steps_per_image']:.1f} target forwards per "
+              f"image, {s['tokens_per_step']:.2f} tokens/step, acceptance {rate}, classifier "
+              f"accuracy {100 * acc:.0f}%")
+        return 0
+    from ..modalities.image.bench import markdown_report, plot_report, run_image_bench
+    from ..bench.runner import command_line
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    _check_methods(methods)
+    if args.n_per_class < 1:
+        raise GenrefineError(f"--n-per-class must be >= 1, got {args.n_per_class}")
+    gen = load_image(args.model)
+    total = (len(set(["ar", *methods])) + 1) * args.n_per_class * len(gen.class_names)
+    with _progress(total, "image bench", args.no_progress) as bar:
+        report = run_image_bench(gen, methods, args.n_per_class, seed=args.seed,
+                                 temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
+                                 options=options, progress=bar.update)
+    argv = ["image", "bench", "--methods", ",".join(methods), "--n-per-class", str(args.n_per_class),
+            "--seed", str(args.seed)]
+    for flag in ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta"):
+        v = getattr(args, flag)
+        if v is not None:
+            argv += ["--" + flag.replace("_", "-"), str(v)]
+    report["command"] = command_line(argv)
+    md = markdown_report(report, report["command"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(md)
+    if args.plot:
+        plot_report(report, args.plot)
+    print(md)
+    return 0
