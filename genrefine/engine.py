@@ -31,7 +31,13 @@ from .errors import ConfigError
 from .methods.base import MAX_DRAFT_NODES, Context, StepFeedback
 from .sampling import logits_to_probs, make_generator, next_token
 from .types import Draft, SamplingParams, VerifyResult
-from .verify import build_tree, verify_greedy_argmax, verify_speculative, verify_typical
+from .verify import (
+    build_tree,
+    verify_greedy_argmax,
+    verify_relaxed,
+    verify_speculative,
+    verify_typical,
+)
 
 PREFILL_CHUNK = 512
 
@@ -303,7 +309,7 @@ class Decoder:
         emitted = result.tokens.tolist()
         # observe
         if drafter is not None and n > 0:
-            drafter.observe(self._ctx, StepFeedback(draft, result, target_argmax))
+            drafter.observe(self._ctx, StepFeedback(draft, result, target_argmax, logits))
         self.method.policy.update(drafter, n, a, self._t1 - self._t0, tree_info)
         stats.record_step(n, a, drafter.name if (drafter is not None and n > 0) else None)
         stats.time_draft += time.perf_counter() - t2
@@ -327,6 +333,8 @@ class Decoder:
         if self.params.greedy:
             return verify_greedy_argmax(draft, target_argmax)
         probs = logits_to_probs(logits, self.params)  # [n + 1, V]
+        if self.method.relax is not None:  # lossy, within a total-variation budget per token
+            return verify_relaxed(draft, probs, self.generator, self.method.relax)
         if self.method.acceptance == "typical":
             return verify_typical(draft, probs, self.generator)
         return verify_speculative(draft, probs, self.generator)

@@ -71,6 +71,9 @@ class StepFeedback:
     draft: Draft
     result: VerifyResult
     target_argmax: Tensor  # [n + 1] long: the target's argmax after the root and each draft node
+    # [n + 1, V] float32: the verification forward's logits (unprocessed), row i + 1 after node
+    # i, for drafters that reuse the target's distributions (speculative Jacobi decoding)
+    logits: Tensor | None = None
 
 
 @runtime_checkable
@@ -124,6 +127,13 @@ class MethodOptions:
     # the same: cut each draft to the nodes that pay on this machine (policy.TreeCut); False
     # verifies whole drafts (the block-efficiency comparison of the papers)
     tree_cut: bool = True
+    # lantern and gsd (lossy): the total-variation budget per token of relaxed acceptance
+    # (verify/relaxed.py); lantern: at most this many latent neighbours; gsd: the target's top
+    # group_size tokens whose latent cosine similarity to the drafted one is >= group_similarity
+    relax_delta: float = 0.2
+    relax_k: int = 8
+    group_size: int = 8
+    group_similarity: float = 0.5
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= MAX_DRAFT_NODES:
@@ -144,6 +154,16 @@ class MethodOptions:
             )
         if isinstance(self.draft_model, (str, os.PathLike)) and not str(self.draft_model):
             raise ConfigError("--draft-model is empty: give a model directory or .gguf file")
+        if not 0.0 <= self.relax_delta <= 1.0:
+            raise ConfigError(f"the relaxation budget delta must be in [0, 1], got {self.relax_delta}")
+        if self.relax_k < 1:
+            raise ConfigError(f"lantern's neighbour count k must be >= 1, got {self.relax_k}")
+        if self.group_size < 1:
+            raise ConfigError(f"gsd's group size must be >= 1, got {self.group_size}")
+        if not -1.0 <= self.group_similarity <= 1.0:
+            raise ConfigError(
+                f"gsd's similarity threshold must be in [-1, 1], got {self.group_similarity}"
+            )
         if not self.calm_threshold > 0.0:
             raise ConfigError(
                 f"--calm-threshold must be > 0 (1.0 never exits early), got {self.calm_threshold}"
@@ -196,6 +216,9 @@ class Method:
     # decode(model, prompt [L] long, max_new_tokens, params, eos_ids, stats), it yields lists of
     # new token ids and returns the finish reason ("stop" | "length").
     decode: Callable | None = None
+    # Relaxed acceptance (lantern, gsd; lossy): a verify.relaxed.RelaxedAcceptance used instead
+    # of the exact rule when sampling (greedy verification stays argmax)
+    relax: object | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +235,8 @@ class MethodSpec:
     needs_draft_model: bool = False  # MethodOptions.draft_model must be given (sps)
     # a trained drafter of this kind is needed: MethodOptions.drafter, or one shipped for the model
     drafter_kind: str | None = None
+    # reads model.token_latents (an image model's VQ codebook): lantern, gsd
+    needs_latents: bool = False
 
     @property
     def native_reason(self) -> str:

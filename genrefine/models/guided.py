@@ -1,0 +1,162 @@
+"""Classifier-free guidance (CFG) as a model: :class:`GuidedModel` over a class-conditional base.
+
+An autoregressive image model (the LlamaGen recipe) reads a condition token first (the class,
+``class_offset + c``) and then emits image codes (ids ``0 .. n_codes - 1``). It was trained with
+the condition dropped to ``null_token`` now and then, so it also knows the unconditional
+distribution. Guidance mixes the two next-code logits of every row::
+
+    guided = u + scale * (c - u)         # c: conditional row, u: unconditional row
+
+with ``u`` computed on the same tokens with every class token replaced by ``null_token``.
+
+:class:`GuidedModel` implements the Model protocol of :mod:`genrefine.models.protocol` with the
+guided logits as its logits: its vocabulary is the codes only (class and null ids are never
+emitted), its cache is a pair of caches (cond, uncond) moved together, and every argument of
+``forward`` (positions, tree masks, logits rows) goes to both rows alike. Drafting, trees,
+rollback and verification therefore run unchanged on the guided distribution: a lossless method
+stays lossless under CFG, with respect to the guided distribution.
+
+``scale == 1`` is the conditional model itself: no unconditional forward runs (and a cache made
+then holds no unconditional half). Whether a cache has its unconditional half is fixed when it is
+made, so set ``scale`` before a generation starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..types import ModelOutput
+
+
+class GuidedCache:
+    """The caches of the conditional and the unconditional rows, kept in step.
+
+    ``uncond`` is None when the cache was made for ``scale == 1`` (no unconditional rows)."""
+
+    def __init__(self, cond, uncond) -> None:
+        self.cond, self.uncond = cond, uncond
+
+    @property
+    def length(self) -> int:
+        return self.cond.length
+
+    @property
+    def capacity(self) -> int:
+        return self.cond.capacity
+
+    def reserve(self, n: int) -> int:
+        return self.cond.reserve(n)
+
+    def rollback(self, n: int) -> None:
+        """Drop the last ``n`` entries of both halves."""
+        self.cond.rollback(n)
+        if self.uncond is not None:
+            self.uncond.rollback(n)
+
+    def keep(self, start: int, idx: Tensor) -> None:
+        """:meth:`KVCache.keep` on both halves (a tree's accepted path)."""
+        self.cond.keep(start, idx)
+        if self.uncond is not None:
+            self.uncond.keep(start, idx)
+
+    def reset(self) -> None:
+        for c in (self.cond, self.uncond):
+            if c is not None:
+                c.reset()
+
+
+class GuidedModel:
+    """A class-conditional model whose logits are classifier-free guided (module docstring).
+
+    base: a model of the Model protocol (the native runtime for the image transformer) over the
+    vocabulary ``n_codes + n_classes + 1`` (codes, classes, null). n_codes: code ids ``0 ..
+    n_codes - 1`` (the logits' columns). class_offset, n_classes: class ``c`` is id
+    ``class_offset + c``. null_token: the unconditional id. scale: the guidance scale (settable;
+    1.0 means no guidance). latents: [n_codes, d] float, code ``i``'s VQ latent vector
+    (``token_latents``, read by the latent-aware methods), or None.
+    """
+
+    def __init__(
+        self,
+        base,
+        *,
+        n_codes: int,
+        class_offset: int,
+        n_classes: int,
+        null_token: int,
+        scale: float = 1.0,
+        latents: Tensor | None = None,
+    ) -> None:
+        if not 0 < n_codes <= base.vocab_size:
+            raise ConfigError(f"n_codes must be in 1..{base.vocab_size} (the base vocabulary), got {n_codes}")
+        for name, tok in (("class_offset", class_offset), ("null_token", null_token)):
+            if not 0 <= tok < base.vocab_size:
+                raise ConfigError(f"{name} {tok} is outside the base vocabulary ({base.vocab_size})")
+        if n_classes < 1 or class_offset + n_classes > base.vocab_size:
+            raise ConfigError(f"classes {class_offset}..{class_offset + n_classes - 1} do not fit the base vocabulary")
+        if latents is not None and (latents.dim() != 2 or latents.shape[0] != n_codes):
+            raise ConfigError(
+                f"latents must be [n_codes, d] = [{n_codes}, d], got {tuple(latents.shape)}"
+            )
+        self.base = base
+        self.n_codes, self.class_offset, self.n_classes = n_codes, class_offset, n_classes
+        self.null_token = null_token
+        self.scale = float(scale)
+        self.token_latents = latents  # [n_codes, d] or None
+        self.name = f"{getattr(base, 'name', 'model')}+cfg"
+        self.vocab_size = n_codes
+        for attr in ("num_layers", "hidden_size", "max_context", "device", "dtype"):
+            setattr(self, attr, getattr(base, attr))
+        self.supports_trees = bool(getattr(base, "supports_trees", False))
+        self.bitwise_exact = bool(getattr(base, "bitwise_exact", False))
+
+    @property
+    def guided(self) -> bool:
+        """Whether unconditional rows run (``scale != 1``)."""
+        return self.scale != 1.0
+
+    def new_cache(self, capacity: int | None = None) -> GuidedCache:
+        """A cond cache and, when :attr:`guided`, an uncond one, each for ``capacity`` tokens."""
+        uncond = self.base.new_cache(capacity) if self.guided else None
+        return GuidedCache(self.base.new_cache(capacity), uncond)
+
+    def unconditional(self, tokens: Tensor) -> Tensor:
+        """``tokens`` ([n] long) with every class id replaced by the null id."""
+        is_class = (tokens >= self.class_offset) & (tokens < self.class_offset + self.n_classes)
+        return torch.where(is_class, torch.full_like(tokens, self.null_token), tokens)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: GuidedCache,
+        positions: Tensor | None = None,
+        tree_mask: Tensor | None = None,
+        logits_rows: Tensor | None = None,
+        hidden_layers: Sequence[int] = (),
+        layers: Sequence[int] | None = None,
+        vocab_subset: Tensor | None = None,
+    ) -> ModelOutput:
+        """Guided logits [m, n_codes] (or [m, v] for a ``vocab_subset`` of code ids) float32;
+        hidden states are the conditional rows'. Both halves of the cache get the ``n`` tokens."""
+        if self.guided and cache.uncond is None:
+            raise ConfigError(
+                "the guidance scale was changed during a generation: set it before generating"
+            )
+        kw = dict(positions=positions, tree_mask=tree_mask, logits_rows=logits_rows,
+                  layers=layers, vocab_subset=vocab_subset)
+        out = self.base.forward(tokens, cache.cond, hidden_layers=hidden_layers, **kw)
+        c = out.logits
+        if cache.uncond is not None:
+            u = self.base.forward(self.unconditional(tokens), cache.uncond, **kw).logits
+            if c is not None and self.guided:
+                u = u.float()
+                c = u + self.scale * (c.float() - u)
+        if c is not None:
+            c = c.float()
+            if vocab_subset is None:
+                c = c[:, : self.n_codes].contiguous()
+        return ModelOutput(logits=c, hidden=out.hidden)
