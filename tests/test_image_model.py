@@ -286,7 +286,10 @@ def test_shipped_classifier_and_vq_on_fresh_images(shipped):
     codes = shipped.vq.encode(x)
     recon = shipped.vq.decode(codes)
     assert float((shipped.classifier.predict(recon) == y).float().mean()) >= 0.9
-    # a reconstruction encodes to mostly the same codes (the round trip is near a fixed point)
-    assert float((shipped.vq.encode(recon) == codes).float().mean()) >= 0.8
+    # reconstructions are close to the images, and encoding one again changes it little (codes
+    # of blank regions are interchangeable, so compare pixels, not ids); grey levels of 255
+    assert float((recon.float() - x.float()).abs().mean()) < 8
+    again = shipped.vq.decode(shipped.vq.encode(recon))
+    assert float((again.float() - recon.float()).abs().mean()) < 4
     q = image_quality(shipped, x, y)
     assert q["classifier_accuracy"] >= 0.95 and math.isfinite(q["frechet_distance"])
