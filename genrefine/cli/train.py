@@ -17,9 +17,11 @@ def add_train_parser(sub) -> None:
         "--out/drafter.safetensors and print its tokens per step on held-back text. Load it "
         "with --drafter DIR.",
     )
-    tr.add_argument("kind", choices=["heads", "eagle", "draft"],
+    tr.add_argument("kind", choices=["heads", "eagle", "draft", "image"],
                     help="heads: BPD/Medusa heads + rescoring LM and n-gram; eagle: feature "
-                    "drafter; draft: a small draft model distilled from the model (method sps)")
+                    "drafter; draft: a small draft model distilled from the model (method sps); "
+                    "image: the embedded image model (VQ, classifier, transformer; only --out, "
+                    "--seed, --tiny, --fresh, --no-progress apply)")
     add_model_options(tr)
     tr.add_argument("--corpus", default=None, metavar="DIR",
                     help="folder of .txt/.md/.rst files (default: the standard library's "
@@ -43,9 +45,14 @@ def add_train_parser(sub) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.add_argument("--tiny", action="store_true", help="image: tiny sizes, a valid bundle in seconds (tests)")
 
 
 def cmd_train(args) -> int:
+    if args.kind == "image":
+        return cmd_train_image(args)
+    if args.tiny:
+        raise GenrefineError("--tiny applies to `genrefine train image` only")
     from ..api import load
     from ..train.corpus import default_corpus, read_corpus
     from ..train.loop import TrainConfig
@@ -83,3 +90,17 @@ def cmd_train(args) -> int:
     for k, v in res.extra.items():
         print(f"genrefine: {k}: {v}", file=sys.stderr)
     return 0 if res.ar_steps_equal else 1
+
+
+def cmd_train_image(args) -> int:
+    """``genrefine train image --out DIR [--tiny] [--seed S]``."""
+    from ..train.image import train_image
+
+    res = train_image(args.out, tiny=args.tiny, resume=not args.fresh, seed=args.seed,
+                      progress=not args.no_progress)
+    tr = res.meta["training"]
+    print(f"genrefine: saved the image model in {res.out} in {res.seconds:.0f} s; classifier accuracy "
+          f"{res.meta['classifier']['heldout_accuracy']:.3f} on held-out images, "
+          f"{tr['sample_accuracy_at_defaults']:.3f} on samples at the defaults {res.meta['defaults']}",
+          file=sys.stderr)
+    return 0

@@ -122,12 +122,13 @@ def train(
     progress: bool = True,
     tokens_per_window: int = 0,
     stop_after: int | None = None,
+    desc: str = "training",
 ) -> dict:
     """Train ``net`` for ``cfg.steps`` steps; ``loss_fn(window_indices, step) -> (loss, logs)``.
 
     Resumes from ``out/checkpoint.safetensors`` when ``resume`` and it exists. ``stop_after``:
     stop (with a checkpoint) after that many steps in total, as an interruption would.
-    Returns the last logs (floats)."""
+    ``desc``: the progress bar's label. Returns the last logs (floats)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -139,7 +140,7 @@ def train(
     start = _load(ckpt, net, opt, meta) if (resume and ckpt.exists()) else 0
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     logs: dict = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not progress,
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress,
                dynamic_ncols=True)
     t0, done_tokens = time.perf_counter(), 0
     ema = None
