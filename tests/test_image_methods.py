@@ -162,7 +162,7 @@ def test_greedy_image_methods_equal_ar(name, scale, prompt, n, draft_len) -> Non
     method = build_method(name, m, MethodOptions(draft_len=draft_len))
     stats = Stats(name)
     assert generate(m, method, prompt, n, greedy, stats) == ref
-    assert len(ref) == n and stats.drafted > 0 and method.max_budget == (draft_len or 16)
+    assert len(ref) == n and stats.drafted > 0 and method.max_budget == (draft_len or js.DEFAULT_WINDOW)
 
 
 @pytest.mark.parametrize("name", ["lantern", "gsd"])

@@ -23,6 +23,10 @@ def _common(p) -> None:
                    help="lantern: latent neighbours per code (method default)")
     p.add_argument("--relax-delta", type=float, default=None,
                    help="lantern, gsd: total-variation budget per token (method default)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="gsd: the target's top tokens a drafted code may be grouped with (method default)")
+    p.add_argument("--group-similarity", type=float, default=None,
+                   help="gsd: the latent cosine similarity a group needs (method default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -56,7 +60,7 @@ def _options(args):
 
     kw = {"draft_len": args.draft_len}
     fields = MethodOptions.__dataclass_fields__
-    for name in ("relax_k", "relax_delta"):
+    for name in ("relax_k", "relax_delta", "group_size", "group_similarity"):
         v = getattr(args, name)
         if v is not None:
             if name not in fields:
@@ -137,7 +141,8 @@ def cmd_image(args) -> int:
                                  options=options, progress=bar.update)
     argv = ["image", "bench", "--methods", ",".join(methods), "--n-per-class", str(args.n_per_class),
             "--seed", str(args.seed)]
-    for flag in ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta"):
+    for flag in ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta",
+                 "group_size", "group_similarity"):
         v = getattr(args, flag)
         if v is not None:
             argv += ["--" + flag.replace("_", "-"), str(v)]

@@ -52,7 +52,7 @@ from ...sampling import logits_to_probs, sample
 from ...types import Draft, SamplingParams
 from ..base import Context, StepFeedback
 
-DEFAULT_WINDOW = 16
+DEFAULT_WINDOW = 12
 _TINY = torch.finfo(torch.float32).tiny
 
 

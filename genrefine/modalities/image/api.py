@@ -175,7 +175,8 @@ class ImageGenerator:
         classifier's features to held-out real images (the bundle's statistics)."""
         from .quality import image_quality
 
-        return image_quality(self.bundle, images, torch.as_tensor(list(classes), dtype=torch.long))
+        imgs = torch.as_tensor(np.asarray(images, dtype=np.uint8))
+        return image_quality(self.bundle, imgs, torch.as_tensor(list(classes), dtype=torch.long))
 
 
 def load_image(path: str | None = None, dtype: str = "float32", quiet: bool = True) -> ImageGenerator:
