@@ -130,7 +130,7 @@ class MethodOptions:
     # lantern and gsd (lossy): the total-variation budget per token of relaxed acceptance
     # (verify/relaxed.py); lantern: at most this many latent neighbours; gsd: the target's top
     # group_size tokens whose latent cosine similarity to the drafted one is >= group_similarity
-    relax_delta: float = 0.2
+    relax_delta: float = 0.1
     relax_k: int = 8
     group_size: int = 8
     group_similarity: float = 0.5

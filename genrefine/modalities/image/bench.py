@@ -149,6 +149,11 @@ def markdown_report(report: dict, command: str | None = None) -> str:
         f"{noise['frechet_distance']:.2f}, speed ratio {_f(noise['speed_ratio'], '.2f')}.",
         "",
     ]
+    same = {m: r["same_codes_as_ar"] for m, r in report["methods"].items() if "same_codes_as_ar" in r}
+    if same:
+        n = report["n_classes"] * report["n_per_class"]
+        lines += ["Greedy: images whose codes equal `ar`'s: "
+                  + ", ".join(f"{m} {k}/{n}" for m, k in same.items() if m != "ar") + ".", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
     return "\n".join(lines)
