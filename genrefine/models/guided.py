@@ -7,7 +7,9 @@ distribution. Guidance mixes the two next-code logits of every row::
 
     guided = u + scale * (c - u)         # c: conditional row, u: unconditional row
 
-with ``u`` computed on the same tokens with every class token replaced by ``null_token``.
+with ``u`` computed on the same tokens with every class token replaced by ``null_token`` (or, for
+a text-conditioned model, on the ``unconditional`` ids the caller's function makes of the prompt:
+Janus pads every prompt token but the first and the image-start token).
 
 :class:`GuidedModel` implements the Model protocol of :mod:`genrefine.models.protocol` with the
 guided logits as its logits: its vocabulary is the codes only (class and null ids are never
@@ -23,7 +25,7 @@ made, so set ``scale`` before a generation starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -77,7 +79,9 @@ class GuidedModel:
     n_codes - 1`` (the logits' columns). class_offset, n_classes: class ``c`` is id
     ``class_offset + c``. null_token: the unconditional id. scale: the guidance scale (settable;
     1.0 means no guidance). latents: [n_codes, d] float, code ``i``'s VQ latent vector
-    (``token_latents``, read by the latent-aware methods), or None.
+    (``token_latents``, read by the latent-aware methods), or None. unconditional: a function
+    from the conditional ids ([n] long) to the unconditional ids of the same length, in place of
+    the class -> null replacement (then class_offset, n_classes and null_token are not needed).
     """
 
     def __init__(
@@ -85,19 +89,23 @@ class GuidedModel:
         base,
         *,
         n_codes: int,
-        class_offset: int,
-        n_classes: int,
-        null_token: int,
+        class_offset: int | None = None,
+        n_classes: int | None = None,
+        null_token: int | None = None,
         scale: float = 1.0,
         latents: Tensor | None = None,
+        unconditional: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not 0 < n_codes <= base.vocab_size:
             raise ConfigError(f"n_codes must be in 1..{base.vocab_size} (the base vocabulary), got {n_codes}")
-        for name, tok in (("class_offset", class_offset), ("null_token", null_token)):
-            if not 0 <= tok < base.vocab_size:
-                raise ConfigError(f"{name} {tok} is outside the base vocabulary ({base.vocab_size})")
-        if n_classes < 1 or class_offset + n_classes > base.vocab_size:
-            raise ConfigError(f"classes {class_offset}..{class_offset + n_classes - 1} do not fit the base vocabulary")
+        if unconditional is None:
+            if class_offset is None or n_classes is None or null_token is None:
+                raise ConfigError("give class_offset, n_classes and null_token, or an unconditional function")
+            for name, tok in (("class_offset", class_offset), ("null_token", null_token)):
+                if not 0 <= tok < base.vocab_size:
+                    raise ConfigError(f"{name} {tok} is outside the base vocabulary ({base.vocab_size})")
+            if n_classes < 1 or class_offset + n_classes > base.vocab_size:
+                raise ConfigError(f"classes {class_offset}..{class_offset + n_classes - 1} do not fit the base vocabulary")
         if latents is not None and (latents.dim() != 2 or latents.shape[0] != n_codes):
             raise ConfigError(
                 f"latents must be [n_codes, d] = [{n_codes}, d], got {tuple(latents.shape)}"
@@ -105,6 +113,7 @@ class GuidedModel:
         self.base = base
         self.n_codes, self.class_offset, self.n_classes = n_codes, class_offset, n_classes
         self.null_token = null_token
+        self._unconditional = unconditional
         self.scale = float(scale)
         self.token_latents = latents  # [n_codes, d] or None
         self.name = f"{getattr(base, 'name', 'model')}+cfg"
@@ -125,7 +134,13 @@ class GuidedModel:
         return GuidedCache(self.base.new_cache(capacity), uncond)
 
     def unconditional(self, tokens: Tensor) -> Tensor:
-        """``tokens`` ([n] long) with every class id replaced by the null id."""
+        """``tokens`` ([n] long) with every class id replaced by the null id (or what the
+        ``unconditional`` function of the constructor makes of them)."""
+        if self._unconditional is not None:
+            out = self._unconditional(tokens)
+            if out.shape != tokens.shape:
+                raise ConfigError("the unconditional ids must have the conditional ids' shape")
+            return out
         is_class = (tokens >= self.class_offset) & (tokens < self.class_offset + self.n_classes)
         return torch.where(is_class, torch.full_like(tokens, self.null_token), tokens)
 
