@@ -11,7 +11,8 @@ from ..errors import GenrefineError
 def _common(p) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="an image bundle written by `genrefine train image` (default: the "
-                   "embedded glyph model)")
+                   "embedded glyph model), or a transformers Janus checkpoint (generate only, "
+                   "with --prompt)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: the bundle's, 1.0; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes (default: the bundle's)")
@@ -40,7 +41,10 @@ def add_image_parser(sub) -> None:
     )
     isub = img.add_subparsers(dest="image_command", metavar="SUBCOMMAND")
     g = isub.add_parser("generate", help="generate images of one class into a PNG grid")
-    g.add_argument("--class", dest="cls", default="0", help="class index or name (default 0)")
+    g.add_argument("--class", dest="cls", default=None,
+                   help="class index or name, for an image bundle (default 0)")
+    g.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="what to draw, for a transformers image model (Janus)")
     g.add_argument("--n", type=int, default=16, help="images (default 16)")
     g.add_argument("--method", default="ar", help="a method of `genrefine methods` (default ar)")
     g.add_argument("--out", required=True, metavar="PNG", help="where to write the grid")
@@ -84,23 +88,45 @@ def _progress(total: int, desc: str, off: bool):
 
 
 def save_grid(images, path: str, cols: int | None = None) -> None:
-    """Write uint8 [N, H, W] images as one PNG grid (1-pixel gaps)."""
+    """Write uint8 [N, H, W] (grey) or [N, H, W, 3] (RGB) images as one PNG grid (1-pixel gaps)."""
     import numpy as np
     from PIL import Image
 
     images = np.asarray(images, dtype=np.uint8)
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = (n + cols - 1) // cols
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 128, dtype=np.uint8)
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), 128, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
     Image.fromarray(canvas).save(path)
 
 
+def _generate_from_prompt(args, options, load_image) -> int:
+    """``image generate`` on a transformers image model: text prompt in, PNG grid out."""
+    if args.cls is not None:
+        raise GenrefineError("--class is for image bundles; a transformers image model (Janus) "
+                             "takes a text --prompt")
+    if args.prompt is None or not args.prompt.strip():
+        raise GenrefineError("say what to draw: a transformers image model (Janus) needs --prompt TEXT")
+    gen = load_image(args.model)
+    with _progress(args.n, args.method, args.no_progress) as bar:
+        res = gen.generate([args.prompt] * args.n, method=args.method, temperature=args.temperature,
+                           top_k=args.top_k, cfg=args.cfg, seed=args.seed, options=options,
+                           progress=bar.update)
+    save_grid(res.images, args.out)
+    s = res.summary()
+    rate = "–" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.2f}"
+    print(f"{args.out}: {s['images']} images of {args.prompt!r} with {res.method}, "
+          f"{s['images_per_s']:.2f} images/s, {s['steps_per_image']:.1f} target forwards per "
+          f"image, {s['tokens_per_step']:.2f} tokens/step, acceptance {rate}")
+    return 0
+
+
 def cmd_image(args) -> int:
     from ..modalities.image.api import MAX_IMAGES, load_image
+    from ..modalities.image.janus import is_janus_dir
 
     if args.image_command is None:
         raise GenrefineError("say what to do: `genrefine image generate` or `genrefine image bench`")
@@ -111,8 +137,13 @@ def cmd_image(args) -> int:
             raise GenrefineError(f"--n must be between 1 and {MAX_IMAGES}, got {args.n}")
         if not args.out.lower().endswith(".png"):
             raise GenrefineError(f"--out must name a .png file, got {args.out!r}")
+        if is_janus_dir(args.model):
+            return _generate_from_prompt(args, options, load_image)
+        if args.prompt is not None:
+            raise GenrefineError("--prompt is for transformers image models (Janus); an image "
+                                 "bundle is class-conditional: use --class")
         gen = load_image(args.model)
-        c = gen.class_index(args.cls)
+        c = gen.class_index("0" if args.cls is None else args.cls)
         with _progress(args.n, args.method, args.no_progress) as bar:
             res = gen.generate([c] * args.n, method=args.method, temperature=args.temperature,
                                top_k=args.top_k, cfg=args.cfg, seed=args.seed, options=options,
@@ -129,6 +160,9 @@ def cmd_image(args) -> int:
     from ..modalities.image.bench import markdown_report, plot_report, run_image_bench
     from ..bench.runner import command_line
 
+    if is_janus_dir(args.model):
+        raise GenrefineError("image bench measures class-conditional bundles (it needs their "
+                             "classifier); for a Janus model use `genrefine image generate --prompt`")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     _check_methods(methods)
     if args.n_per_class < 1:

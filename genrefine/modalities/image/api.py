@@ -11,6 +11,9 @@ decoded by the bundle's VQ decoder. Generation runs on the same engine as text: 
 wrapped in :class:`~genrefine.models.guided.GuidedModel`, which returns classifier-free-guided
 logits, so every verifier sees the guided distribution and lossless methods stay lossless under
 guidance. Sampling (temperature 1 with top-k) is the default, as image models use.
+
+A transformers Janus checkpoint (``config.json`` with model_type "janus") loads as a
+:class:`~genrefine.modalities.image.janus.HFImageGenerator` instead, prompted with text.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ MAX_IMAGES = 256
 class ImageResult:
     """Images generated in one call, with what each generation did."""
 
-    images: np.ndarray  # uint8 [N, H, W]
+    images: np.ndarray  # uint8 [N, H, W] (grey, the bundles) or [N, H, W, 3] (RGB, Janus)
     codes: list[list[int]]  # the grid*grid codes of each image, raster order
-    classes: list[int]  # the requested class of each image
+    classes: list[int]  # the requested class of each image (empty for text prompts)
     stats: list[Stats]  # one per image
     seconds: float  # wall clock of the whole call, VQ decoding included
     method: str = ""
     extra: dict = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # the text prompt of each image (Janus)
 
     def summary(self) -> dict:
         """Aggregates: images/s, target forwards per image, tokens per step, acceptance rate."""
@@ -62,6 +66,41 @@ class ImageResult:
             "tokens_per_step": decode_tokens / decode_steps if decode_steps else 1.0,
             "acceptance_rate": accepted / drafted if drafted else None,
         }
+
+
+def sampling_settings(gen, temperature, top_k, cfg, seed) -> tuple[float, int, float, int]:
+    """``gen``'s defaults for the Nones, checked: (temperature, top_k, cfg, seed)."""
+    temperature = gen.default_temperature if temperature is None else float(temperature)
+    top_k = gen.default_top_k if top_k is None else int(top_k)
+    cfg = gen.default_cfg if cfg is None else float(cfg)
+    if not (cfg == cfg) or cfg < 0:
+        raise ConfigError(f"the guidance scale (cfg) must be >= 0 (1 = none), got {cfg}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    SamplingParams(temperature=temperature, top_k=top_k, seed=seed)  # validates
+    return temperature, top_k, cfg, seed
+
+
+def generate_codes(model, method, prompts: Sequence[Sequence[int]], n_tokens: int,
+                   temperature: float, top_k: int, seed: int,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[list[int]], list[Stats]]:
+    """``n_tokens`` codes after each prompt (engine ids), prompt ``i`` with seed ``seed + i``."""
+    codes, stats = [], []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed + i)
+        st = Stats(method.name)
+        out: list[int] = []
+        for chunk in Engine(model, method).generate(list(prompt), n_tokens, params, frozenset(), st):
+            out.extend(chunk)
+        if len(out) != n_tokens:  # no EOS exists; the context holds the grid by construction
+            raise ConfigError(
+                f"generated {len(out)} codes instead of {n_tokens}: the model's context is too short"
+            )
+        codes.append(out)
+        stats.append(st)
+        if progress is not None:
+            progress(1)
+    return codes, stats
 
 
 class ImageGenerator:
@@ -135,35 +174,12 @@ class ImageGenerator:
             raise ConfigError("no class given: ask for at least one image")
         if len(idx) > MAX_IMAGES:
             raise ConfigError(f"at most {MAX_IMAGES} images per call, got {len(idx)}")
-        temperature = self.default_temperature if temperature is None else float(temperature)
-        top_k = self.default_top_k if top_k is None else int(top_k)
-        cfg = self.default_cfg if cfg is None else float(cfg)
-        if not (cfg == cfg) or cfg < 0:
-            raise ConfigError(f"the guidance scale (cfg) must be >= 0 (1 = none), got {cfg}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        SamplingParams(temperature=temperature, top_k=top_k, seed=seed)  # validates
+        temperature, top_k, cfg, seed = sampling_settings(self, temperature, top_k, cfg, seed)
         m = self.method(method, options)
         self.model.scale = cfg
-        n_tokens = self.tokens_per_image
-        codes, stats = [], []
         t0 = time.perf_counter()
-        for i, c in enumerate(idx):
-            params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed + i)
-            st = Stats(m.name)
-            out: list[int] = []
-            for chunk in Engine(self.model, m).generate(
-                [self.bundle.class_token(c)], n_tokens, params, frozenset(), st
-            ):
-                out.extend(chunk)
-            if len(out) != n_tokens:  # no EOS exists; the context holds the grid by construction
-                raise ConfigError(
-                    f"generated {len(out)} codes instead of {n_tokens}: the model's context is too short"
-                )
-            codes.append(out)
-            stats.append(st)
-            if progress is not None:
-                progress(1)
+        codes, stats = generate_codes(self.model, m, [[self.bundle.class_token(c)] for c in idx],
+                                      self.tokens_per_image, temperature, top_k, seed, progress)
         with torch.no_grad():
             images = self.bundle.vq.decode(torch.tensor(codes, dtype=torch.long))
         images = np.asarray(images.cpu().numpy() if torch.is_tensor(images) else images, dtype=np.uint8)
@@ -179,12 +195,18 @@ class ImageGenerator:
         return image_quality(self.bundle, imgs, torch.as_tensor(list(classes), dtype=torch.long))
 
 
-def load_image(path: str | None = None, dtype: str = "float32", quiet: bool = True) -> ImageGenerator:
+def load_image(path: str | None = None, dtype: str = "float32", quiet: bool = True):
     """Load an image bundle (default: the embedded glyph model) and return an
-    :class:`ImageGenerator`. path: a bundle directory written by ``genrefine train image``."""
+    :class:`ImageGenerator`. path: a bundle directory written by ``genrefine train image``, or a
+    transformers Janus checkpoint (model_type "janus"), returned as a
+    :class:`~genrefine.modalities.image.janus.HFImageGenerator` (text prompts, RGB images)."""
     from ...models.guided import GuidedModel
     from ...models.loading import load_model
     from .bundle import load_bundle
+    from .janus import is_janus_dir, load_janus
+
+    if is_janus_dir(path):
+        return load_janus(path, dtype=dtype)
 
     bundle = load_bundle(path)
     base, _ = load_model(str(bundle.transformer_dir), dtype=dtype, quiet=quiet)
