@@ -78,6 +78,17 @@ def test_prompt_layout_and_unconditional_ids(gen) -> None:
     assert u.tolist() == [CODES + gen.bos] + [pad] * len(text) + [CODES + gen.boi, 5, 7]
 
 
+def test_the_checkpoints_chat_template_wraps_the_prompt(gen, janus_dir) -> None:
+    import copy
+
+    tok = copy.deepcopy(gen.tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|User|>: {{ m['content'][0]['text'] }}\n\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}")
+    chat = HFImageGenerator(gen.hf, tok, janus_dir)
+    text = tok(f"<|User|>: {PROMPT}\n\n<|Assistant|>:", add_special_tokens=False)["input_ids"]
+    assert chat.prompt_ids(PROMPT) == [CODES + t for t in [gen.bos, *text, gen.boi]]
+
+
 def test_adapter_logits_equal_a_direct_hf_computation(gen) -> None:
     hf = gen.hf
     model = gen.base
