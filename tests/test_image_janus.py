@@ -206,3 +206,11 @@ def test_cli_bench_refuses_a_janus_model(janus_dir, capsys) -> None:
     assert main(["image", "bench", "--model", str(janus_dir), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "bench" in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_janus_image_model(janus_dir, capsys) -> None:
+    """The image route takes class names; a Janus model is refused at start, not at a request."""
+    capsys.readouterr()
+    assert main(["serve", "--image-model", str(janus_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and "Traceback" not in err

@@ -75,7 +75,11 @@ def cmd_serve(args) -> int:
     image = None
     if args.image_model != "none":
         from ..modalities.image.api import load_image
+        from ..modalities.image.janus import is_janus_dir
 
+        if is_janus_dir(args.image_model):
+            raise GenrefineError("the image route serves class-conditional image bundles; a Janus "
+                                 "model runs through `genrefine image generate --prompt` and the API")
         image = load_image(None if args.image_model == "embedded" else args.image_model)
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     serve(gen, config, host=args.host, port=args.port, log_level=args.log_level, image=image)
