@@ -214,3 +214,10 @@ def test_serve_refuses_a_janus_image_model(janus_dir, capsys) -> None:
     assert main(["serve", "--image-model", str(janus_dir)]) == 2
     err = capsys.readouterr().err
     assert "--prompt" in err and "Traceback" not in err
+
+
+def test_guided_model_needs_classes_or_an_unconditional_function(gen) -> None:
+    from genrefine.models.guided import GuidedModel
+
+    with pytest.raises(ConfigError, match="unconditional"):
+        GuidedModel(gen.base, n_codes=CODES, scale=2.0)
