@@ -114,10 +114,13 @@ class Generator:
         stop: Sequence[str] | str | None = None,
         options: MethodOptions | None = None,
     ) -> TextStream:
-        """Like :meth:`stream`; also the lower level the CLI, bench and server use."""
+        """Like :meth:`stream`; also the lower level the CLI, bench and server use.
+
+        ``method`` may also be a built :class:`~genrefine.methods.Method` (``genrefine batch``
+        builds one per sampled line, so no drafter state carries over from other lines)."""
         self._check(max_new_tokens)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        m = self.method(method, options)
+        m = self.method(method, options) if isinstance(method, str) else method
         prompt_ids = self.encode(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stats = Stats(m.name)

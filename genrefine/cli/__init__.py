@@ -1,7 +1,7 @@
 """The ``genrefine`` command line. Nothing else in the package reads ``sys.argv``.
 
 One module per group of subcommands, each with an ``add_*_parser(sub)`` that declares its options
-and a ``cmd_*(args)`` that runs it: :mod:`.generate` (generate, demo), :mod:`.bench`,
+and a ``cmd_*(args)`` that runs it: :mod:`.generate` (generate, demo), :mod:`.batch`, :mod:`.bench`,
 :mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench), :mod:`.tools` (methods, index, draft-model); the option groups and
 the checks made before a model is loaded are in :mod:`.options`. :func:`main` turns a
 :class:`~genrefine.errors.GenrefineError` into one line on stderr and exit status 2.
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from ..errors import GenrefineError
-from . import bench, generate, image, serve, tools, train
+from . import batch, bench, generate, image, serve, tools, train
 from .options import version
 
 
@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_generate_parser(sub)
     generate.add_demo_parser(sub)
+    batch.add_batch_parser(sub)
     bench.add_bench_parser(sub)
     tools.add_index_parser(sub)
     tools.add_draft_model_parser(sub)
@@ -43,6 +44,7 @@ HANDLERS = {
     "generate": generate.cmd_generate,
     "demo": generate.cmd_demo,
     "methods": tools.cmd_methods,
+    "batch": batch.cmd_batch,
     "bench": bench.cmd_bench,
     "index": tools.cmd_index,
     "serve": serve.cmd_serve,

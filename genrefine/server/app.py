@@ -315,10 +315,14 @@ class Server:
             except asyncio.TimeoutError:
                 continue
 
-    def usage(self, job: Job, completion_tokens: int) -> dict:
-        p = len(job.prompt_ids)
-        return {"prompt_tokens": p, "completion_tokens": completion_tokens,
-                "total_tokens": p + completion_tokens}
+    def usage(self, job: Job, done: Event) -> dict:
+        """OpenAI's usage fields, and ``speculative``: what speculation did for this request
+        (the library's :class:`~genrefine.engine.Stats` of its generation)."""
+        p, c = len(job.prompt_ids), done.completion_tokens
+        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if done.stats is not None:
+            out["speculative"] = _speculative(done.stats)
+        return out
 
 
 class _Client:
@@ -340,6 +344,16 @@ class _Client:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _speculative(s) -> dict:
+    """A request's speculative figures: ``drafted`` draft tokens sent to verification (llama.cpp's
+    ``draft_n``), ``accepted`` of them kept (``draft_n_accepted``), ``steps`` target forwards after
+    the prefill, ``tokens_per_step`` tokens emitted per such forward, ``acceptance_rate``
+    accepted / drafted (None when nothing was drafted), ``drafter_steps`` steps per drafter."""
+    return {"method": s.method, "drafted": s.drafted, "accepted": s.accepted, "steps": s.steps,
+            "tokens_per_step": s.tokens_per_step, "acceptance_rate": s.acceptance_rate,
+            "drafter_steps": dict(s.drafter_steps)}
 
 
 def _method_figures(ev: Event) -> dict | None:
@@ -420,7 +434,7 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
                            lambda f: chunk("", f), chunk("", None) | {"choices": []}, usage)
         text, done = await _collect(server, request, job, queue)
         body = chunk(text, done.finish_reason)
-        body["usage"] = server.usage(job, done.completion_tokens)
+        body["usage"] = server.usage(job, done)
         body["genrefine"] = _method_figures(done)
         return JSONResponse(body)
 
@@ -444,7 +458,7 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
         body = {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": done.finish_reason, "logprobs": None}],
-                "usage": server.usage(job, done.completion_tokens),
+                "usage": server.usage(job, done),
                 "genrefine": _method_figures(done)}
         return JSONResponse(body)
 
@@ -579,7 +593,7 @@ def _stream(server: Server, request: Request, job: Job, queue, first: list[dict]
                     finished = True
                     yield _sse(final_chunk(ev.finish_reason))
                     if usage:
-                        yield _sse(usage_chunk | {"usage": server.usage(job, ev.completion_tokens)})
+                        yield _sse(usage_chunk | {"usage": server.usage(job, ev)})
                     yield "data: [DONE]\n\n"
                     return
         finally:
