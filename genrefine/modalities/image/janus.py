@@ -277,7 +277,7 @@ class HFImageGenerator:
         """Generate one image per prompt; :meth:`ImageGenerator.generate
         <genrefine.modalities.image.api.ImageGenerator.generate>`'s arguments and result
         (images uint8 [N, H, W, 3], ``prompts`` set, ``classes`` empty)."""
-        from .api import MAX_IMAGES, ImageResult, generate_codes, sampling_settings
+        from .generation import MAX_IMAGES, ImageResult, generate_codes, sampling_settings
 
         if isinstance(prompts, str):
             prompts = [prompts]
