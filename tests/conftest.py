@@ -20,3 +20,12 @@ def _one_thread(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh genrefine cache ($GENREFINE_CACHE) for the test module that asks for it."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp("genrefine-cache")
+        mp.setenv("GENREFINE_CACHE", str(d))
+        yield d

@@ -31,14 +31,6 @@ VOLATILE = ("time_s",)  # wall-clock figures: the only fields two runs may disag
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("genrefine-cache")
-        mp.setenv("GENREFINE_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, cache_dir):
     from transformers import AutoTokenizer
 

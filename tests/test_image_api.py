@@ -18,14 +18,6 @@ from tiny import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("genrefine-cache")
-        mp.setenv("GENREFINE_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, cache_dir):
     from genrefine.train.image import train_image
 

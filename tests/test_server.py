@@ -44,14 +44,6 @@ DEADLINE_S = 30.0  # waits for a state, never asserted as a speed
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("genrefine-cache")
-        mp.setenv("GENREFINE_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, cache_dir):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama") / "tiny-llama", "llama")
 

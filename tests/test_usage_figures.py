@@ -20,14 +20,6 @@ MESSAGES = [{"role": "user", "content": "abc abc abc abc abc"}]
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("genrefine-cache")
-        mp.setenv("GENREFINE_CACHE", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def gen(tmp_path_factory, cache_dir):
     d = save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama") / "tiny-llama", "llama")
     g = genrefine.load(str(d), dtype="float32", quiet=True)

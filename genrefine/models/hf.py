@@ -17,6 +17,18 @@ from ..errors import GenrefineError
 from ..types import ModelOutput
 
 
+def check_chain_forward(tree_mask, layers, vocab_subset, who: str = "the transformers adapter") -> None:
+    """Refuse what a model run through transformers cannot do: tree drafts, layer subsets and
+    reduced vocabularies (all need the native runtime)."""
+    if tree_mask is not None:
+        raise GenrefineError(f"{who} verifies chain drafts only")
+    if layers is not None or vocab_subset is not None:
+        raise GenrefineError(
+            f"layer subsets and reduced vocabularies need the native runtime; {who} runs "
+            "through transformers"
+        )
+
+
 class HFCache:
     """transformers' DynamicCache with the rollback interface of :class:`KVCache`."""
 
@@ -85,13 +97,7 @@ class HFModel:
         vocab_subset=None,
     ) -> ModelOutput:
         """Same contract as :meth:`NativeModel.forward`, chains only."""
-        if tree_mask is not None:
-            raise GenrefineError("the transformers adapter verifies chain drafts only")
-        if layers is not None or vocab_subset is not None:
-            raise GenrefineError(
-                "layer subsets and reduced vocabularies need the native runtime; "
-                "this architecture runs through the transformers adapter"
-            )
+        check_chain_forward(tree_mask, layers, vocab_subset)
         n = int(tokens.shape[0])
         start = cache.reserve(n)
         if positions is None:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ...errors import ConfigError, GenrefineError
 from ...methods.base import MethodOptions
-from ...models.hf import HFCache
+from ...models.hf import HFCache, check_chain_forward
 from ...types import ModelOutput
 
 IMAGE_START_TOKEN = "<begin_of_image>"  # Janus's tokenizer spelling of the image-start token
@@ -117,13 +117,7 @@ class JanusImageModel:
         vocab_subset: Tensor | None = None,
     ) -> ModelOutput:
         """The Model protocol's forward, chains only: logits [m, C] float32 of the next code."""
-        if tree_mask is not None:
-            raise GenrefineError("Janus runs through transformers, which verifies chain drafts only")
-        if layers is not None or vocab_subset is not None:
-            raise GenrefineError(
-                "layer subsets and reduced vocabularies need the native runtime; "
-                "Janus runs through transformers"
-            )
+        check_chain_forward(tree_mask, layers, vocab_subset, who="Janus")
         n = int(tokens.shape[0])
         start = cache.reserve(n)
         if positions is None:
