@@ -55,7 +55,8 @@ def build_method(name: str, model, options: MethodOptions | None = None, tokeniz
     if info.native_only:
         from .models.runtime import NativeModel
 
-        if not isinstance(model, NativeModel):
+        # a wrapper over a native model (GuidedModel) names it, so its methods run there too
+        if not isinstance(getattr(model, "native_base", model), NativeModel):
             raise GenrefineError(f"method {name} needs the native runtime; {_where(model)}")
     m = info.build(model, opts, tokenizer)
     if opts.acceptance == "typical":

@@ -17,11 +17,12 @@ def add_train_parser(sub) -> None:
         "--out/drafter.safetensors and print its tokens per step on held-back text. Load it "
         "with --drafter DIR.",
     )
-    tr.add_argument("kind", choices=["heads", "eagle", "draft", "image"],
+    tr.add_argument("kind", choices=["heads", "eagle", "draft", "image", "speech"],
                     help="heads: BPD/Medusa heads + rescoring LM and n-gram; eagle: feature "
                     "drafter; draft: a small draft model distilled from the model (method sps); "
                     "image: the embedded image model (VQ, classifier, transformer; only --out, "
-                    "--seed, --tiny, --fresh, --no-progress apply)")
+                    "--seed, --tiny, --fresh, --no-progress apply); speech: the embedded speech "
+                    "model (flite data, codec, transformer, heads, EAGLE; the same options apply)")
     add_model_options(tr)
     tr.add_argument("--corpus", default=None, metavar="DIR",
                     help="folder of .txt/.md/.rst files (default: the standard library's "
@@ -45,14 +46,17 @@ def add_train_parser(sub) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.add_argument("--tiny", action="store_true", help="image: tiny sizes, a valid bundle in seconds (tests)")
+    tr.add_argument("--tiny", action="store_true",
+                    help="image, speech: tiny sizes, a valid bundle in seconds (tests)")
 
 
 def cmd_train(args) -> int:
     if args.kind == "image":
         return cmd_train_image(args)
+    if args.kind == "speech":
+        return cmd_train_speech(args)
     if args.tiny:
-        raise GenrefineError("--tiny applies to `genrefine train image` only")
+        raise GenrefineError("--tiny applies to `genrefine train image|speech` only")
     from ..api import load
     from ..train.corpus import default_corpus, read_corpus
     from ..train.loop import TrainConfig
@@ -103,4 +107,18 @@ def cmd_train_image(args) -> int:
           f"{res.meta['classifier']['heldout_accuracy']:.3f} on held-out images, "
           f"{tr['sample_accuracy_at_defaults']:.3f} on samples at the defaults {res.meta['defaults']}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_train_speech(args) -> int:
+    """``genrefine train speech --out DIR [--tiny] [--seed S]``."""
+    from ..train.speech import train_speech
+
+    res = train_speech(args.out, tiny=args.tiny, resume=not args.fresh, seed=args.seed,
+                       progress=not args.no_progress)
+    tr = res.meta["training"]
+    heads = tr.get("drafters", {}).get("heads", {})
+    print(f"genrefine: saved the speech model in {res.out} in {res.seconds:.0f} s; held-out code NLL "
+          f"{tr['transformer']['heldout_code_nll']} nats; Medusa heads "
+          f"{heads.get('greedy_tokens_per_step')} greedy tokens/step", file=sys.stderr)
     return 0

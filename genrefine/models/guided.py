@@ -120,6 +120,14 @@ class GuidedModel:
         self.vocab_size = n_codes
         for attr in ("num_layers", "hidden_size", "max_context", "device", "dtype"):
             setattr(self, attr, getattr(base, attr))
+        # what trained drafters (heads, EAGLE) read: the base's embedding and norm, and its
+        # output rows cut to the codes, so drafts and their logits are over the codes too
+        for attr in ("embed", "embed_tokens", "final_norm", "config"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        self.native_base = getattr(base, "native_base", base)  # what native-only methods check
+        if torch.is_tensor(getattr(base, "lm_head", None)):
+            self.lm_head = base.lm_head[:n_codes]
         self.supports_trees = bool(getattr(base, "supports_trees", False))
         self.bitwise_exact = bool(getattr(base, "bitwise_exact", False))
 

@@ -80,11 +80,16 @@ def record(
     max_tokens: int = 200_000,
     cache: bool = True,
     progress: bool = True,
+    stream: Tensor | None = None,
 ) -> Recording:
-    """Run the target over the corpus (see the module docstring); cached on disk."""
+    """Run the target over the corpus (see the module docstring); cached on disk. ``stream``:
+    token ids [n] to record instead of the tokenized ``texts`` (a model without text, e.g. speech)."""
     if seq_len < 8:
         raise ConfigError(f"--seq-len must be at least 8 tokens, got {seq_len}")
-    stream = tokenize_corpus(tokenizer, texts, max_tokens)
+    if stream is None:
+        stream = tokenize_corpus(tokenizer, texts, max_tokens)
+    else:
+        stream = stream.long()[:max_tokens]
     n = stream.shape[0] // seq_len
     if n < 2:
         raise ConfigError(

@@ -206,16 +206,18 @@ def run_training(
     stop_after: int | None = None,
     eval_prompts: int = 4,
     source=None,
+    stream: Tensor | None = None,
 ) -> TrainResult:
     """The whole run (see the module docstring). ``stop_after``: interrupt after that many steps
     (for tests), leaving a checkpoint and no drafter. ``source``: the target's path (None: the
-    embedded model), which ``draft`` cuts its initial layers from."""
+    embedded model), which ``draft`` cuts its initial layers from. ``stream``: token ids to
+    record instead of the tokenized ``texts`` (:func:`~genrefine.train.record.record`)."""
     from ..methods.parts.store import save_drafter
     from .record import record
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
-    rec = record(model, tokenizer, texts, spec.seq_len, spec.max_tokens, progress=progress)
+    rec = record(model, tokenizer, texts, spec.seq_len, spec.max_tokens, progress=progress, stream=stream)
     train_rec, test_rec = rec.split(HELD_OUT, cfg.seed)
     ids = draft_vocab_ids(model, tokenizer, spec.draft_vocab)
     rows = model.lm_head.index_select(0, ids.to(model.device)).contiguous()
@@ -266,7 +268,12 @@ def run_training(
 
         ngram = NgramLM(order=spec.ngram_order, vocab_size=model.vocab_size)
         for row in train_rec.tokens:
-            ngram.add(row)
+            # ids past the model's vocabulary (a speech model's text prompt) split a row: the
+            # n-gram counts only runs of tokens the model emits
+            cut = (row >= model.vocab_size).nonzero().flatten().tolist()
+            for a, b in zip([-1] + cut, cut + [len(row)]):
+                if b - a > 1:
+                    ngram.add(row[a + 1:b])
         ngram = ngram.pruned(NGRAM_MIN_COUNT)
         ngram.save(out / "ngram.safetensors")
         extra["ngrams"] = ngram.num_ngrams
