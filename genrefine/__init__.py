@@ -18,6 +18,14 @@ def load_image(path: str | None = None, **kwargs):
     return _load_image(path, **kwargs)
 
 
+def load_speech(path: str | None = None, **kwargs):
+    """Load a speech bundle (default: the embedded flite-trained model); see
+    :func:`genrefine.modalities.speech.api.load_speech`."""
+    from .modalities.speech.api import load_speech as _load_speech
+
+    return _load_speech(path, **kwargs)
+
+
 __all__ = [
     "Draft",
     "GenerationResult",
@@ -29,4 +37,5 @@ __all__ = [
     "VerifyResult",
     "load",
     "load_image",
+    "load_speech",
 ]

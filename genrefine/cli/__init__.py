@@ -2,7 +2,8 @@
 
 One module per group of subcommands, each with an ``add_*_parser(sub)`` that declares its options
 and a ``cmd_*(args)`` that runs it: :mod:`.generate` (generate, demo), :mod:`.batch`, :mod:`.bench`,
-:mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench), :mod:`.tools` (methods, index, draft-model); the option groups and
+:mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench),
+:mod:`.speech` (speech generate, bench), :mod:`.tools` (methods, index, draft-model); the option groups and
 the checks made before a model is loaded are in :mod:`.options`. :func:`main` turns a
 :class:`~genrefine.errors.GenrefineError` into one line on stderr and exit status 2.
 """
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from ..errors import GenrefineError
-from . import batch, bench, generate, image, serve, tools, train
+from . import batch, bench, generate, image, serve, speech, tools, train
 from .options import version
 
 
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_train_parser(sub)
     serve.add_serve_parser(sub)
     image.add_image_parser(sub)
+    speech.add_speech_parser(sub)
     tools.add_methods_parser(sub)
     return p
 
@@ -51,6 +53,7 @@ HANDLERS = {
     "draft-model": tools.cmd_draft_model,
     "train": train.cmd_train,
     "image": image.cmd_image,
+    "speech": speech.cmd_speech,
 }
 
 

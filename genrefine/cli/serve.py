@@ -10,7 +10,7 @@ from .options import add_model_options, validate_before_load
 
 DESCRIPTION = (
     "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
-    "GET /v1/models, /health and /metrics (and POST /v1/images/generations with --image-model). Requests that arrive together are decoded together, "
+    "GET /v1/models, /health and /metrics (and POST /v1/images/generations with --image-model, POST /v1/audio/speech with --speech-model). Requests that arrive together are decoded together, "
     "one target forward per step for the whole batch; a request may pick its method with the "
     "extra body field \"method\". Ctrl-C or SIGTERM stops after the requests in flight."
 )
@@ -45,6 +45,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--image-model", default="none", metavar="DIR|embedded|none",
                    help="also serve POST /v1/images/generations with this image bundle "
                    "(`embedded`: the shipped glyph model; default none)")
+    s.add_argument("--speech-model", default="none", metavar="DIR|embedded|none",
+                   help="also serve POST /v1/audio/speech with this speech bundle "
+                   "(`embedded`: the shipped flite-trained model; default none)")
     s.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info shows every request; default warning)")
@@ -81,7 +84,13 @@ def cmd_serve(args) -> int:
             raise GenrefineError("the image route serves class-conditional image bundles; a Janus "
                                  "model runs through `genrefine image generate --prompt` and the API")
         image = load_image(None if args.image_model == "embedded" else args.image_model)
+    speech = None
+    if args.speech_model != "none":
+        from ..modalities.speech.api import load_speech
+
+        speech = load_speech(None if args.speech_model == "embedded" else args.speech_model)
     gen = load(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    serve(gen, config, host=args.host, port=args.port, log_level=args.log_level, image=image)
+    serve(gen, config, host=args.host, port=args.port, log_level=args.log_level, image=image,
+          speech=speech)
     print("genrefine: server stopped", file=sys.stderr)
     return 0

@@ -32,13 +32,14 @@ def _need_extras() -> None:
         ) from e
 
 
-def create_app(generator, config: ServerConfig | None = None, warm: bool = True, image=None):
+def create_app(generator, config: ServerConfig | None = None, warm: bool = True, image=None, speech=None):
     """The FastAPI app for a loaded :class:`genrefine.Generator` (see ``app.create_app``);
-    ``image``: a loaded image model for ``POST /v1/images/generations``."""
+    ``image``: a loaded image model for ``POST /v1/images/generations``; ``speech``: a loaded
+    speech model for ``POST /v1/audio/speech``."""
     _need_extras()
     from .app import create_app as _create
 
-    return _create(generator, config, warm=warm, image=image)
+    return _create(generator, config, warm=warm, image=image, speech=speech)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -64,6 +65,7 @@ def serve(
     announce: Callable[[str], None] | None = None,
     log_level: str = "warning",
     image=None,
+    speech=None,
 ) -> None:
     """Serve until Ctrl-C or SIGTERM; then finish the requests in flight and return.
 
@@ -72,7 +74,7 @@ def serve(
     _need_extras()
     import uvicorn
 
-    app = create_app(generator, config, image=image)
+    app = create_app(generator, config, image=image, speech=speech)
     sock = bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]

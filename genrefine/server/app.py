@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GenrefineError
@@ -110,6 +110,27 @@ class ImageRequest(_Body):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     cfg: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
+
+
+class SpeechRequest(_Body):
+    """``POST /v1/audio/speech`` (OpenAI-shaped): ``input`` is the text to speak; ``voice`` one
+    of the speech model's voices ("alloy" and OpenAI's other names map to its default voice);
+    the response body is a WAV file. genrefine's extra fields choose the method and sampling."""
+
+    input: Annotated[str, Field(min_length=1, max_length=4096)]
+    model: str | None = None
+    voice: str | None = None
+    response_format: Literal["wav"] = "wav"
+    speed: Annotated[float, Field(ge=0.25, le=4.0)] | None = None
+    instructions: str | None = None
+    method: str | None = None
+    seed: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+
+
+# OpenAI's voice names: accepted, spoken with the model's default voice
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 
 
 class BadRequest(Exception):
@@ -365,11 +386,13 @@ def _method_figures(ev: Event) -> dict | None:
 
 
 def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
-               image=None) -> FastAPI:
+               image=None, speech=None) -> FastAPI:
     """The FastAPI app serving ``generator`` (a :class:`genrefine.Generator`).
 
     ``image``: an :class:`~genrefine.modalities.image.api.ImageGenerator` for
     ``POST /v1/images/generations`` (None: that route answers that no image model is loaded).
+    ``speech``: a :class:`~genrefine.modalities.speech.api.SpeechGenerator` for
+    ``POST /v1/audio/speech`` (None: that route answers that no speech model is loaded).
 
     The scheduler's worker starts with the app and, on shutdown, finishes every request it has.
     ``warm`` builds the default method first (``auto`` measures its cost table once per machine).
@@ -485,6 +508,29 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
                 raise BadRequest(str(e)) from e
         return JSONResponse(_image_body(res))
 
+    speech_lock = asyncio.Lock()  # one speech request at a time (the text worker runs beside it)
+
+    @app.post("/v1/audio/speech")
+    async def audio_speech(request: Request):
+        raw = await request.body()
+        try:
+            if len(raw) > MAX_BODY_BYTES:
+                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", status=413)
+            req = _parse(raw, SpeechRequest)
+            if speech is None:
+                raise BadRequest("this server has no speech model: start it with --speech-model",
+                                 status=404, code="not_found")
+            run = _speech_job(speech, req, config)
+        except BadRequest:
+            server.metrics.reject("bad_request")
+            raise
+        async with speech_lock:
+            try:
+                res = await asyncio.to_thread(run)
+            except GenrefineError as e:
+                raise BadRequest(str(e)) from e
+        return _speech_response(res)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model",
@@ -532,6 +578,64 @@ def _image_job(image, req: ImageRequest, config: ServerConfig):
                               top_k=req.top_k, cfg=req.cfg, seed=req.seed, options=options)
 
     return run
+
+
+def _speech_job(speech, req: SpeechRequest, config: ServerConfig):
+    """Validate a speech request against the loaded speech model; a function that runs it."""
+    from ..modalities.speech.data import normalize_text
+    from ..registry import METHODS
+
+    method = req.method or "ar"
+    if method not in METHODS:
+        raise BadRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}", "method")
+    voice = None if req.voice is None or req.voice in OPENAI_VOICES else req.voice
+    if voice is not None and voice not in speech.voices:
+        raise BadRequest(f"unknown voice {req.voice!r}: one of {', '.join(speech.voices)} "
+                         "(or an OpenAI voice name, spoken with the default voice)", "voice")
+    rate = None
+    if req.speed is not None:
+        # OpenAI's speed (larger is faster) to the nearest of the model's rates (larger is slower)
+        rate = min(speech.bundle.rates, key=lambda r: abs(1.0 / r - req.speed))
+    try:
+        speech.prompt(req.input, voice, rate)
+        normalize_text(req.input)
+    except GenrefineError as e:
+        raise BadRequest(str(e), "input") from e
+    options = MethodOptions(draft_len=config.options.draft_len) if config.options else None
+    try:
+        speech.method(method, options)  # build errors are the request's (e.g. a missing drafter)
+    except GenrefineError as e:
+        raise BadRequest(str(e), "method") from e
+
+    def run():
+        return speech.generate(req.input, method=method, temperature=req.temperature, top_k=req.top_k,
+                               seed=req.seed, voice=voice, rate=rate, options=options)
+
+    return run
+
+
+def _speech_response(res) -> Response:
+    """The utterance as a WAV body; genrefine's figures in ``x-genrefine-*`` headers."""
+    import io
+    import wave
+
+    from ..modalities.speech.data import wav_bytes_pcm
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(res.sample_rate)
+        w.writeframes(wav_bytes_pcm(res.audio))
+    s = res.summary()
+    acc = s["acceptance_rate"]
+    headers = {"x-genrefine-method": s["method"],
+               "x-genrefine-audio-seconds": f"{s['audio_seconds']:.3f}",
+               "x-genrefine-target-forwards-per-second-of-audio": f"{s['steps_per_second_of_audio']:.2f}",
+               "x-genrefine-tokens-per-step": f"{s['tokens_per_step']:.3f}",
+               "x-genrefine-acceptance-rate": "" if acc is None else f"{acc:.4f}",
+               "x-genrefine-finished": "true" if res.finished[0] else "false"}
+    return Response(buf.getvalue(), media_type="audio/wav", headers=headers)
 
 
 def _image_body(res) -> dict:
