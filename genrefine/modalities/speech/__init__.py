@@ -1,0 +1,1 @@
+"""Speech: text-to-speech models that emit discrete audio codes, and speculative decoding on them."""
