@@ -1,0 +1,1 @@
+"""Text-to-speech as discrete audio codes (issue 20)."""
