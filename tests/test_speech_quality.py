@@ -243,6 +243,13 @@ def test_synthesize_without_flite_says_how_to_install(monkeypatch):
         asr.recognizer_floor(["hello"], recognizer=object())
 
 
+@needs_flite
+def test_synthesize_rejects_an_unknown_voice():
+    """flite itself would speak in its default voice instead."""
+    with pytest.raises(ConfigError, match="no voice 'nosuch'.*slt"):
+        asr.synthesize("hello", "nosuch")
+
+
 @pytest.fixture(scope="module")
 def recognizer():
     return asr.Recognizer()

@@ -12,6 +12,7 @@ audio (Debian's ``flite``), the floor under any WER measured on generated speech
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -71,12 +72,22 @@ class Recognizer:
         return normalize_text(hyp.hypstr) if hyp is not None else ""
 
 
+@functools.lru_cache(maxsize=4)
+def flite_voices(exe: str = "flite") -> tuple[str, ...]:
+    """The voice names the installed flite knows (``flite -lv``)."""
+    out = subprocess.run([exe, "-lv"], capture_output=True, text=True).stdout
+    return tuple(out.partition(":")[2].split())
+
+
 def synthesize(text: str, voice: str = "slt", stretch: float = 1.0) -> tuple[np.ndarray, int]:
     """Speak ``text`` with Debian's flite -> (float32 audio [T], sample rate). ``stretch`` is
     flite's duration_stretch (above 1: slower)."""
     exe = shutil.which("flite")
     if exe is None:
         raise ConfigError("speech synthesis needs Debian's flite: apt-get install flite")
+    voices = flite_voices(exe)
+    if voice not in voices:  # flite itself falls back to its default voice without a word
+        raise ConfigError(f"flite has no voice {voice!r}; its voices: {', '.join(voices)}")
     with tempfile.TemporaryDirectory(prefix="genrefine-flite-") as tmp:
         txt, wav = Path(tmp) / "in.txt", Path(tmp) / "out.wav"
         txt.write_text(text)
