@@ -15,9 +15,8 @@ import torch
 
 from genrefine.errors import ConfigError
 from genrefine.modalities.speech import codec as codec_mod
-from genrefine.modalities.speech.data import (
-    ALPHABET, normalize_text, read_wav, split_sentences, write_wav,
-)
+from genrefine.modalities.speech.data import ALPHABET, normalize_text, split_sentences
+from genrefine.modalities.speech.quality import read_wav, write_wav
 from genrefine.train.speech import layout_for, pad_batch, speech_sequences
 
 from tiny import save_tiny_model_dir

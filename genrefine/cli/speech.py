@@ -86,7 +86,7 @@ def cmd_speech(args) -> int:
         raise GenrefineError("say what to do: `genrefine speech generate` or `genrefine speech bench`")
     options = _options(args)
     if args.speech_command == "generate":
-        from ..modalities.speech.data import write_wav
+        from ..modalities.speech.quality import write_wav
 
         _check_methods([args.method])
         if not args.out.lower().endswith(".wav"):

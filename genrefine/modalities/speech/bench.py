@@ -17,7 +17,6 @@ target forwards per second of audio over the method's.
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 
 import numpy as np

@@ -1,8 +1,8 @@
 """The audio tokenizer: one code per log-mel frame (k-means), decoded by a small network and
 Griffin-Lim.
 
-* Features: log-mel frames of 16 kHz audio (:data:`N_FFT`, :data:`HOP` = 62.5 frames/s,
-  :data:`N_MELS` triangular mel bands from 0 to 8 kHz), ``log(mel magnitude + 1e-5)``.
+* Features: log-mel frames of 16 kHz audio (:func:`.quality.log_mel`: 1024-point FFT, hop 256 =
+  62.5 frames/s, 80 triangular mel bands from 0 to 8 kHz), ``log(mel magnitude + 1e-5)``.
 * Encoding: each frame's nearest centroid of a k-means codebook (``codebook_size`` codes) fitted
   on training frames. One code per frame, so a second of speech is 62.5 tokens.
 * Decoding: a small convolutional network over the code sequence (it sees neighbouring codes, so
@@ -22,46 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-SAMPLE_RATE = 16_000
-N_FFT = 1024
-HOP = 256
-N_MELS = 80
+from .quality import HOP, N_FFT, N_MELS, SAMPLE_RATE, log_mel, mel_filterbank
+
 GL_ITERS = 48
-LOG_FLOOR = 1e-5
-
-
-@functools.lru_cache(maxsize=4)
-def mel_filterbank(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """[n_mels, n_fft // 2 + 1] triangular filters on the HTK mel scale, 0 Hz to Nyquist."""
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2))
-    bins = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
-    fb = np.zeros((n_mels, n_fft // 2 + 1))
-    for i in range(n_mels):
-        lo, mid, hi = edges[i], edges[i + 1], edges[i + 2]
-        fb[i] = np.maximum(0.0, np.minimum((bins - lo) / (mid - lo), (hi - bins) / (hi - mid)))
-    return torch.tensor(fb, dtype=torch.float32)
+__all__ = ["Codec", "CodeDecoder", "griffin_lim", "kmeans", "log_mel", "mel_filterbank",
+           "HOP", "N_FFT", "N_MELS", "SAMPLE_RATE", "GL_ITERS"]
 
 
 @functools.lru_cache(maxsize=4)
 def _mel_pinv(n_mels: int = N_MELS) -> Tensor:
-    return torch.linalg.pinv(mel_filterbank(n_mels))
-
-
-def log_mel(audio, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """[frames, N_MELS] log-mel features of 16 kHz float audio (numpy or tensor, [T])."""
-    if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"log_mel expects {SAMPLE_RATE} Hz audio, got {sample_rate}")
-    x = torch.as_tensor(np.asarray(audio, dtype=np.float32))
-    if x.numel() < N_FFT:
-        x = torch.nn.functional.pad(x, (0, N_FFT - x.numel()))
-    spec = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs()
-    return torch.log(mel_filterbank() @ spec + LOG_FLOOR).T.contiguous()
+    return torch.linalg.pinv(mel_filterbank(n_mels=n_mels))
 
 
 def griffin_lim(logmel: Tensor, iters: int = GL_ITERS, seed: int = 0) -> np.ndarray:

@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
-import subprocess
-import tempfile
-import wave
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -39,17 +34,6 @@ HELD_OUT_PER_MILLE = 40  # sentences whose hash falls below this (of 1000) are h
 ALPHABET = " '" + "abcdefghijklmnopqrstuvwxyz"
 
 _WORD = re.compile(r"^[a-z]+(?:'[a-z]+)?$")
-
-
-def flite_path() -> str:
-    """The ``flite`` executable, or a ConfigError saying how to install it."""
-    path = shutil.which("flite")
-    if path is None:
-        raise ConfigError(
-            "Debian's flite synthesizer is not installed (it makes the speech training data): "
-            "run `apt-get install flite`"
-        )
-    return path
 
 
 def normalize_text(text: str) -> str:
@@ -125,27 +109,6 @@ def split_sentences() -> tuple[list[str], list[str]]:
     return [s for s in all_ if not is_held_out(s)], [s for s in all_ if is_held_out(s)]
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """``(float32 samples in [-1, 1], sample rate)`` of a 16-bit mono WAV file."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ConfigError(f"{path}: only 16-bit PCM WAV files are read")
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-        ch = w.getnchannels()
-        sr = w.getframerate()
-    x = x.reshape(-1, ch).mean(axis=1) if ch > 1 else x
-    return (x.astype(np.float32) / 32768.0), sr
-
-
-def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write float32 samples in [-1, 1] as a 16-bit mono WAV file."""
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(wav_bytes_pcm(audio))
-
-
 def wav_bytes_pcm(audio: np.ndarray) -> bytes:
     """16-bit little-endian PCM of float samples (clipped to [-1, 1])."""
     a = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
@@ -154,16 +117,11 @@ def wav_bytes_pcm(audio: np.ndarray) -> bytes:
 
 def synthesize(text: str, voice: str = "slt", rate: float = 1.0) -> np.ndarray:
     """``text`` spoken by flite's ``voice`` at ``rate`` (duration stretch): float32, 16 kHz."""
+    from .asr import synthesize as flite
+
     if voice not in VOICES:
         raise ConfigError(f"unknown voice {voice!r}: one of {', '.join(VOICES)}")
-    exe = flite_path()
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "u.wav"
-        cmd = [exe, "-voice", voice, "--setf", f"duration_stretch={rate}", "-t", text, "-o", str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not out.exists():
-            raise ConfigError(f"flite failed on {text!r}: {r.stderr.strip()[:200]}")
-        audio, sr = read_wav(out)
+    audio, sr = flite(text, voice, rate)
     if sr != SAMPLE_RATE:
         raise ConfigError(f"flite's voice {voice} speaks at {sr} Hz, not {SAMPLE_RATE}")
     return audio
@@ -182,8 +140,6 @@ def synthesize_corpus(sentences: list[str], seed: int, workers: int = 2,
     """Each sentence spoken once, in a voice and rate drawn from ``seed`` (deterministic)."""
     rng = np.random.default_rng(seed)
     plan = [(s, int(rng.integers(len(VOICES))), int(rng.integers(len(RATES)))) for s in sentences]
-    flite_path()
-
     def one(item):
         s, v, r = item
         return Utterance(s, v, r, synthesize(s, VOICES[v], RATES[r]))
