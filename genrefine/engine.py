@@ -333,6 +333,8 @@ class Decoder:
         if self.params.greedy:
             return verify_greedy_argmax(draft, target_argmax)
         probs = logits_to_probs(logits, self.params)  # [n + 1, V]
+        if self.method.verify_sampled is not None:  # the method's own rule (pcg, vadusa; lossy)
+            return self.method.verify_sampled(draft, probs, self.generator)
         if self.method.relax is not None:  # lossy, within a total-variation budget per token
             return verify_relaxed(draft, probs, self.generator, self.method.relax)
         if self.method.acceptance == "typical":

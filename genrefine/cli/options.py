@@ -53,6 +53,7 @@ def add_drafter_option(p) -> None:
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
+    from ..methods.base import MethodOptions
     from ..registry import method_names
 
     g = p.add_argument_group("generation")
@@ -87,6 +88,10 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                    "frequent tokens (default for early-exit-draft, swift and sps: 32768 when the "
                    "vocabulary has over 65536 tokens; for trained drafters: 8192 of the tokens "
                    "they were trained on; a number >= the vocabulary size means all)")
+    g.add_argument("--tolerance", type=int, default=MethodOptions.tolerance,
+                   help="vadusa (lossy): under sampling, accept a drafted token that is among the "
+                   f"target's top N at its position (default {MethodOptions.tolerance}; 1: the "
+                   "most likely only)")
     g.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
                    help="trained methods (and pld, rest on llama.cpp): verify whole drafts "
                    "instead of cutting them to what pays on this machine (measured forward times)")
@@ -120,6 +125,7 @@ def method_options(args):
         draft_model=args.draft_model,
         drafter=args.drafter,
         tree_cut=args.tree_cut,
+        tolerance=args.tolerance,
     )
 
 

@@ -134,6 +134,9 @@ class MethodOptions:
     relax_k: int = 8
     group_size: int = 8
     group_similarity: float = 0.5
+    # vadusa (lossy): under sampling a drafted token is accepted when it is among the target's
+    # top-`tolerance` tokens at its position (verify/tolerance.py); 1 accepts the argmax only
+    tolerance: int = 3
 
     def __post_init__(self) -> None:
         if self.draft_len is not None and not 1 <= self.draft_len <= MAX_DRAFT_NODES:
@@ -164,6 +167,8 @@ class MethodOptions:
             raise ConfigError(
                 f"gsd's similarity threshold must be in [-1, 1], got {self.group_similarity}"
             )
+        if self.tolerance < 1:
+            raise ConfigError(f"vadusa's tolerance (top-k accepted) must be >= 1, got {self.tolerance}")
         if not self.calm_threshold > 0.0:
             raise ConfigError(
                 f"--calm-threshold must be > 0 (1.0 never exits early), got {self.calm_threshold}"
@@ -219,6 +224,10 @@ class Method:
     # Relaxed acceptance (lantern, gsd; lossy): a verify.relaxed.RelaxedAcceptance used instead
     # of the exact rule when sampling (greedy verification stays argmax)
     relax: object | None = None
+    # A sampling verifier of the method's own (pcg: group-level speculative sampling; vadusa:
+    # tolerance on trees; lossy): called as verify_sampled(draft, target_probs [n + 1, V],
+    # generator) -> VerifyResult instead of the exact rule when sampling (greedy stays argmax)
+    verify_sampled: Callable | None = None
 
 
 @dataclass(frozen=True)
