@@ -131,11 +131,11 @@ def test_tiny_training_writes_a_complete_bundle(tiny_bundle):
     meta = json.loads((tiny_bundle / "speech.json").read_text())
     assert meta["format"] == "genrefine-speech-v1" and meta["sample_rate"] == 16000
     for f in ("codec.safetensors", "transformer/model.safetensors", "heads/drafter.safetensors",
-              "eagle/drafter.safetensors"):
+              "eagle/drafter.safetensors", "draft/model.safetensors"):
         assert (tiny_bundle / f).is_file(), f
     assert not (tiny_bundle / "checkpoints").exists()
     d = meta["training"]["drafters"]
-    assert d["heads"]["greedy_same_as_ar"] and d["eagle"]["greedy_same_as_ar"]
+    assert d["heads"]["greedy_same_as_ar"] and d["eagle"]["greedy_same_as_ar"] and d["draft"]["greedy_same_as_ar"]
 
 
 def test_resumed_training_matches_an_uninterrupted_one(tmp_path, tiny_bundle):
@@ -153,8 +153,10 @@ def test_resumed_training_matches_an_uninterrupted_one(tmp_path, tiny_bundle):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["pld", "jacobi", "sjd", "mc-sjd", "medusa", "eagle"])
-def test_lossless_methods_speak_ar_codes_greedily(tts, method):
+@pytest.mark.parametrize("method", ["pld", "jacobi", "sjd", "mc-sjd", "medusa", "eagle", "sps", "vadusa", "pcg"])
+def test_methods_speak_ar_codes_greedily(tts, method):
+    """The lossless methods always, and the lossy ones at temperature 0 (plain greedy
+    verification), with the bundle's own drafters found without options."""
     texts = ["hello there", "a quiet afternoon"]
     ref = tts.generate(texts, method="ar", temperature=0, seed=0)
     got = tts.generate(texts, method=method, temperature=0, seed=0)

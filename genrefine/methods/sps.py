@@ -232,7 +232,13 @@ def load_draft_model(model, opts: MethodOptions):
         from ..models.loading import load_model
 
         backend = getattr(model, "backend", "native")  # llama.cpp targets draft on llama.cpp too
-        return load_model(spec, dtype=model.dtype, device=model.device, backend=backend)
+        draft, tok = load_model(spec, dtype=model.dtype, device=model.device, backend=backend)
+        wrap = getattr(model, "wrap_draft", None)
+        if wrap is not None:
+            # a target that is a view of its base (GuidedModel: logits cut to the codes) sees a
+            # draft of the same family through the same view, so their ids mean the same
+            return wrap(draft), None
+        return draft, tok
     return spec, opts.draft_tokenizer
 
 

@@ -131,6 +131,16 @@ class GuidedModel:
         self.supports_trees = bool(getattr(base, "supports_trees", False))
         self.bitwise_exact = bool(getattr(base, "bitwise_exact", False))
 
+    def wrap_draft(self, base) -> "GuidedModel":
+        """``base`` (a draft model over the same vocabulary as this one's base) seen through the
+        same view: the codes' logits, the same guidance and unconditional ids (method ``sps``)."""
+        if base.vocab_size < self.n_codes:
+            raise ConfigError(f"the draft model's vocabulary ({base.vocab_size}) lacks the target's "
+                              f"{self.n_codes} codes")
+        return GuidedModel(base, n_codes=self.n_codes, class_offset=self.class_offset,
+                           n_classes=self.n_classes, null_token=self.null_token, scale=self.scale,
+                           unconditional=self._unconditional)
+
     @property
     def guided(self) -> bool:
         """Whether unconditional rows run (``scale != 1``)."""

@@ -11,8 +11,10 @@ after an interruption; the folder is removed once the bundle is complete):
    then the code decoder trained to predict the frames from their codes;
 3. the transformer (a ``transformers`` ``LlamaForCausalLM``) on
    ``[voice, rate] + characters + [start] + codes + [end]``, the loss on the codes and the end;
-4. the drafters the lossless and VADUSA methods use: Medusa heads on the transformer's last
-   hidden states (next-token targets of the training sequences);
+4. the drafters the lossless and VADUSA methods use, distilled from the transformer on the training
+   sequences (:func:`genrefine.train.run.run_training`): Medusa heads (``heads/``; medusa, vadusa),
+   an EAGLE drafter (``eagle/``) and a draft model of its first ``draft_layers`` layers
+   (``draft/``; sps);
 5. the bundle (:mod:`genrefine.modalities.speech.bundle`).
 
 Every random choice is drawn from generators seeded by ``seed`` and the step, so a resumed run
@@ -70,6 +72,7 @@ class SpeechTrainSpec:
     heads_lr: float = 2e-3
     drafter_seq_len: int = 256
     drafter_tokens: int = 400_000
+    draft_layers: int = 1  # sps: the draft model is the transformer's first layers, distilled
     temperature: float = 0.8  # the bundle's sampling defaults
     top_k: int = 40
     checkpoint_every: int = 100
@@ -77,7 +80,7 @@ class SpeechTrainSpec:
 
 REAL = SpeechTrainSpec()
 TINY = SpeechTrainSpec(n_utterances=24, heldout=4, codebook_size=16, kmeans_frames=4000, kmeans_iters=3,
-                       dec_width=16, dec_layers=1, dec_steps=3, dec_batch=4, hidden=32, layers=1, heads=2,
+                       dec_width=16, dec_layers=1, dec_steps=3, dec_batch=4, hidden=32, layers=2, heads=2,
                        intermediate=64, tf_steps=3, tf_batch=4, num_heads=2, heads_steps=3, heads_batch=4,
                        drafter_seq_len=32, drafter_tokens=4000, checkpoint_every=2)
 
@@ -374,25 +377,27 @@ def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bo
 
 def train_drafters(out: Path, seqs: list[Tensor], spec: SpeechTrainSpec, seed: int, ckdir: Path,
                    resume: bool, progress: bool, say) -> dict:
-    """Medusa heads (``out/heads``) and an EAGLE drafter (``out/eagle``) for the bundle in
-    ``out``, trained on the training sequences through the native model
-    (:func:`genrefine.train.run.run_training`)."""
+    """Medusa heads (``out/heads``), an EAGLE drafter (``out/eagle``) and a draft model
+    (``out/draft``) for the bundle in ``out``, trained on the training sequences through the
+    native model (:func:`genrefine.train.run.run_training`)."""
     from ..modalities.speech.api import load_speech
     from .run import DrafterSpec, run_training
 
     gen = load_speech(str(out))
     stream = torch.cat(seqs)
     info = {}
-    for kind, steps in (("heads", spec.heads_steps), ("eagle", spec.heads_steps)):
+    for kind, steps in (("heads", spec.heads_steps), ("eagle", spec.heads_steps), ("draft", spec.heads_steps)):
         dspec = DrafterSpec(kind=kind, num_heads=spec.num_heads, topk=4, tree_nodes=16,
                             draft_vocab=gen.model.vocab_size, seq_len=spec.drafter_seq_len,
-                            max_tokens=spec.drafter_tokens)
+                            max_tokens=spec.drafter_tokens, layers=spec.draft_layers)
         cfg = TrainConfig(steps=steps, lr=spec.heads_lr, warmup=max(1, min(50, steps // 10)),
                           batch=spec.heads_batch, seed=seed, checkpoint_every=spec.checkpoint_every)
         d = out / kind
-        res = run_training(gen.model, None, [], dspec, cfg, d, resume=resume, progress=progress, stream=stream)
+        res = run_training(gen.model, None, [], dspec, cfg, d, resume=resume, progress=progress, stream=stream,
+                           source=str(out / "transformer"))
         for f in d.glob("checkpoint*"):
             f.unlink()
+        shutil.rmtree(d / "init", ignore_errors=True)
         info[kind] = {"steps": steps, "tokens": int(min(len(stream), spec.drafter_tokens)),
                       "greedy_tokens_per_step": round(res.tokens_per_step, 3),
                       "greedy_same_as_ar": bool(res.ar_steps_equal), **res.extra}

@@ -107,6 +107,9 @@ class SpeechGenerator:
         kind = getattr(METHODS.get(name), "drafter_kind", None)
         if opts.drafter is None and kind and (self.bundle.path / kind / "drafter.safetensors").is_file():
             opts = dataclasses.replace(opts, drafter=str(self.bundle.path / kind))  # the bundle's own
+        if (opts.draft_model is None and getattr(METHODS.get(name), "needs_draft_model", False)
+                and (self.bundle.path / "draft" / "config.json").is_file()):
+            opts = dataclasses.replace(opts, draft_model=str(self.bundle.path / "draft"))
         key = (name, opts)
         if key not in self._methods:
             self._methods[key] = build_method(name, self.model, opts)
