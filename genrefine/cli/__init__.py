@@ -15,6 +15,7 @@ import sys
 
 from ..errors import GenrefineError
 from . import batch, bench, generate, image, serve, speech, tools, train
+from . import export
 from .options import version
 
 
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     image.add_image_parser(sub)
     speech.add_speech_parser(sub)
     tools.add_methods_parser(sub)
+    export.add_export_parser(sub)
     return p
 
 
@@ -54,6 +56,7 @@ HANDLERS = {
     "train": train.cmd_train,
     "image": image.cmd_image,
     "speech": speech.cmd_speech,
+    "export": export.cmd_export,
 }
 
 
