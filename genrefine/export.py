@@ -239,5 +239,6 @@ def export_drafter(drafter: str | Path, fmt: str, out: str | Path, model=None) -
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / WEIGHTS, tensors, metadata={"format": "pt"})
+    (out / WEIGHTS).chmod(0o644)  # an engine often runs as another user
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
