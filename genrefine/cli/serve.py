@@ -10,7 +10,7 @@ from .options import add_model_options, validate_before_load
 
 DESCRIPTION = (
     "Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
-    "GET /v1/models, /health and /metrics (and POST /v1/images/generations with --image-model, POST /v1/audio/speech with --speech-model). Requests that arrive together are decoded together, "
+    "GET /v1/models, /health and /metrics, a playground page at / (and POST /v1/images/generations with --image-model, POST /v1/audio/speech with --speech-model). Requests that arrive together are decoded together, "
     "one target forward per step for the whole batch; a request may pick its method with the "
     "extra body field \"method\". Ctrl-C or SIGTERM stops after the requests in flight."
 )

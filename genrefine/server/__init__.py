@@ -3,6 +3,7 @@
     app.py        FastAPI routes, request bodies and their validation, SSE streaming
     scheduler.py  the worker thread that owns the model and decodes requests in batches
     metrics.py    counters in the Prometheus text format
+    playground/   the page served at / (plain HTML, JS and CSS: no build step)
 
 Needs the ``serve`` extra (``pip install genrefine[serve]``: FastAPI and uvicorn).
 """

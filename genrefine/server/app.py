@@ -4,7 +4,9 @@ Requests are validated here (types, ranges, the prompt against the context) and 
 an OpenAI-style error body when they are wrong; valid ones go to the :class:`Scheduler`, whose
 worker decodes them in batches. A request may choose its method with the extra body field
 ``method`` (the openai client: ``extra_body={"method": "pld"}``); every other decoding option
-is the operator's (no request can name a file).
+is the operator's (no request can name a file). A streamed request may ask, with the extra field
+``genrefine_provenance: true``, that each text chunk say where its tokens came from (a top-level
+``genrefine`` object on the chunk: see :func:`_stream`); the playground page at ``/`` does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     method: str | None = None  # genrefine: the decoding method (default: the server's)
+    genrefine_provenance: bool = False  # genrefine: stream chunks say which tokens were drafts
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -260,6 +263,9 @@ class Server:
 
     def make_job(self, req) -> Job:
         _unsupported(req)
+        if req.genrefine_provenance and not req.stream:
+            raise BadRequest("genrefine_provenance describes a stream's chunks: set stream to true",
+                             "genrefine_provenance")
         method = req.method or self.config.method
         try:
             self.scheduler.check_method(method)
@@ -298,7 +304,7 @@ class Server:
                 f"the model's context holds {context} tokens, but {len(ids)} are in the prompt "
                 f"and {param} asks for {max_tokens}: lower {param} or shorten the prompt", param,
                 code="context_length_exceeded")
-        return Job(ids, max_tokens, params, method, stops)
+        return Job(ids, max_tokens, params, method, stops, provenance=req.genrefine_provenance)
 
     # -------------------------------------------------------------- running a job
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
@@ -336,6 +342,22 @@ class Server:
             except asyncio.TimeoutError:
                 continue
 
+    def methods(self) -> dict:
+        """``GET /v1/genrefine/methods``: every method, whether it is lossless and whether this
+        server can run it (``reason`` says why not), and the server's default."""
+        from ..registry import METHODS
+
+        data = []
+        for m in METHODS.values():
+            try:
+                self.scheduler.check_method(m.name)
+                reason = None
+            except GenrefineError as e:
+                reason = str(e)
+            data.append({"id": m.name, "object": "genrefine.method", "lossless": m.lossless,
+                         "summary": m.summary, "available": reason is None, "reason": reason})
+        return {"object": "list", "default": self.config.method, "data": data}
+
     def usage(self, job: Job, done: Event) -> dict:
         """OpenAI's usage fields, and ``speculative``: what speculation did for this request
         (the library's :class:`~genrefine.engine.Stats` of its generation)."""
@@ -344,6 +366,20 @@ class Server:
         if done.stats is not None:
             out["speculative"] = _speculative(done.stats)
         return out
+
+
+# the playground page's files (genrefine/server/playground/), by name: a request names one of
+# these, never a path
+PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8",
+                    "app.js": "text/javascript; charset=utf-8",
+                    "style.css": "text/css; charset=utf-8"}
+
+
+def _playground_file(name: str) -> Response:
+    from importlib.resources import files
+
+    body = files(__package__).joinpath("playground", name).read_bytes()
+    return Response(body, media_type=PLAYGROUND_FILES[name], headers={"cache-control": "no-cache"})
 
 
 class _Client:
@@ -531,6 +567,20 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
                 raise BadRequest(str(e)) from e
         return _speech_response(res)
 
+    @app.get("/v1/genrefine/methods")
+    async def methods():
+        return server.methods()
+
+    @app.get("/")
+    async def playground():
+        return _playground_file("index.html")
+
+    @app.get("/playground/{name}")
+    async def playground_asset(name: str):
+        if name not in PLAYGROUND_FILES or name == "index.html":
+            raise BadRequest(f"no such playground file: {name}", status=404, code="not_found")
+        return _playground_file(name)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model",
@@ -675,6 +725,18 @@ async def _collect(server: Server, request: Request, job: Job, queue) -> tuple[s
 
 def _stream(server: Server, request: Request, job: Job, queue, first: list[dict], text_chunk,
             final_chunk, usage_chunk: dict, usage: bool) -> StreamingResponse:
+    """The job's events as OpenAI's server-sent chunks.
+
+    A job with provenance (``genrefine_provenance: true``) gets, on every text chunk, a top-level
+    ``"genrefine": {"step": s, "tokens": n, "accepted": k, "drafter": d}``: the chunk's text came
+    from ``n`` tokens of decoding step ``s`` (0: the prefill's first token), of which ``k`` are
+    accepted draft tokens (then ``k == n``: the step's accepted drafts) or none (``k == 0``: the
+    target's own token, bonus or correction); ``d`` is the drafter that proposed the step's draft
+    (None: nothing was drafted). Counts are exact; text may lag its tokens by a chunk (a partial
+    character or a possible stop string is held back), and the chunk that releases text held back
+    to the end has ``n == 0``. Summed over a stream that ends by length, ``k`` is the usage's
+    ``speculative.accepted`` and ``n`` its ``completion_tokens``.
+    """
     async def events():
         finished = False
         client = _Client(request)
@@ -687,7 +749,10 @@ def _stream(server: Server, request: Request, job: Job, queue, first: list[dict]
                     finished = True  # cancelled by next_event
                     return
                 if ev.kind == "text":
-                    yield _sse(text_chunk(ev.text))
+                    c = text_chunk(ev.text)
+                    if ev.provenance is not None:
+                        c["genrefine"] = ev.provenance
+                    yield _sse(c)
                 elif ev.kind == "error":
                     finished = True
                     kind = "invalid_request_error" if ev.status < 500 else "server_error"

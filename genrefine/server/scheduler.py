@@ -87,6 +87,9 @@ class Event:
     stats: Stats | None = None  # done
     message: str = ""  # error
     status: int = 500  # error: the HTTP status it maps to
+    # text, for a job that asked for provenance: where the piece's tokens came from
+    # {"step": s, "tokens": n, "accepted": k, "drafter": name or None}, see Scheduler._tokens
+    provenance: dict | None = None
 
 
 _ids = itertools.count(1)
@@ -103,6 +106,7 @@ class Job:
         method: str,
         stops: Sequence[str] = (),
         emit: Callable[[Event], None] = lambda ev: None,
+        provenance: bool = False,
     ) -> None:
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
@@ -111,6 +115,7 @@ class Job:
         self.method = method
         self.stops = tuple(stops)
         self.emit = emit
+        self.provenance = provenance  # text events say which tokens were accepted drafts
         self.cancelled = threading.Event()
 
 
@@ -328,8 +333,16 @@ class Scheduler:
     def _accept(self, seq: _Seq, finish_step) -> None:
         """Run ``finish_step()`` (the forward's rest and ``Decoder.accept``), emit its tokens and
         end the sequence when it is done; an error fails this sequence only."""
+        stats = seq.stats
+        if seq.job.provenance:  # what this step accepts, and whose draft it was
+            accepted, served = stats.accepted, dict(stats.drafter_steps)
         try:
-            self._tokens(seq, finish_step())
+            ids = finish_step()
+            if seq.job.provenance:
+                drafter = next((d for d, n in stats.drafter_steps.items() if served.get(d, 0) != n), None)
+                self._tokens(seq, ids, stats.accepted - accepted, drafter)
+            else:
+                self._tokens(seq, ids)
         except Exception as e:
             traceback.print_exc()
             self._fail(seq, f"internal error: {type(e).__name__}: {e}", 500)
@@ -366,13 +379,28 @@ class Scheduler:
             seq.loop.close()
             self._finish(seq, "stop")
 
-    def _tokens(self, seq: _Seq, ids: list[int]) -> None:
+    def _tokens(self, seq: _Seq, ids: list[int], accepted: int = 0, drafter: str | None = None) -> None:
+        """Hand one step's new tokens to the job as text. ``accepted``: how many of them lead the
+        list as accepted draft tokens (served by ``drafter``); the rest are the target's own.
+
+        A job that asked for provenance gets the step as up to two text events, the accepted
+        drafts' text then the target token's, each with its counts (sent even when the text is
+        held back: it then arrives with a later piece, while the counts stay with their step)."""
         if not ids:
             return
         self.metrics.tokens(len(ids))
-        piece = seq.text.add(ids)
-        if piece:
-            seq.job.emit(Event("text", text=piece))
+        job = seq.job
+        if not job.provenance:
+            piece = seq.text.add(ids)
+            if piece:
+                job.emit(Event("text", text=piece))
+            return
+        k = min(accepted, len(ids))  # an EOS among the drafts cuts the list short
+        step = seq.stats.steps
+        for part, acc in ((ids[:k], k), (ids[k:], 0)):
+            if part:
+                info = {"step": step, "tokens": len(part), "accepted": acc, "drafter": drafter}
+                job.emit(Event("text", text=seq.text.add(part), provenance=info))
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         self._active.remove(seq)
@@ -380,7 +408,10 @@ class Scheduler:
         if reason != "cancelled":
             piece = seq.text.finish()
             if piece:
-                seq.job.emit(Event("text", text=piece))
+                info = None
+                if seq.job.provenance:  # text held back until the end: its tokens were counted
+                    info = {"step": seq.stats.steps, "tokens": 0, "accepted": 0, "drafter": None}
+                seq.job.emit(Event("text", text=piece, provenance=info))
             seq.job.emit(
                 Event("done", finish_reason=reason, completion_tokens=len(seq.text.token_ids), stats=seq.stats)
             )
