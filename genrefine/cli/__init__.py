@@ -2,9 +2,10 @@
 
 One module per group of subcommands, each with an ``add_*_parser(sub)`` that declares its options
 and a ``cmd_*(args)`` that runs it: :mod:`.generate` (generate, demo), :mod:`.batch`, :mod:`.bench`,
-:mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench),
-:mod:`.speech` (speech generate, bench), :mod:`.tools` (methods, index, draft-model); the option groups and
-the checks made before a model is loaded are in :mod:`.options`. :func:`main` turns a
+:mod:`.train`, :mod:`.serve`, :mod:`.image` (image generate, bench), :mod:`.speech` (speech
+generate, bench), :mod:`.export` (drafters for other engines), :mod:`.tools` (methods, index,
+draft-model); the option groups and the checks made before a model is loaded are in
+:mod:`.options`. :func:`main` turns a
 :class:`~genrefine.errors.GenrefineError` into one line on stderr and exit status 2.
 """
 
@@ -14,8 +15,7 @@ import argparse
 import sys
 
 from ..errors import GenrefineError
-from . import batch, bench, generate, image, serve, speech, tools, train
-from . import export
+from . import batch, bench, export, generate, image, serve, speech, tools, train
 from .options import version
 
 
