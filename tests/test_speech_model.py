@@ -257,3 +257,34 @@ def test_server_without_speech_model_says_so(tiny_text_generator):
     with TestClient(create_app(tiny_text_generator, ServerConfig(method="ar"), warm=False)) as c:
         r = c.post("/v1/audio/speech", json={"input": "hello"})
         assert r.status_code == 404 and "--speech-model" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ bench
+def test_speech_bench_report(tiny_bundle, tmp_path, capsys):
+    from genrefine.cli import main
+
+    j, r, p = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    assert main(["speech", "bench", "--model", str(tiny_bundle), "--methods", "mc-sjd,pcg", "--n", "2",
+                 "--json", str(j), "--report", str(r), "--plot", str(p), "--no-progress"]) == 0
+    rep = json.loads(j.read_text())
+    assert set(rep["methods"]) == {"ar", "mc-sjd", "pcg"}
+    for name, row in rep["methods"].items():
+        for k in ("speedup", "steps_per_second_of_audio", "tokens_per_step", "acceptance_rate", "lossless",
+                  "wer", "cer", "spectral_distance", "forward_reduction"):
+            assert k in row, (name, k)
+    assert rep["methods"]["ar"]["speedup"] == 1.0 and rep["methods"]["ar"]["spectral_distance"] == 0.0
+    assert rep["methods"]["mc-sjd"]["lossless"] and not rep["methods"]["pcg"]["lossless"]
+    assert {"wer", "cer", "spectral_distance"} <= set(rep["noise"]) and "wer" in rep["recognizer_floor"]
+    assert len(rep["texts"]) == 2 and "speech bench --methods mc-sjd,pcg --n 2" in rep["command"]
+    assert "| `pcg` | no |" in r.read_text() and p.stat().st_size > 1000
+
+
+def test_speech_bench_greedy_counts_same_codes(tts):
+    from genrefine.modalities.speech.bench import run_speech_bench
+
+    class Deaf:  # the recognizer is not what this test is about
+        def transcribe(self, audio, sample_rate=16000):
+            return "x"
+
+    rep = run_speech_bench(tts, ["sps", "vadusa"], 2, temperature=0, recognizer=Deaf(), floor=False)
+    assert rep["same_codes_as_ar"] == {"ar": 2, "sps": 2, "vadusa": 2}

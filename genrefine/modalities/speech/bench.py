@@ -86,6 +86,10 @@ def run_speech_bench(gen, methods: list[str], n: int, *, seed: int = 0, temperat
     if temperature == 0 or (temperature is None and gen.default_temperature == 0):
         report["same_codes_as_ar"] = {m: sum(a.codes == b.codes for a, b in zip(runs[m], runs["ar"]))
                                       for m in names}
+    ex = report["methods"].get("mc-sjd", {}).get("acceptance_rate")
+    if ex and report["methods"].get("pcg", {}).get("acceptance_rate") is not None:
+        # pcg drafts with mc-sjd's drafter: its acceptance over mc-sjd's is what relaxing buys
+        report["pcg_acceptance_over_exact"] = report["methods"]["pcg"]["acceptance_rate"] / ex
     if floor:
         from .asr import recognizer_floor
 
@@ -140,6 +144,9 @@ def markdown_report(report: dict, command: str) -> str:
     if fl:
         lines.append(f"Recognizer floor (flite's own audio of the same texts): WER {100 * fl['wer']:.1f}%, "
                      f"CER {100 * fl['cer']:.1f}%.")
+    if report.get("pcg_acceptance_over_exact"):
+        lines.append(f"pcg's acceptance over exact acceptance with the same drafter (mc-sjd): "
+                     f"{report['pcg_acceptance_over_exact']:.2f}x.")
     same = report.get("same_codes_as_ar")
     if same:
         lines.append("Same codes as `ar` (greedy): " + ", ".join(f"{m} {v}/{report['n']}" for m, v in same.items()))
