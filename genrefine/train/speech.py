@@ -15,7 +15,10 @@ after an interruption; the folder is removed once the bundle is complete):
    sequences (:func:`genrefine.train.run.run_training`): Medusa heads (``heads/``; medusa, vadusa),
    an EAGLE drafter (``eagle/``) and a draft model of its first ``draft_layers`` layers
    (``draft/``; sps);
-5. the bundle (:mod:`genrefine.modalities.speech.bundle`).
+5. the sampling temperature: the one of ``temperature_grid`` whose plain samples of held-out
+   sentences the recognizer reads with the lowest WER;
+6. the bundle (:mod:`genrefine.modalities.speech.bundle`), written before the drafters are trained
+   on the model it holds; ``speech.json`` is rewritten at the end with what they measured.
 
 Every random choice is drawn from generators seeded by ``seed`` and the step, so a resumed run
 computes what an uninterrupted one would have.
@@ -73,8 +76,10 @@ class SpeechTrainSpec:
     drafter_seq_len: int = 256
     drafter_tokens: int = 400_000
     draft_layers: int = 1  # sps: the draft model is the transformer's first layers, distilled
-    temperature: float = 0.8  # the bundle's sampling defaults
+    temperature: float = 0.8  # the bundle's sampling defaults, unless the search below runs
     top_k: int = 40
+    temperature_grid: tuple = (0.6, 0.8, 1.0)  # searched by the recognizer's WER (step 5)
+    defaults_texts: int = 24
     checkpoint_every: int = 100
 
 
@@ -82,7 +87,8 @@ REAL = SpeechTrainSpec()
 TINY = SpeechTrainSpec(n_utterances=24, heldout=4, codebook_size=16, kmeans_frames=4000, kmeans_iters=3,
                        dec_width=16, dec_layers=1, dec_steps=3, dec_batch=4, hidden=32, layers=2, heads=2,
                        intermediate=64, tf_steps=3, tf_batch=4, num_heads=2, heads_steps=3, heads_batch=4,
-                       drafter_seq_len=32, drafter_tokens=4000, checkpoint_every=2)
+                       drafter_seq_len=32, drafter_tokens=4000, temperature_grid=(1.0,), defaults_texts=2,
+                       checkpoint_every=2)
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -368,6 +374,15 @@ def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bo
     drafters = train_drafters(out, seqs[:n_train], spec, seed, ckdir, resume, progress, say)
     times["drafters_s"] = time.perf_counter() - t
     meta["training"]["drafters"] = drafters
+    t = time.perf_counter()
+    search = defaults_search(out, data["texts"][n_train:], spec, seed, say)
+    if search:
+        best = min(search, key=lambda r: (r["wer"], -r["temperature"]))
+        meta["defaults"]["temperature"] = best["temperature"]
+        meta["training"]["defaults_search"] = {
+            "rule": "the temperature (top-k fixed) with the lowest WER of plain sampling on held-out "
+                    "sentences, ties to the higher temperature", "results": search}
+    times["defaults_s"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     meta["training"]["wall_seconds"] = {**{k: round(v, 1) for k, v in times.items()}, "total": round(seconds, 1)}
     (out / "speech.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -403,6 +418,33 @@ def train_drafters(out: Path, seqs: list[Tensor], spec: SpeechTrainSpec, seed: i
                       "greedy_same_as_ar": bool(res.ar_steps_equal), **res.extra}
         say(f"{kind}: {res.tokens_per_step:.2f} greedy tokens per step on held-back windows")
     return info
+
+
+def defaults_search(out: Path, texts: list[str], spec: SpeechTrainSpec, seed: int, say) -> list[dict]:
+    """WER of plain sampling (``ar``) on held-out ``texts`` at each temperature of
+    ``spec.temperature_grid`` (the recognizer: :mod:`genrefine.modalities.speech.asr`); empty when
+    the recognizer is not installed."""
+    try:
+        from ..modalities.speech.asr import Recognizer
+
+        rec = Recognizer()
+    except ConfigError as e:
+        say(f"sampling defaults not searched ({e}); keeping temperature {spec.temperature}")
+        return []
+    from ..modalities.speech.api import load_speech
+    from ..modalities.speech.quality import error_rates
+
+    gen = load_speech(str(out))
+    texts = texts[: spec.defaults_texts]
+    results = []
+    for temp in spec.temperature_grid:
+        res = gen.generate(texts, method="ar", temperature=temp, top_k=spec.top_k, seed=seed * 7 + 11)
+        hyps = [rec.transcribe(a, res.sample_rate) for a in res.audios]
+        r = error_rates(texts, hyps)
+        results.append({"temperature": temp, "top_k": spec.top_k, "wer": round(r["wer"], 4),
+                        "cer": round(r["cer"], 4), "unfinished": res.summary()["unfinished"]})
+        say(f"sampling at temperature {temp}: WER {r['wer']:.3f} on {len(texts)} held-out sentences")
+    return results
 
 
 def _num(v) -> float | None:
