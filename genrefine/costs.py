@@ -258,7 +258,7 @@ def target_costs(model):
 
 def measure_batch_cost(
     model,
-    sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    sizes: Sequence[int] = (1, 2, 4, 8, 16),
     context_len: int = 64,
     repeats: int = 3,
     warmup: int = 2,
