@@ -1,4 +1,4 @@
-"""The server under concurrent load: throughput and latency at 1, 2, 4 and 8 clients.
+"""The server under concurrent load: throughput and latency at 1, 2, 4, 8 and 16 clients.
 
 Starts ``genrefine serve``'s app in this process (uvicorn on a thread, 127.0.0.1, a free port)
 on the embedded Gemma 3 270M (or ``--model``), then for each method and each number of concurrent
@@ -8,12 +8,15 @@ of Spec-Bench questions, one per category first) and measures
 * throughput: completion tokens of all requests / wall time from the first send to the last reply;
 * median latency: per request, from its send to its complete reply.
 
-``ar`` batching (plain decoding, one forward per step for the whole batch) is compared with the
-best speculative method, picked first by a short run of each candidate with one client (or given
-with ``--methods``). Every reply's text is checked against ``ar``'s reply with one client: greedy
-output must not depend on the method or on what else is in the batch.
+By default ``ar`` batching (plain decoding, one forward per step for the whole batch), ``pld``
+and ``auto`` (which weighs the batch: it drafts less, or not at all, when the shared forward is
+full) are compared; ``--methods best`` compares ``ar`` with the best of ``--candidates`` instead,
+picked first by a short run of each with one client. Every reply's text is checked against
+the first method's reply with one client: greedy output must not depend on the method or on
+what else is in the batch. The output names the CPU, and a summary table gives tokens/s per
+method per level and ``auto`` against the best of the others.
 
-    python benchmarks/bench_server.py                        # 1, 2, 4, 8 clients; 16 requests
+    python benchmarks/bench_server.py                        # 1, 2, 4, 8, 16 clients; ar, pld, auto
     python benchmarks/bench_server.py --quick                # smoke test: 1, 2 clients, short
     python benchmarks/bench_server.py --methods ar,pld --json out/server.json
 
@@ -124,18 +127,50 @@ def run_level(s: LiveServer, method: str, clients: int, reqs: list[str], max_tok
                  statistics.median(sec for _, _, sec in results), same), texts
 
 
+def summarize(rows: list[Level], methods: list[str], levels: list[int]) -> list[dict]:
+    """Per level: tokens/s of each method and, when ``auto`` ran beside others, ``auto`` over the
+    fastest of the others (``auto_vs_best``, 1.0 = as fast)."""
+    rate = {(r.method, r.clients): r.tokens_per_s for r in rows}
+    out = []
+    for c in levels:
+        row: dict = {"clients": c, "tokens_per_s": {m: rate[m, c] for m in methods if (m, c) in rate}}
+        others = [v for m, v in row["tokens_per_s"].items() if m != "auto"]
+        if "auto" in row["tokens_per_s"] and others:
+            row["auto_vs_best"] = row["tokens_per_s"]["auto"] / max(others)
+        out.append(row)
+    return out
+
+
+def summary_table(summary: list[dict], methods: list[str]) -> str:
+    """The Markdown table of :func:`summarize`: one row per level, one column per method."""
+    vs = any("auto_vs_best" in row for row in summary)
+    others = " / ".join(f"`{m}`" for m in methods if m != "auto")
+    head = "| clients | " + " | ".join(f"`{m}` tokens/s" for m in methods)
+    head += f" | `auto` vs best of {others} |" if vs else " |"
+    lines = [head, "| ---: |" + " ---: |" * (len(methods) + vs)]
+    for row in summary:
+        cells = [f"{row['tokens_per_s'][m]:.1f}" if m in row["tokens_per_s"] else "-" for m in methods]
+        if vs:
+            cells.append(f"{row['auto_vs_best']:.2f}x" if "auto_vs_best" in row else "-")
+        lines.append(f"| {row['clients']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded Gemma 3 270M")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--clients", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
+    p.add_argument("--clients", default="1,2,4,8,16",
+                   help="concurrency levels (default 1,2,4,8,16)")
     p.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
     p.add_argument("--max-tokens", type=int, default=96, help="per request (default 96)")
-    p.add_argument("--methods", default=None,
-                   help="methods to compare (default: ar and the best of --candidates)")
+    p.add_argument("--methods", default="ar,pld,auto",
+                   help="methods to compare (default ar,pld,auto; 'best': ar and the best of "
+                        "--candidates)")
     p.add_argument("--candidates", default="pld,jacobi,lookahead,rest,auto",
-                   help="speculative methods to pick the best from (one client, 4 requests)")
+                   help="with --methods best: speculative methods to pick the best from (one "
+                        "client, 4 requests)")
     p.add_argument("--batching", default="auto", choices=["auto", "always", "never"])
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--quick", action="store_true", help="smoke test: 1, 2 clients, 4 requests, 24 tokens")
@@ -144,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.requests, args.max_tokens = "1,2", 4, 24
     levels = [int(c) for c in args.clients.split(",")]
 
+    import torch
+
     import genrefine
+    from genrefine.diskcache import cpu_model
     from genrefine.server import ServerConfig
 
     gen = genrefine.load(args.model, dtype=args.dtype, device=args.device)
@@ -154,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {gen.name}, {str(gen.model.dtype).replace('torch.', '')}, "
           f"{gen.model.device}, batched forward {'on' if s.app.state.server.scheduler.batched else 'off'}",
           file=sys.stderr)
+    cpu = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"CPU {cpu}", file=sys.stderr)
     try:
         reqs = prompts(args.requests)
         s.chat(reqs[0], "ar", 8)  # warm-up
-        if args.methods:
+        if args.methods != "best":
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            for m in methods:
+                s.chat(reqs[0], m, 8)  # builds the method (auto: its cost table) before timing
         else:
             picks = {}
             for m in [c.strip() for c in args.candidates.split(",") if c.strip()]:
@@ -182,15 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s.close()
 
+    print(f"\nmodel {gen.name}, {str(gen.model.dtype).replace('torch.', '')}, {gen.model.device}; "
+          f"CPU {cpu}; {args.requests} requests per level, {args.max_tokens} tokens each, greedy")
+    summary = summarize(rows, methods, levels)
+    print()
+    print(summary_table(summary, methods))
     print(f"\n| method | clients | requests | tokens | tokens/s | median latency (s) | same text as {methods[0]} x{levels[0]} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r.method} | {r.clients} | {r.requests} | {r.tokens} | {r.tokens_per_s:.1f} | "
               f"{r.median_latency_s:.2f} | {r.same_as_ar}/{r.requests} |")
+    if "auto" in methods and len(methods) > 1:
+        ok = all(row["auto_vs_best"] >= 1.0 for row in summary)
+        print(f"\nauto at least as fast as {', '.join(m for m in methods if m != 'auto')} at every "
+              f"level: {'yes' if ok else 'no'}")
     if args.json:
         out = {"command": "python benchmarks/bench_server.py " + " ".join(argv or sys.argv[1:]),
                "model": gen.name, "dtype": str(gen.model.dtype), "device": str(gen.model.device),
-               "max_tokens": args.max_tokens, "levels": [asdict(r) for r in rows]}
+               "cpu": cpu_model(), "threads": torch.get_num_threads(),
+               "requests": args.requests, "max_tokens": args.max_tokens,
+               "summary": summary, "levels": [asdict(r) for r in rows]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -6,6 +6,10 @@ tokens takes.
 the table on disk (:mod:`genrefine.diskcache`). Every cost-aware decision reads it: ``auto``'s
 choice of drafter and draft size, and the draft-size controls of
 :mod:`genrefine.methods.parts.draft_size`. No clock is read while generating.
+
+The server batches the steps of many sequences into one forward; ``T_batch(b)``, the seconds of
+one batched forward of ``b`` sequences one new token each, is :func:`measure_batch_cost`'s, cached
+the same way by :func:`batch_costs` (optional: ``auto`` models it as ``T(b)`` when absent).
 """
 
 from __future__ import annotations
@@ -240,10 +244,82 @@ def load_or_measure(model, key: str, **measure_kwargs) -> CostTable:
     return table
 
 
-def target_costs(model):
-    """The target's forward times on this machine (measured on first use, cached on disk)."""
+def _target_key(model) -> str:
     from .diskcache import machine_key
     from .models.protocol import weights_key
 
-    key = f"{getattr(model, 'name', 'model')}|{weights_key(model)}|{machine_key(model.device)}"
-    return load_or_measure(model, key)
+    return f"{getattr(model, 'name', 'model')}|{weights_key(model)}|{machine_key(model.device)}"
+
+
+def target_costs(model):
+    """The target's forward times on this machine (measured on first use, cached on disk)."""
+    return load_or_measure(model, _target_key(model))
+
+
+def measure_batch_cost(
+    model,
+    sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    context_len: int = 64,
+    repeats: int = 3,
+    warmup: int = 2,
+) -> dict[int, float]:
+    """Seconds per batched forward (:func:`genrefine.models.batched.forward_batch`, rows
+    concatenated) of ``b`` sequences with one new token each, for each ``b`` in ``sizes``.
+
+    Each sequence has its own cache holding ``context_len`` random tokens, as in the server's
+    decoding steps; the attention of every sequence runs on its own, so ``T_batch(b)`` is more
+    than the single-sequence ``T(b)``. Untimed warm-up rounds, then the median of ``repeats``
+    rounds (sizes interleaved), made non-decreasing in ``b`` as :func:`measure_verify_cost` does.
+    """
+    from .models.batched import BatchItem, forward_batch
+
+    sizes = sorted({int(b) for b in sizes})
+    if not sizes or sizes[0] < 1 or context_len < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError(
+            "need positive batch sizes, context_len >= 1, repeats >= 1 and warmup >= 0, got "
+            f"{sizes}, {context_len}, {repeats}, {warmup}"
+        )
+    limit = getattr(model, "max_context", None)
+    if limit:
+        context_len = max(1, min(context_len, limit - 1))
+    device = torch.device(getattr(model, "device", "cpu"))
+    gen = torch.Generator().manual_seed(0)
+    vocab = int(model.vocab_size)
+    with torch.inference_mode():
+        caches = []
+        for _ in range(sizes[-1]):
+            cache = model.new_cache(capacity=context_len + 1)
+            prefix = torch.randint(0, vocab, (context_len,), generator=gen).to(device)  # [ctx]
+            model.forward(prefix, cache, logits_rows=torch.tensor([context_len - 1], device=device))
+            caches.append(cache)
+        token = torch.randint(0, vocab, (sizes[-1], 1), generator=gen).to(device)  # [b_max, 1]
+
+        times: dict[int, list[float]] = {b: [] for b in sizes}
+        for r in range(warmup + repeats):
+            for b in sizes:
+                items = [BatchItem(token[i], caches[i]) for i in range(b)]
+                start = time.perf_counter()
+                forward_batch(model, items, mode="always")
+                _synchronize(device)
+                if r >= warmup:
+                    times[b].append(time.perf_counter() - start)
+                for c in caches[:b]:
+                    c.rollback(1)
+    out, run = {}, -math.inf
+    for b in sizes:
+        run = out[b] = max(run, statistics.median(times[b]))
+    return out
+
+
+def batch_costs(model, measure: bool = False, **measure_kwargs) -> CostTable | None:
+    """``T_batch(b)`` on this machine (a :class:`CostTable` over batch sizes): the cached table,
+    or, with ``measure``, one measured now (:func:`measure_batch_cost`) and cached; None when
+    there is none and ``measure`` is off."""
+    key = _target_key(model) + "|batch"
+    table = CostTable.load(key)
+    if table is not None or not measure:
+        return table
+    measured = measure_batch_cost(model, **measure_kwargs)
+    table = CostTable.from_measurements(measured, key, int(measure_kwargs.get("context_len", 64)))
+    table.save()
+    return table

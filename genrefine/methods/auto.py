@@ -12,6 +12,19 @@ A step that drafts ``n`` tokens feeds ``n + 1`` tokens (root + draft) to the tar
 ``expected_tokens(n) / (T(n + 1) + draft_cost * n)``; ``n = 0`` is plain decoding. The drafters
 are prompt lookup (:mod:`genrefine.methods.pld`) and Jacobi (:mod:`genrefine.methods.jacobi`).
 
+Under load (the server's continuous batching, :mod:`genrefine.server.scheduler`) the step's
+forward is shared: ``b`` sequences each feed their ``[root] + draft`` rows into ONE forward. The
+scheduler tells the policy ``b`` before each step (:meth:`CostPolicy.observe_load`), and the
+policy assumes the other sequences draft as it does (they run the same rule). A step in which
+every sequence drafts ``n`` then costs ``S_b(n) = T_batch(b) + T(b (n + 1)) - T(b)``: the
+batched forward of ``b`` plain rows (:func:`genrefine.costs.batch_costs`, measured once per
+machine; ``T(b)`` when there is none) plus what ``b n`` more rows add, and the drafting of all
+``b`` sequences, ``b c n``. Each sequence emits ``E(n)`` tokens per such step, so the rate
+compared is ``E(n) / (S_b(n) + b c n)`` against plain ``1 / T_batch(b)``; for ``b = 1`` it is the
+rule above. Where a plain row is cheap inside a full batch but more rows are not (the forward is
+no longer bound by reading the weights), drafting stops paying and ``auto`` drafts less or not
+at all. Greedy generations only: sampled ones ignore the load (see :meth:`CostPolicy.reset`).
+
 Trees: ``budget`` bounds the total number of draft nodes. The estimators see the accepted length
 against the draft's depth, so for a tree drafter the model is that of a chain as deep as its tree;
 there is no separate width choice.
@@ -21,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..costs import CostTable, target_costs
+from ..costs import CostTable, batch_costs, target_costs
 from ..errors import ConfigError
 from .base import Method, MethodOptions, MethodSpec
 from .pld import make_pld_drafter
@@ -91,6 +104,9 @@ class CostModelPolicy:
     So that a drafter that fell out of favour gets re-measured, a drafter not chosen for
     ``probe_every`` consecutive :meth:`choose` calls is chosen once with its best ``n >= 1``.
     All of this is deterministic.
+
+    :meth:`set_load` switches to the rates of a step shared by ``b`` sequences (see the module
+    docstring); ``batch_cost`` is ``T_batch`` over batch sizes, or None to use ``T(b)``.
     """
 
     def __init__(
@@ -100,6 +116,7 @@ class CostModelPolicy:
         cost_rate: float = 0.1,
         probe_every: int = 32,
         estimator_kwargs: dict | None = None,
+        batch_cost: CostTable | None = None,
     ) -> None:
         if max_len < 1:
             raise ConfigError(f"max_len must be >= 1, got {max_len}")
@@ -110,9 +127,27 @@ class CostModelPolicy:
         self._estimator_kwargs = dict(estimator_kwargs or {})
         self._estimator_kwargs.setdefault("max_depth", max_len)
         self._verify = [cost(n + 1) for n in range(max_len + 1)]  # [n] = T(n + 1)
+        self.batch_cost = batch_cost
+        self.load = 1  # sequences sharing the step's forward
+        self._steps: dict[int, list[float]] = {1: self._verify}  # load b -> [n] = S_b(n)
         self.estimators: dict[str, AcceptanceEstimator] = {}
         self.draft_cost: dict[str, float] = {}  # seconds per draft token
         self._idle: dict[str, int] = {}
+
+    def step_cost(self, n: int, load: int = 1) -> float:
+        """``S_b(n)``: seconds of a step shared by ``load`` sequences that each draft ``n``
+        tokens, drafting aside (``T(n + 1)`` alone)."""
+        if load <= 1:
+            return self.cost(n + 1)
+        plain = self.batch_cost(load) if self.batch_cost is not None else self.cost(load)
+        return plain + self.cost(load * (n + 1)) - self.cost(load)
+
+    def set_load(self, sequences: int) -> None:
+        """The next steps' forward is shared by ``sequences`` sequences (1: alone)."""
+        b = max(1, int(sequences))
+        if b not in self._steps:
+            self._steps[b] = [self.step_cost(n, b) for n in range(self.max_len + 1)]
+        self.load = b
 
     def estimator(self, name: str) -> AcceptanceEstimator:
         """The acceptance estimator of drafter ``name`` (created on first use)."""
@@ -137,24 +172,26 @@ class CostModelPolicy:
     def rate(self, name: str, n: int) -> float:
         """Expected tokens per second when ``name`` drafts ``n`` tokens (``n = 0``: plain)."""
         n = min(max(n, 0), self.max_len)
+        steps = self._steps[self.load]
         if n == 0:
-            return 1.0 / self._verify[0]
-        seconds = self._verify[n] + self.draft_cost.get(name, 0.0) * n
+            return 1.0 / steps[0]
+        seconds = steps[n] + self.draft_cost.get(name, 0.0) * n * self.load
         return self.estimator(name).expected_tokens(n) / seconds
 
     def _best(self, name: str, min_n: int) -> tuple[int, float]:
         est = self.estimator(name)
-        c = self.draft_cost.get(name, 0.0)
+        c = self.draft_cost.get(name, 0.0) * self.load  # every sequence drafts on the worker
+        steps = self._steps[self.load]
         best_n, best_r = min_n, -1.0
         expected, run = 1.0, 1.0
         for n, a in enumerate(est.rates(self.max_len), start=1):
             run *= a
             expected += run
-            r = expected / (self._verify[n] + c * n)
+            r = expected / (steps[n] + c * n)
             if n >= min_n and r > best_r:
                 best_n, best_r = n, r
-        if min_n == 0 and 1.0 / self._verify[0] >= best_r:
-            return 0, 1.0 / self._verify[0]
+        if min_n == 0 and 1.0 / steps[0] >= best_r:
+            return 0, 1.0 / steps[0]
         return best_n, best_r
 
     def choose(self, names: Iterable[str]) -> tuple[str | None, int]:
@@ -166,7 +203,7 @@ class CostModelPolicy:
         if probe is not None:
             self._idle[probe] = 0
             return probe, self._best(probe, 1)[0]
-        best_name, best_n, best_r = None, 0, 1.0 / self._verify[0]
+        best_name, best_n, best_r = None, 0, 1.0 / self._steps[self.load][0]
         for name in names:
             n, r = self._best(name, 1)
             if r > best_r:
@@ -179,18 +216,27 @@ class CostModelPolicy:
 class CostPolicy:
     """Pick drafter and draft size maximising expected tokens per second (:class:`CostModelPolicy`)."""
 
-    def __init__(self, cost_table, max_len: int) -> None:
-        self.cost_table, self.max_len = cost_table, max_len
-        self.policy = CostModelPolicy(cost_table, max_len=max_len)
+    def __init__(self, cost_table, max_len: int, batch_table=None) -> None:
+        self.cost_table, self.max_len, self.batch_table = cost_table, max_len, batch_table
+        self.policy = CostModelPolicy(cost_table, max_len=max_len, batch_cost=batch_table)
 
     def reset(self, params=None) -> None:
         """Greedy generations share what earlier ones learnt (the output cannot depend on it).
-        Sampled ones start afresh and ignore wall-clock drafting costs, so that a seed gives the
-        same tokens every time: the drafter and draft size choices steer how the random stream
-        is consumed."""
+        Sampled ones start afresh and ignore wall-clock drafting costs and the server's load, so
+        that a seed gives the same tokens every time: the drafter and draft size choices steer
+        how the random stream is consumed."""
         self._timed = params is None or params.greedy
         if not self._timed:
-            self.policy = CostModelPolicy(self.cost_table, max_len=self.max_len)
+            self.policy = CostModelPolicy(
+                self.cost_table, max_len=self.max_len, batch_cost=self.batch_table
+            )
+        self.policy.set_load(1)
+
+    def observe_load(self, sequences: int) -> None:
+        """The scheduler's word, before a step, that ``sequences`` sequences share its forward
+        (1: this sequence's forward runs alone). Ignored by sampled generations."""
+        if getattr(self, "_timed", True):
+            self.policy.set_load(sequences)
 
     def choose(self, drafters):
         by_name = {d.name: d for d in drafters}
@@ -212,7 +258,8 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
     max_len = opts.draft_len or 16
     table = target_costs(model)
     drafters = [make_pld_drafter(model, opts), JacobiDrafter(block=max_len)]
-    return Method("auto", drafters, CostPolicy(table, max_len), max_len, opts.acceptance)
+    policy = CostPolicy(table, max_len, batch_costs(model))  # T_batch: if measured (the server)
+    return Method("auto", drafters, policy, max_len, opts.acceptance)
 
 
 SPEC = MethodSpec(

@@ -178,7 +178,10 @@ class MethodOptions:
 # ---------------------------------------------------------------------------- policies
 @runtime_checkable
 class Policy(Protocol):
-    """Chooses, before each step, the drafter and its budget (largest number of draft nodes)."""
+    """Chooses, before each step, the drafter and its budget (largest number of draft nodes).
+
+    Optionally ``observe_load(sequences)``: the server's scheduler calls it before each step with
+    the number of sequences sharing the step's forward (``auto`` weighs the batch with it)."""
 
     def reset(self, params: SamplingParams | None = None) -> None:
         """A new generation starts with these sampling parameters (None: greedy)."""

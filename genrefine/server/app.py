@@ -431,7 +431,8 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
     ``POST /v1/audio/speech`` (None: that route answers that no speech model is loaded).
 
     The scheduler's worker starts with the app and, on shutdown, finishes every request it has.
-    ``warm`` builds the default method first (``auto`` measures its cost table once per machine).
+    ``warm`` builds the default method first (``auto`` measures its cost table once per machine;
+    with batched forwards, their cost ``T_batch`` is measured once per machine too).
     """
     config = config or ServerConfig()
     server = Server(generator, config)

@@ -12,7 +12,9 @@ is::
              (EOS, max_tokens, a stop string, a client that went away) leave the batch
 
 so sequences join and leave between steps, and each keeps its own accepted length and cache
-positions. The forward gives every sequence exactly the logits its own forward would (see
+positions. Before proposing, each sequence's policy that has ``observe_load(sequences)`` (``auto``)
+hears how many sequences share the step's forward (1 where every sequence's forward runs alone):
+drafting that pays alone may not pay in a full batch. The forward gives every sequence exactly the logits its own forward would (see
 models/batched.py for when rows are batched and when each sequence runs alone), so greedy output
 is what the request gets alone.
 
@@ -35,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..engine import Decoder, Engine, Stats, check_prompt
+from ..costs import batch_costs
 from ..errors import ConfigError, GenrefineError
 from ..methods.base import MethodOptions
 from ..models.batched import MODES, BatchItem, batches_rows, forward_batch, max_rows
@@ -203,8 +206,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ life cycle
     def warm(self, method: str | None = None) -> None:
-        """Build a method once before serving (``auto`` measures its cost table the first time)."""
+        """Build a method once before serving (``auto`` measures its cost table the first time;
+        with batching on, the batched forward's ``T_batch`` is measured once per machine too)."""
         name = method or self.config.method
+        if self.batched:
+            batch_costs(self.model, measure=True)
         self._release(name, self._acquire(name))
 
     def start(self) -> None:
@@ -296,6 +302,7 @@ class Scheduler:
         cap = None
         if stepping > 1 and self.batched:
             cap = max(0, max_rows() // stepping - 1)
+        load = stepping if self.batched else 1  # sequences sharing the step's forward
         for seq in list(self._active):
             if seq.job.cancelled.is_set():
                 self._finish(seq, "cancelled")
@@ -304,6 +311,9 @@ class Scheduler:
                 if seq.loop is not None:
                     self._step_own_loop(seq)
                     continue
+                observe = getattr(seq.method.policy, "observe_load", None)
+                if observe is not None:
+                    observe(load)
                 step = seq.decoder.propose(cap)
             except Exception as e:
                 traceback.print_exc()
