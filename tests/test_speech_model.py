@@ -171,6 +171,8 @@ def test_generate_returns_audio_and_stats(tts):
     assert len(r.codes[0]) <= tts.max_frames("good morning")
     assert all(0 <= c < tts.bundle.codebook_size for c in r.codes[0])
     assert s["utterances"] == 1 and s["tokens_per_step"] >= 1.0
+    # finished means the end token came: then the codes stop short of the frame budget
+    assert r.finished[0] == (len(r.codes[0]) < tts.max_frames("good morning"))
     # same seed, same utterance; the seed is per utterance
     assert tts.generate("good morning", method="mc-sjd", seed=3).codes == r.codes
     two = tts.generate(["x y z", "good morning"], method="mc-sjd", seed=2)

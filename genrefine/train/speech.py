@@ -78,8 +78,8 @@ class SpeechTrainSpec:
     draft_layers: int = 1  # sps: the draft model is the transformer's first layers, distilled
     temperature: float = 0.8  # the bundle's sampling defaults, unless the search below runs
     top_k: int = 40
-    temperature_grid: tuple = (0.6, 0.8, 1.0)  # searched by the recognizer's WER (step 5)
-    defaults_texts: int = 24
+    temperature_grid: tuple = (0.4, 0.6, 0.8, 1.0)  # searched by the recognizer's WER (step 5)
+    defaults_texts: int = 48
     checkpoint_every: int = 100
 
 

@@ -167,9 +167,10 @@ class SpeechGenerator:
             params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed + i)
             st = Stats(m.name)
             out: list[int] = []
-            for chunk in Engine(self.model, m).generate(prompt, self.max_frames(text), params, end, st):
+            engine = Engine(self.model, m)
+            for chunk in engine.generate(prompt, self.max_frames(text), params, end, st):
                 out.extend(chunk)
-            done = bool(out) and out[-1] == self.layout.end
+            done = engine.finish_reason == "stop"  # the end token (the engine does not emit it)
             codes = [c for c in out if c != self.layout.end]
             all_codes.append(codes)
             stats.append(st)
