@@ -64,6 +64,12 @@ def test_log_mel_shape_and_griffin_lim_length():
     assert int(g.mean(0).argmax()) == int(f.mean(0).argmax())
 
 
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_griffin_lim_on_a_few_frames(frames):
+    y = codec_mod.griffin_lim(torch.full((frames, codec_mod.N_MELS), -3.0), iters=2)
+    assert len(y) == frames * codec_mod.HOP
+
+
 def test_kmeans_finds_separated_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -162,6 +168,14 @@ def test_methods_speak_ar_codes_greedily(tts, method):
     got = tts.generate(texts, method=method, temperature=0, seed=0)
     assert got.codes == ref.codes
     assert got.summary()["steps_per_second_of_audio"] <= ref.summary()["steps_per_second_of_audio"] + 1e-9
+
+
+def test_pcg_drafts_with_the_bundles_draft_model(tts):
+    from genrefine.registry import build_method
+
+    assert tts.method("pcg").drafters[0].name == "draft-model"  # the bundle's, found without options
+    # without a draft model it falls back to the training-free Jacobi drafter
+    assert build_method("pcg", tts.model).drafters[0].name == "pcg"
 
 
 def test_generate_returns_audio_and_stats(tts):
@@ -277,6 +291,7 @@ def test_speech_bench_report(tiny_bundle, tmp_path, capsys):
     assert rep["methods"]["ar"]["speedup"] == 1.0 and rep["methods"]["ar"]["spectral_distance"] == 0.0
     assert rep["methods"]["mc-sjd"]["lossless"] and not rep["methods"]["pcg"]["lossless"]
     assert {"wer", "cer", "spectral_distance"} <= set(rep["noise"]) and "wer" in rep["recognizer_floor"]
+    assert 0 <= rep["codec_floor"]["cer"] <= 2
     assert len(rep["texts"]) == 2 and "speech bench --methods mc-sjd,pcg --n 2" in rep["command"]
     assert "| `pcg` | no |" in r.read_text() and p.stat().st_size > 1000
 
@@ -290,3 +305,50 @@ def test_speech_bench_greedy_counts_same_codes(tts):
 
     rep = run_speech_bench(tts, ["sps", "vadusa"], 2, temperature=0, recognizer=Deaf(), floor=False)
     assert rep["same_codes_as_ar"] == {"ar": 2, "sps": 2, "vadusa": 2}
+
+
+# ------------------------------------------------------------------------------ the shipped model
+@pytest.fixture(scope="module")
+def shipped():
+    from genrefine.modalities.speech.api import load_speech
+
+    return load_speech()
+
+
+def test_shipped_bundle_files(shipped):
+    from genrefine.modalities.speech.bundle import EMBEDDED_SPEECH_DIR
+
+    assert shipped.bundle.path == EMBEDDED_SPEECH_DIR
+    names = {p.name for p in EMBEDDED_SPEECH_DIR.rglob("*") if p.is_file()}
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    assert "checkpoints" not in {p.name for p in EMBEDDED_SPEECH_DIR.iterdir()}
+    meta = shipped.bundle.meta
+    assert meta["codebook_size"] == 512 and meta["voices"] == ["slt", "rms", "awb"]
+    searched = {r["temperature"]: r["wer"] for r in meta["training"]["defaults_search"]["results"]}
+    assert searched[meta["defaults"]["temperature"]] == min(searched.values())
+    for kind in ("heads", "eagle", "draft"):
+        assert meta["training"]["drafters"][kind]["greedy_same_as_ar"]
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle", "sps", "mc-sjd", "vadusa", "pcg"])
+def test_shipped_methods_speak_ar_codes_greedily(shipped, method):
+    from genrefine.modalities.speech.bench import bench_texts
+
+    texts = bench_texts(2, seed=5)
+    ref = shipped.generate(texts, method="ar", temperature=0, seed=0)
+    got = shipped.generate(texts, method=method, temperature=0, seed=0)
+    assert got.codes == ref.codes and all(ref.finished)
+
+
+def test_shipped_model_is_intelligible_greedily(shipped):
+    """The recognizer reads the shipped model's greedy speech of held-out sentences much better
+    than chance (a model that babbles or ignores its text gives a CER near 1)."""
+    from genrefine.modalities.speech.asr import Recognizer
+    from genrefine.modalities.speech.bench import bench_texts
+    from genrefine.modalities.speech.quality import error_rates
+
+    texts = bench_texts(6, seed=7)
+    res = shipped.generate(texts, method="ar", temperature=0, seed=0)
+    rec = Recognizer()
+    rates = error_rates(texts, [rec.transcribe(a) for a in res.audios])
+    assert rates["cer"] < 0.75, rates

@@ -245,6 +245,7 @@ class MethodSpec:
     order: int  # place in listings (the README's table order)
     native_only: bool = False  # runs layer subsets / reduced heads: not on the transformers adapter
     needs_draft_model: bool = False  # MethodOptions.draft_model must be given (sps)
+    uses_draft_model: bool = False  # drafts with MethodOptions.draft_model when given (pcg)
     # a trained drafter of this kind is needed: MethodOptions.drafter, or one shipped for the model
     drafter_kind: str | None = None
     # reads model.token_latents (an image model's VQ codebook): lantern, gsd

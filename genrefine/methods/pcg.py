@@ -3,9 +3,11 @@ LOSSY at token level.
 
 The vocabulary is partitioned once per model into groups of about ``group_size`` tokens close
 in the target's embedding space (``model.token_latents``: for a speech model, its audio codes'
-input embeddings), by recursive balanced cuts along the principal axis. Drafts come from
-speculative Jacobi decoding (training-free, :mod:`.parts.jacobi_sampling`, the drafter of
-``sjd`` / ``mc-sjd`` / ``lantern`` / ``gsd``, so acceptance compares with the same drafter), and
+input embeddings), by recursive balanced cuts along the principal axis. Drafts come from an
+independent draft model when ``--draft-model`` is given (the paper's setting; ``sps`` is the
+same drafter with exact acceptance; the speech bundle's draft model is used by default), else
+from speculative Jacobi decoding (training-free, :mod:`.parts.jacobi_sampling`, the drafter of
+``sjd`` / ``mc-sjd``, so acceptance compares with that one), and
 speculative sampling runs on groups (:mod:`genrefine.verify.groups`): a drafted ``x ~ q`` is
 accepted with ``min(1, p(G(x)) / q(G(x)))``; on rejection the group is drawn from
 ``norm(max(0, pG - qG))`` and the token from ``p`` inside it. The emitted token's *group* has
@@ -30,6 +32,14 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
             "or image model's code embeddings); this model has none"
         )
     groups = TokenGroups(token_latents(model, "pcg"), opts.group_size)  # once per method
+    if opts.draft_model is not None:  # the paper's setting: an independent draft model
+        from .sps import DraftModelDrafter, draft_model_drafter
+
+        d, budget = draft_model_drafter(model, opts, tokenizer)
+        if not isinstance(d, DraftModelDrafter):
+            raise ConfigError("pcg needs a draft model with the target's vocabulary (its drafts carry q)")
+        return Method("pcg", [d], FixedPolicy(d, budget), budget, opts.acceptance,
+                      verify_sampled=groups.verify)
     window = opts.draft_len or DEFAULT_WINDOW
     d = JacobiSamplingDrafter(model.vocab_size, window, name="pcg")
     return Method("pcg", [d], FixedPolicy(d, window), window, opts.acceptance,
@@ -40,5 +50,5 @@ SPEC = MethodSpec(
     "pcg", False,
     "LOSSY at token level, exact on groups of similar codes: group-level speculative "
     "sampling (PCG)",
-    build, order=19, needs_latents=True,
+    build, order=19, needs_latents=True, uses_draft_model=True,
 )

@@ -205,6 +205,12 @@ def make_draft_model_drafter(
 
 
 def build(model, opts: MethodOptions, tokenizer=None) -> Method:
+    d, budget = draft_model_drafter(model, opts, tokenizer)
+    return Method("sps", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+
+
+def draft_model_drafter(model, opts: MethodOptions, tokenizer=None):
+    """``(drafter, budget)``: sps's drafter over ``opts.draft_model`` (also pcg's, when given)."""
     from .parts.draft_runner import DEFAULT_CONFIDENCE
 
     draft, draft_tok = load_draft_model(model, opts)
@@ -215,8 +221,7 @@ def build(model, opts: MethodOptions, tokenizer=None) -> Method:
     d = make_draft_model_drafter(model, draft, tokenizer, draft_tok, confidence=conf, vocab_ids=ids)
     if opts.draft_confidence is None and isinstance(d, DraftModelDrafter):
         d.with_adaptive_stop(target_costs(model))  # draft lengths from costs, not a threshold
-    budget = opts.draft_len or 8
-    return Method("sps", [d], FixedPolicy(d, budget), budget, opts.acceptance)
+    return d, opts.draft_len or 8
 
 
 def load_draft_model(model, opts: MethodOptions):

@@ -61,7 +61,8 @@ class SpeechResult:
         n = len(self.stats)
         steps = sum(s.steps + 1 for s in self.stats)  # the prefill is a target forward too
         decode_steps = sum(s.steps for s in self.stats)
-        decode_tokens = sum(s.decode_tokens for s in self.stats)
+        # the end token is the model's output too (the engine stops on it without emitting it)
+        decode_tokens = sum(s.decode_tokens for s in self.stats) + sum(1 for f in self.finished if f)
         drafted = sum(s.drafted for s in self.stats)
         accepted = sum(s.accepted for s in self.stats)
         audio_s = sum(len(c) for c in self.codes) / self.frames_per_second
@@ -76,6 +77,10 @@ class SpeechResult:
             "steps_per_second_of_audio": steps / audio_s if audio_s > 0 else 0.0,
             "tokens_per_step": decode_tokens / decode_steps if decode_steps else 1.0,
             "acceptance_rate": accepted / drafted if drafted else None,
+            "drafted": drafted,
+            "accepted": accepted,
+            "steps": decode_steps,
+            "decode_tokens": decode_tokens,
             "unfinished": sum(1 for f in self.finished if not f),
         }
 
@@ -107,7 +112,9 @@ class SpeechGenerator:
         kind = getattr(METHODS.get(name), "drafter_kind", None)
         if opts.drafter is None and kind and (self.bundle.path / kind / "drafter.safetensors").is_file():
             opts = dataclasses.replace(opts, drafter=str(self.bundle.path / kind))  # the bundle's own
-        if (opts.draft_model is None and getattr(METHODS.get(name), "needs_draft_model", False)
+        spec = METHODS.get(name)
+        if (opts.draft_model is None
+                and (getattr(spec, "needs_draft_model", False) or getattr(spec, "uses_draft_model", False))
                 and (self.bundle.path / "draft" / "config.json").is_file()):
             opts = dataclasses.replace(opts, draft_model=str(self.bundle.path / "draft"))
         key = (name, opts)

@@ -86,17 +86,36 @@ def run_speech_bench(gen, methods: list[str], n: int, *, seed: int = 0, temperat
     if temperature == 0 or (temperature is None and gen.default_temperature == 0):
         report["same_codes_as_ar"] = {m: sum(a.codes == b.codes for a, b in zip(runs[m], runs["ar"]))
                                       for m in names}
-    ex = report["methods"].get("mc-sjd", {}).get("acceptance_rate")
+    # pcg drafts with the draft model when the bundle has one (sps's drafter, exact acceptance),
+    # else with mc-sjd's: its acceptance over that method's is what the group rule buys
+    same = "sps" if getattr(gen.method("pcg", options).drafters[0], "name", "") == "draft-model" else "mc-sjd"
+    ex = report["methods"].get(same, {}).get("acceptance_rate")
     if ex and report["methods"].get("pcg", {}).get("acceptance_rate") is not None:
-        # pcg drafts with mc-sjd's drafter: its acceptance over mc-sjd's is what relaxing buys
         report["pcg_acceptance_over_exact"] = report["methods"]["pcg"]["acceptance_rate"] / ex
+        report["pcg_exact_counterpart"] = same
     if floor:
         from .asr import recognizer_floor
 
         report["recognizer_floor"] = recognizer_floor(texts, recognizer=recognizer)
+        report["codec_floor"] = codec_floor(gen, texts, recognizer)
     report["transcripts"] = {m: transcripts[m][:5] for m in transcripts}
     report["examples"] = {m: runs[m][0].audio for m in names}  # for the plot; dropped from JSON
     return report
+
+
+def codec_floor(gen, texts: list[str], recognizer) -> dict:
+    """The recognizer's error rates on flite's audio of ``texts`` passed through the bundle's
+    codec (encoded, decoded): the best the speech model's codes can sound. Text ``i`` in voice
+    ``i % 3`` at rate 1, as the recognizer's floor."""
+    from .data import VOICES, synthesize
+    from .quality import error_rates
+
+    hyps = []
+    for i, text in enumerate(texts):
+        audio = synthesize(text, VOICES[i % len(VOICES)], 1.0)
+        codes = gen.bundle.codec.encode(audio)
+        hyps.append(recognizer.transcribe(gen.bundle.codec.decode(codes), gen.sample_rate))
+    return {**error_rates(texts, hyps), "transcripts": hyps[:5]}
 
 
 def _merge(summaries: list[dict]) -> dict:
@@ -104,14 +123,16 @@ def _merge(summaries: list[dict]) -> dict:
     audio = sum(s["audio_seconds"] for s in summaries)
     gen_s = sum(s["generation_seconds"] for s in summaries)
     steps = sum(s["steps_per_second_of_audio"] * s["audio_seconds"] for s in summaries)
-    acc = [s["acceptance_rate"] for s in summaries if s["acceptance_rate"] is not None]
-    tps = [s["tokens_per_step"] for s in summaries]
+    drafted = sum(s["drafted"] for s in summaries)
+    accepted = sum(s["accepted"] for s in summaries)
+    dsteps = sum(s["steps"] for s in summaries)
     return {
         "utterances": sum(s["utterances"] for s in summaries), "audio_seconds": audio,
         "generation_seconds": gen_s, "seconds": sum(s["seconds"] for s in summaries),
         "steps_per_second_of_audio": steps / audio if audio else 0.0,
-        "tokens_per_step": float(np.mean(tps)) if tps else 1.0,
-        "acceptance_rate": float(np.mean(acc)) if acc else None,
+        "tokens_per_step": sum(s["decode_tokens"] for s in summaries) / dsteps if dsteps else 1.0,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "drafted": drafted, "accepted": accepted,
         "real_time_factor_generation": audio / gen_s if gen_s else 0.0,
         "unfinished": sum(s["unfinished"] for s in summaries),
     }
@@ -144,8 +165,13 @@ def markdown_report(report: dict, command: str) -> str:
     if fl:
         lines.append(f"Recognizer floor (flite's own audio of the same texts): WER {100 * fl['wer']:.1f}%, "
                      f"CER {100 * fl['cer']:.1f}%.")
+    cf = report.get("codec_floor")
+    if cf:
+        lines.append(f"Codec floor (that audio through the codec, encoded and decoded): WER {100 * cf['wer']:.1f}%, "
+                     f"CER {100 * cf['cer']:.1f}%.")
     if report.get("pcg_acceptance_over_exact"):
-        lines.append(f"pcg's acceptance over exact acceptance with the same drafter (mc-sjd): "
+        lines.append(f"pcg's acceptance over exact acceptance with the same drafter "
+                     f"({report.get('pcg_exact_counterpart', 'mc-sjd')}): "
                      f"{report['pcg_acceptance_over_exact']:.2f}x.")
     same = report.get("same_codes_as_ar")
     if same:

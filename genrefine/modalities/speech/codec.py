@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .quality import HOP, N_FFT, N_MELS, SAMPLE_RATE, log_mel, mel_filterbank
 
 GL_ITERS = 48
+MIN_GL_FRAMES = 8  # shorter mel sequences are padded with silence for Griffin-Lim
 __all__ = ["Codec", "CodeDecoder", "griffin_lim", "kmeans", "log_mel", "mel_filterbank",
            "HOP", "N_FFT", "N_MELS", "SAMPLE_RATE", "GL_ITERS"]
 
@@ -36,6 +37,10 @@ def _mel_pinv(n_mels: int = N_MELS) -> Tensor:
 
 def griffin_lim(logmel: Tensor, iters: int = GL_ITERS, seed: int = 0) -> np.ndarray:
     """float32 audio [T] from [frames, N_MELS] log-mel frames (Griffin-Lim, seeded phase)."""
+    frames = logmel.shape[0]
+    if frames < MIN_GL_FRAMES:  # too short for the STFT's padding: pad with silence, cut after
+        pad = logmel.new_full((MIN_GL_FRAMES - frames, logmel.shape[1]), math.log(1e-5))
+        return griffin_lim(torch.cat([logmel, pad]), iters, seed)[: frames * HOP]
     mag = (_mel_pinv() @ logmel.float().exp().T).clamp_min(1e-6)  # [bins, frames]
     window = torch.hann_window(N_FFT)
     g = torch.Generator().manual_seed(seed)
