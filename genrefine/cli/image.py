@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import GenrefineError
+from .options import check_method_names, modality_method_options
 
 
 def _common(p) -> None:
@@ -60,25 +61,9 @@ def add_image_parser(sub) -> None:
 
 
 def _options(args):
-    from ..methods.base import MethodOptions
+    names = ("relax_k", "relax_delta", "group_size", "group_similarity")
+    return modality_method_options(args, names, draft_len=args.draft_len)
 
-    kw = {"draft_len": args.draft_len}
-    fields = MethodOptions.__dataclass_fields__
-    for name in ("relax_k", "relax_delta", "group_size", "group_similarity"):
-        v = getattr(args, name)
-        if v is not None:
-            if name not in fields:
-                raise GenrefineError(f"--{name.replace('_', '-')} is not supported by this version")
-            kw[name] = v
-    return MethodOptions(**kw)
-
-
-def _check_methods(names: list[str]) -> None:
-    from ..registry import METHODS
-
-    for m in names:
-        if m not in METHODS:
-            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
 
 
 def _progress(total: int, desc: str, off: bool):
@@ -132,7 +117,7 @@ def cmd_image(args) -> int:
         raise GenrefineError("say what to do: `genrefine image generate` or `genrefine image bench`")
     options = _options(args)
     if args.image_command == "generate":
-        _check_methods([args.method])
+        check_method_names([args.method])
         if not 1 <= args.n <= MAX_IMAGES:
             raise GenrefineError(f"--n must be between 1 and {MAX_IMAGES}, got {args.n}")
         if not args.out.lower().endswith(".png"):
@@ -164,7 +149,7 @@ def cmd_image(args) -> int:
         raise GenrefineError("image bench measures class-conditional bundles (it needs their "
                              "classifier); for a Janus model use `genrefine image generate --prompt`")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    _check_methods(methods)
+    check_method_names(methods)
     if args.n_per_class < 1:
         raise GenrefineError(f"--n-per-class must be >= 1, got {args.n_per_class}")
     gen = load_image(args.model)

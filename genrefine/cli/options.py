@@ -140,9 +140,7 @@ def validate_before_load(args, methods: list[str]) -> None:
     )
     from ..registry import METHODS
 
-    for m in methods:
-        if m not in METHODS:
-            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+    check_method_names(methods)
     if getattr(args, "max_new_tokens", 1) < 1:
         raise GenrefineError("--max-new-tokens must be a positive integer")
     dev = resolve_device(args.device)
@@ -174,3 +172,28 @@ def validate_before_load(args, methods: list[str]) -> None:
             f"datastore {store!r} does not exist: build one with "
             "`genrefine index build DIR --out FILE`"
         )
+
+
+def modality_method_options(args, names: tuple[str, ...], **fixed):
+    """The MethodOptions of the image and speech commands: ``fixed`` plus each option of ``names``
+    the user gave (``--relax-k`` etc.), refused with one line when this version lacks it."""
+    from ..methods.base import MethodOptions
+
+    fields = MethodOptions.__dataclass_fields__
+    kw = dict(fixed)
+    for name in names:
+        v = getattr(args, name)
+        if v is not None:
+            if name not in fields:
+                raise GenrefineError(f"--{name.replace('_', '-')} is not supported by this version")
+            kw[name] = v
+    return MethodOptions(**kw)
+
+
+def check_method_names(names: list[str]) -> None:
+    """A one-line error for a method name ``genrefine methods`` does not list."""
+    from ..registry import METHODS
+
+    for m in names:
+        if m not in METHODS:
+            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import GenrefineError
+from .options import check_method_names, modality_method_options
 
 
 def _common(p) -> None:
@@ -58,25 +59,8 @@ def add_speech_parser(sub) -> None:
 
 
 def _options(args):
-    from ..methods.base import MethodOptions
-
-    kw = {"draft_len": args.draft_len, "drafter": args.drafter}
-    fields = MethodOptions.__dataclass_fields__
-    for name in ("tolerance", "relax_k", "relax_delta", "group_size", "group_similarity"):
-        v = getattr(args, name)
-        if v is not None:
-            if name not in fields:
-                raise GenrefineError(f"--{name.replace('_', '-')} is not supported by this version")
-            kw[name] = v
-    return MethodOptions(**kw)
-
-
-def _check_methods(names: list[str]) -> None:
-    from ..registry import METHODS
-
-    for m in names:
-        if m not in METHODS:
-            raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+    names = ("tolerance", "relax_k", "relax_delta", "group_size", "group_similarity")
+    return modality_method_options(args, names, draft_len=args.draft_len, drafter=args.drafter)
 
 
 def cmd_speech(args) -> int:
@@ -88,7 +72,7 @@ def cmd_speech(args) -> int:
     if args.speech_command == "generate":
         from ..modalities.speech.quality import write_wav
 
-        _check_methods([args.method])
+        check_method_names([args.method])
         if not args.out.lower().endswith(".wav"):
             raise GenrefineError(f"--out must name a .wav file, got {args.out!r}")
         gen = load_speech(args.model)
@@ -107,7 +91,7 @@ def cmd_speech(args) -> int:
     from ..modalities.speech.bench import json_report, markdown_report, plot_report, run_speech_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    _check_methods(methods)
+    check_method_names(methods)
     if args.n < 1:
         raise GenrefineError(f"--n must be >= 1, got {args.n}")
     gen = load_speech(args.model)

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..modalities.speech import codec as codec_mod
 from ..modalities.speech.data import RATES, VOICES, split_sentences, synthesize_corpus
 from ..modalities.speech.tokens import TokenLayout, layout_for
+from .image import _cpu, _num  # the same figures' rounding and CPU name as image.json
 from .loop import TrainConfig, train
 
 CHECKPOINTS = "checkpoints"
@@ -445,18 +446,6 @@ def defaults_search(out: Path, texts: list[str], spec: SpeechTrainSpec, seed: in
                         "cer": round(r["cer"], 4), "unfinished": res.summary()["unfinished"]})
         say(f"sampling at temperature {temp}: WER {r['wer']:.3f} on {len(texts)} held-out sentences")
     return results
-
-
-def _num(v) -> float | None:
-    return None if v is None or v != v else round(float(v), 4)
-
-
-def _cpu() -> str:
-    import platform
-
-    from ..diskcache import cpu_model
-
-    return cpu_model() or platform.processor() or "unknown"
 
 
 __all__ = ["SpeechTrainSpec", "REAL", "TINY", "TokenLayout", "train_speech", "layout_for"]
