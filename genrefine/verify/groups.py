@@ -45,6 +45,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..sampling import sample
 from ..types import Draft, VerifyResult
+from .relaxed import emitted_law
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -114,10 +115,8 @@ def grouped_rows(p: Tensor, q: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def emitted_distribution(accept: Tensor, residual: Tensor, q: Tensor) -> Tensor:
-    """The exact law of the token a row emits when its drafted token is drawn from ``q`` and
-    kept with ``accept``, else replaced by a draw from ``residual``. [n, V] each -> [n, V]."""
-    kept = q.float() * accept
-    return kept + (1.0 - kept.sum(dim=-1, keepdim=True)).clamp_min(0.0) * residual
+    """The exact law of the token a row emits (:func:`.relaxed.emitted_law`, the same mixture)."""
+    return emitted_law(accept, residual, q)
 
 
 def verify_grouped(

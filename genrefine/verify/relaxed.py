@@ -100,6 +100,12 @@ def emitted_distribution(p: Tensor, q: Tensor, a: Tensor, delta: float) -> Tenso
     """The exact distribution of the token one row emits when its drafted token is drawn from
     ``q``: ``q * accept + (1 - sum q * accept) * residual``. [n, V] each -> [n, V]."""
     accept, residual = relaxed_rows(p, q, a, delta)
+    return emitted_law(accept, residual, q)
+
+
+def emitted_law(accept: Tensor, residual: Tensor, q: Tensor) -> Tensor:
+    """The exact law of the token a row emits when its drafted token is drawn from ``q`` and
+    kept with ``accept``, else replaced by a draw from ``residual``. [n, V] each -> [n, V]."""
     kept = q.float() * accept
     return kept + (1.0 - kept.sum(dim=-1, keepdim=True)).clamp_min(0.0) * residual
 
