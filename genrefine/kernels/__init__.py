@@ -315,3 +315,57 @@ def attend(
         empty if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale),
         float(softcap or 0.0),
     )
+
+
+def layer_arguments(weights: list, norms: list[Tensor | None]) -> tuple:
+    """The constant arguments of :func:`fused_layer` for one decoder layer, built once: the
+    segments of ``weights`` (qkv, o, gate_up, down: QuantWeight-like, with ``.segments`` of
+    :class:`Packed`) and the six norm weights (input, post-attention, pre-FFN, post-FFN, q, k;
+    None where the model has none)."""
+    ws, a_s, cs, meta = [], [], [], []
+    for w in weights:
+        meta.append(len(w.segments))
+        for s in w.segments:
+            ws.append(s.w)
+            a_s.append(s.a)
+            cs.append(s.c)
+            meta.extend([s.group, s.zero, int(s.signed), s.n])
+    empty = torch.empty(0, dtype=torch.float32)
+    return ws, a_s, cs, meta, [empty if t is None else t for t in norms]
+
+
+def fused_layer(
+    x: Tensor,
+    args: tuple,
+    eps: float,
+    keys: Tensor,
+    values: Tensor,
+    start: int,
+    positions: Tensor,
+    tree: Tensor | None,
+    window: int | None,
+    scale: float,
+    softcap: float | None,
+    cos: Tensor,
+    sin: Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    gelu: bool,
+    timing: Tensor | None = None,
+) -> Tensor:
+    """One decoder layer of a quantized float32 model in one call: RMSNorm, the fused q/k/v
+    matmul, q/k norms, rotary embedding, the new keys and values written into ``keys``/``values``
+    (a cache's [KV, S, D] tensors) at slots ``start ..``, exact attention (:func:`attend`), the
+    output matmul, the (sandwich) norms and residuals, and the gated MLP. The same kernels in the
+    same order as the runtime's op-by-op path, so the same bits. ``args``:
+    :func:`layer_arguments`; ``timing``: float64 [2] that gains the seconds spent in matmuls and
+    in attention. Needs the C++ extension (:func:`load_extension`)."""
+    ws, a_s, cs, meta, norms = args
+    empty = torch.empty(0, dtype=torch.bool)
+    return torch.ops.genrefine_q.layer(
+        x, ws, a_s, cs, meta, norms, float(eps), keys, values, int(start), positions.to("cpu", torch.long),
+        empty if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale), float(softcap or 0.0),
+        cos, sin, int(heads), int(kv_heads), int(head_dim), bool(gelu),
+        torch.empty(0, dtype=torch.float64) if timing is None else timing,
+    )

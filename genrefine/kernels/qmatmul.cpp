@@ -9,6 +9,7 @@
 //   acc = acc + dx_b * t                     (b: the 32-wide activation block holding j; j ascending)
 // xq, dx: x quantized per row and 32-wide block: dx = amax / 127, xq = round_half_even(x * (1/dx)).
 // Compiled with -ffp-contract=off so no multiply-add is fused: every path rounds the same way.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 #include <cmath>
 #include <cstdint>
@@ -397,34 +399,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x) {
   return {xq, dx, xs};
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
-                   int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
+// x quantized once (the int8 rows, their block scales and 16-wide sums): every weight that
+// multiplies the same x can share it, with the same bits as quantizing it again
+struct XPrep {
+  at::Tensor xq, dx, xs;
+  int64_t M, K;
+};
+
+XPrep prepare(const at::Tensor& x) {
+  auto xc = x.to(at::kFloat).contiguous();
+  auto [xq, dx, xs] = quantize(xc);
+  return XPrep{xq, dx, xs, xc.size(0), xc.size(1)};
+}
+
+at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
+                            int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
   check(w.dim() == 5 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be uint8 [NG, NB, G/4, 16, 4]");
   check(group == 16 || group == 32, "group must be 16 or 32");
   check(w.size(2) == group / 4 && w.size(3) == LANES && w.size(4) == 4, "w layout does not match group");
   const int64_t NG = w.size(0), NB = w.size(1), K = NB * group;
-  check(x.dim() == 2 && x.size(1) == K, "x must be [M, K] with K = blocks * group");
+  check(xp.K == K, "x must be [M, K] with K = blocks * group");
   check(n > (NG - 1) * LANES && n <= NG * LANES, "n does not match the groups");
   check(a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() == NG * NB * LANES, "a must be float32 [NG, NB, 16]");
   const bool hasc = c.numel() != 0;
   if (hasc) check(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == NG * NB * LANES, "c must be float32 [NG, NB, 16] or empty");
-  auto xc = x.to(at::kFloat).contiguous();
-  auto [xq, dx_t, xs_t] = quantize(xc);
-  const int64_t M = x.size(0);
-  auto out = at::empty({M, n}, x.options().dtype(at::kFloat));
+  const int64_t M = xp.M;
+  auto out = at::empty({M, n}, xp.dx.options());
   if (M == 0) return out;
   if (isa < 0) isa = best_isa();
   if (isa == 3 && !amx_permitted()) isa = 2;
-  Args p{xq.data_ptr<int8_t>(), dx_t.data_ptr<float>(), xs_t.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
+  Args p{xp.xq.data_ptr<int8_t>(), xp.dx.data_ptr<float>(), xp.xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
          a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K, n, NB,
          int(zero)};
   // the per-row, per-sub-block terms every path needs
-  auto zx = at::empty({M, NB}, x.options().dtype(at::kInt));
-  auto xf = at::empty({M, NB}, x.options());
-  auto dj = at::empty({M, NB}, x.options());
+  auto zx = at::empty({M, NB}, xp.dx.options().dtype(at::kInt));
+  auto xf = at::empty({M, NB}, xp.dx.options());
+  auto dj = at::empty({M, NB}, xp.dx.options());
   {
-    const int32_t* xs = xs_t.data_ptr<int32_t>();
-    const float* dxp = dx_t.data_ptr<float>();
+    const int32_t* xs = xp.xs.data_ptr<int32_t>();
+    const float* dxp = xp.dx.data_ptr<float>();
     int32_t* zxp = zx.data_ptr<int32_t>();
     float* xfp = xf.data_ptr<float>();
     float* djp = dj.data_ptr<float>();
@@ -446,6 +459,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a
   const int64_t grain = std::max<int64_t>(1, 65536 / (LANES * K * std::min<int64_t>(M, MCHUNK)));
   at::parallel_for(0, NG, grain, [&](int64_t g0, int64_t g1) { fn(p, g0, g1); });
   return out;
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
+                   int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
+  check(x.dim() == 2, "x must be [M, K]");
+  check(w.dim() == 5 && x.size(1) == w.size(1) * group, "x must be [M, K] with K = blocks * group");
+  return qlinear_prepared(prepare(x), w, a, c, group, zero, is_signed, n, isa);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_op(const at::Tensor& x) {
@@ -663,6 +683,103 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   return out;
 }
 
+// ---------------------------------------------------------------- one decoder layer per call
+// What NativeModel._layer does for a quantized float32 model with exact attention, op for op and
+// through the same functions (qlinear, rmsnorm, rope, attend) and ATen kernels (add, mul, gelu or
+// silu), so the bits are those of the Python path; only the ~30 Python-level calls per layer
+// and their dispatch go. Weights come as segments (stacked along the output dimension, like
+// QuantWeight): meta holds, per weight (qkv, o, gate_up, down), its segment count and then
+// (group, zero, signed, n) per segment; ws/as/cs hold the segments' tensors in that order.
+// norms: input, post-attention, pre-FFN, post-FFN, q, k (an empty tensor where a model has none).
+// timing: empty, or float64 [2] to which the seconds in matmuls and in attention are added.
+struct Seg {
+  at::Tensor w, a, c;
+  int64_t group, zero, n;
+  bool sgn;
+};
+
+using Clock = std::chrono::steady_clock;
+
+inline double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+at::Tensor qlin(const at::Tensor& x, const std::vector<Seg>& segs, double& seconds) {
+  const auto t0 = Clock::now();
+  const int64_t K = x.size(-1);
+  const XPrep xp = prepare(x.reshape({-1, K}));
+  std::vector<at::Tensor> outs;
+  outs.reserve(segs.size());
+  for (const Seg& s : segs) outs.push_back(qlinear_prepared(xp, s.w, s.a, s.c, s.group, s.zero, s.sgn, s.n, -1));
+  at::Tensor y = outs.size() == 1 ? outs[0] : at::cat(outs, -1);
+  seconds += since(t0);
+  return y;
+}
+
+at::Tensor layer(const at::Tensor& x, at::TensorList ws, at::TensorList as, at::TensorList cs, at::IntArrayRef meta,
+                 at::TensorList norms, double eps, const at::Tensor& keys, const at::Tensor& values, int64_t start,
+                 const at::Tensor& positions, const at::Tensor& tree, int64_t window, double scale, double softcap,
+                 const at::Tensor& cos, const at::Tensor& sin, int64_t nh, int64_t nkv, int64_t hd, bool gelu,
+                 const at::Tensor& timing) {
+  check(x.dim() == 2 && x.scalar_type() == at::kFloat, "layer: x must be [n, hidden] float32");
+  check(norms.size() == 6, "layer: six norms (empty where absent)");
+  check(ws.size() == as.size() && ws.size() == cs.size(), "layer: segment lists differ in length");
+  std::vector<Seg> weights[4];
+  size_t at_meta = 0, at_seg = 0;
+  for (int i = 0; i < 4; ++i) {
+    check(at_meta < meta.size(), "layer: meta too short");
+    const int64_t count = meta[at_meta++];
+    for (int64_t j = 0; j < count; ++j) {
+      check(at_meta + 4 <= meta.size() && at_seg < ws.size(), "layer: meta and segments disagree");
+      weights[i].push_back(Seg{ws[at_seg], as[at_seg], cs[at_seg], meta[at_meta], meta[at_meta + 1],
+                               meta[at_meta + 3], meta[at_meta + 2] != 0});
+      at_meta += 4;
+      ++at_seg;
+    }
+    check(!weights[i].empty(), "layer: a weight without segments");
+  }
+  const int64_t n = x.size(0);
+  double t_weights = 0.0, t_attention = 0.0;
+  const at::Tensor &input_norm = norms[0], &post_attn = norms[1], &pre_ffn = norms[2], &post_ffn = norms[3],
+                   &q_norm = norms[4], &k_norm = norms[5];
+  at::Tensor h = rmsnorm(x, input_norm, eps);
+  at::Tensor qkv = qlin(h, weights[0], t_weights);
+  auto parts = qkv.split_with_sizes({nh * hd, nkv * hd, nkv * hd}, -1);
+  at::Tensor k = parts[1].view({n, nkv, hd}).transpose(0, 1);
+  at::Tensor v = parts[2].view({n, nkv, hd}).transpose(0, 1);
+  at::Tensor q = parts[0].view({n, nh, hd}).transpose(0, 1);
+  if (q_norm.numel()) q = rmsnorm(q, q_norm, eps);
+  q = rope(q, cos, sin);
+  if (k_norm.numel()) k = rmsnorm(k, k_norm, eps);
+  k = rope(k, cos, sin);
+  keys.narrow(1, start, n).copy_(k);
+  values.narrow(1, start, n).copy_(v);
+  const auto t0 = Clock::now();
+  at::Tensor att = attend(q, keys, values, start, positions, tree, window, scale, softcap);
+  t_attention += since(t0);
+  at::Tensor a = qlin(att.transpose(0, 1).reshape({n, nh * hd}), weights[1], t_weights);
+  at::Tensor xr;
+  if (pre_ffn.numel()) {
+    xr = x + rmsnorm(a, post_attn, eps);
+    h = rmsnorm(xr, pre_ffn, eps);
+  } else {
+    xr = x + a;
+    h = rmsnorm(xr, post_attn, eps);
+  }
+  at::Tensor gu = qlin(h, weights[2], t_weights);
+  auto halves = gu.chunk(2, -1);
+  at::Tensor act = gelu ? at::gelu(halves[0], "tanh") : at::silu(halves[0]);
+  at::Tensor mlp = qlin(act * halves[1], weights[3], t_weights);
+  if (post_ffn.numel()) mlp = rmsnorm(mlp, post_ffn, eps);
+  if (timing.numel()) {
+    check(timing.scalar_type() == at::kDouble && timing.numel() == 2, "layer: timing must be float64 [2]");
+    double* tp = timing.data_ptr<double>();
+    tp[0] += t_weights;
+    tp[1] += t_attention;
+  }
+  return xr + mlp;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(genrefine_q, m) {
@@ -671,6 +788,7 @@ TORCH_LIBRARY(genrefine_q, m) {
   m.def("best_isa() -> int");
   m.def("rmsnorm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("layer(Tensor x, Tensor[] ws, Tensor[] as_, Tensor[] cs, int[] meta, Tensor[] norms, float eps, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap, Tensor cos, Tensor sin, int nh, int nkv, int hd, bool gelu, Tensor timing) -> Tensor");
   m.def("attend(Tensor q, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap) -> Tensor");
 }
 
@@ -680,6 +798,7 @@ TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
   m.impl("rmsnorm", &rmsnorm);
   m.impl("rope", &rope);
   m.impl("attend", &attend);
+  m.impl("layer", &layer);
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CatchAll, m) { m.impl("best_isa", &isa_op); }

@@ -22,7 +22,7 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
-from ..kernels import attend, load_extension, rmsnorm, rope
+from ..kernels import attend, fused_layer, layer_arguments, load_extension, rmsnorm, rope
 from .quant import QuantWeight
 
 
@@ -122,6 +122,11 @@ class NativeModel:
         # its cache in float16)
         self.attn_dtype = dtype
         self.exact_attention = False  # the C++ exact attention (quantized float32 models)
+        # one C++ call per layer (genrefine.kernels.layer) where every step of it has a C++
+        # kernel: quantized weights without biases, exact float32 attention; set in _calibrate,
+        # and a test turns it off to compare with the op-by-op path
+        self.fused_layers = False
+        self._fused_args: dict[int, tuple] = {}
         # seconds spent in matmuls ("weights") and attention while ``phase_seconds`` is a dict
         # (the bench sets it; None: not measured)
         self.phase_seconds: dict[str, float] | None = None
@@ -167,6 +172,11 @@ class NativeModel:
             if not exact and self.quantized and attention_exact(torch.bfloat16):
                 self.attn_dtype, exact = torch.bfloat16, True
         self.bitwise_exact = all(s is not None for s in found.values()) and exact
+        self.fused_layers = self.exact_attention and self.attn_dtype == torch.float32 and all(
+            all(isinstance(w, QuantWeight) for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+            and all(b is None for b in (lw.qkv_bias, lw.o_bias, lw.gate_up_bias, lw.down_bias))
+            for lw in self.layers
+        )
 
     def _activations(self, rows: int = 128) -> dict[tuple[int, int], Tensor]:
         """What enters each weight shape's matmul in a forward over ``rows`` random tokens
@@ -620,11 +630,42 @@ class NativeModel:
         c = self.config
         n = x.shape[0]
         hd, nh = c.head_dim, c.num_heads
+        if self.fused_layers and isinstance(mask, ExactRows):
+            return self._fused_layer(i, x, cache, start, rope, mask)
         q, k, v = self._qkv(i, x, rope, queries=True)
         cache.keys[i][:, start:total] = k
         cache.values[i][:, start:total] = v
         att = self._attend(i, q, cache, total, mask)
         return self._finish_layer(i, x, att.transpose(0, 1).reshape(n, nh * hd).to(self.dtype))
+
+    def _fused_layer(
+        self, i: int, x: Tensor, cache: KVCache, start: int, rope: tuple[Tensor, Tensor], mask: ExactRows
+    ) -> Tensor:
+        """Layer ``i`` in one C++ call (:func:`genrefine.kernels.layer`): the same kernels in the
+        same order as the op-by-op path below, so the same bits, without its Python overhead."""
+        args = self._fused_args.get(i)
+        if args is None:
+            lw = self.layers[i]
+            args = layer_arguments(
+                [lw.qkv, lw.o, lw.gate_up, lw.down],
+                [lw.input_norm, lw.post_attn_norm, lw.pre_ffn_norm, lw.post_ffn_norm, lw.q_norm, lw.k_norm],
+            )
+            self._fused_args[i] = args
+        c = self.config
+        timing = None
+        if self.phase_seconds is not None:
+            timing = torch.zeros(2, dtype=torch.float64)
+        cos, sin = rope
+        out = fused_layer(
+            x, args, c.rms_norm_eps, cache.keys[i], cache.values[i], mask.start, mask.positions,
+            mask.tree, mask.window, c.attn_scale, c.attn_logit_softcap, cos, sin, c.num_heads,
+            c.num_kv_heads, c.head_dim, c.activation == "gelu_tanh", timing,
+        )
+        if timing is not None:
+            ph = self.phase_seconds
+            ph["weights"] = ph.get("weights", 0.0) + float(timing[0])
+            ph["attention"] = ph.get("attention", 0.0) + float(timing[1])
+        return out
 
     def _attend(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
         """Layer ``i``'s attention of q [H, n, D] over ``cache`` (slots below ``total`` filled),
