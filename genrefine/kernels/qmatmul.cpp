@@ -254,6 +254,9 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_configure() {
   cfg.colsb[0] = 64; cfg.rows[0] = 16;     // C: 16 x 16 int32
   cfg.colsb[1] = G;  cfg.rows[1] = 16;     // A: 16 rows of x, one sub-block of int8
   cfg.colsb[2] = 64; cfg.rows[2] = G / 4;  // B: the packed group, four bytes per output row
+  cfg.colsb[3] = 64; cfg.rows[3] = 16;     // the same three again, for the next sub-block
+  cfg.colsb[4] = G;  cfg.rows[4] = 16;
+  cfg.colsb[5] = 64; cfg.rows[5] = G / 4;
   // gcc 12 at -O3 drops the stores above as dead (it does not see ldtilecfg read them)
   asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
@@ -261,15 +264,22 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
 
-template <int G, bool SIGNED, bool HASC>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) void amx_rows16(
-    const Args& p, int64_t g, int64_t m0) {
+// The tile multiply of sub-block j+1 is issued before the float part of sub-block j, so that
+// the AMX unit works while the vector units finish (two accumulator tiles take turns: 0 and 3,
+// with their own A and B tiles 1, 2 and 4, 5). Every row still adds its sub-blocks in order.
+template <int G, bool SIGNED>
+__attribute__((target("amx-tile,amx-int8"))) inline void amx_issue(const Args& p, int64_t g, int64_t m0,
+                                                                  int64_t j, bool second) {
   constexpr int S = G / 4;
-  const int zz = SIGNED ? 0 : p.zero;
-  alignas(64) int32_t ints[16 * LANES];
-  __m512 acc[16];
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < p.NB; ++j) {
+  if (second) {
+    _tile_zero(3);
+    _tile_loadd(4, p.xq + m0 * p.K + j * G, p.K);
+    _tile_loadd(5, p.w + (g * p.NB + j) * S * 64, 64);
+    if (SIGNED)
+      _tile_dpbssd(3, 4, 5);
+    else
+      _tile_dpbsud(3, 4, 5);
+  } else {
     _tile_zero(0);
     _tile_loadd(1, p.xq + m0 * p.K + j * G, p.K);
     _tile_loadd(2, p.w + (g * p.NB + j) * S * 64, 64);
@@ -277,7 +287,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
       _tile_dpbssd(0, 1, 2);
     else
       _tile_dpbsud(0, 1, 2);
-    _tile_stored(0, ints, 64);
+  }
+}
+
+template <int G, bool SIGNED, bool HASC>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) void amx_rows16(
+    const Args& p, int64_t g, int64_t m0) {
+  const int zz = SIGNED ? 0 : p.zero;
+  alignas(64) int32_t ints[16 * LANES];
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  amx_issue<G, SIGNED>(p, g, m0, 0, false);
+  for (int64_t j = 0; j < p.NB; ++j) {
+    if (j & 1)
+      _tile_stored(3, ints, 64);
+    else
+      _tile_stored(0, ints, 64);
+    if (j + 1 < p.NB) amx_issue<G, SIGNED>(p, g, m0, j + 1, !(j & 1));
     const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
