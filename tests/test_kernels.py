@@ -101,9 +101,10 @@ def test_a_changed_weight_changes_the_output() -> None:
     p = random_packed("q4_k", 32, 64, seed=6)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
     before = qlinear(x, p)
+    assert p.bits == 4  # stored two values a byte: byte 2 * 64 + 5 * 4 + 1 of a sub-block
     w = p.w.clone()
-    w[1, 0, 2, 5, 1] ^= 3  # output row 16 + 5
-    changed = qlinear(x, Packed(w, p.a, p.c, p.group, p.zero, p.signed, p.n))
+    w[1, 0, 2 * 64 + 5 * 4 + 1] ^= 3  # output row 16 + 5 (low nibble: vector 2)
+    changed = qlinear(x, Packed(w, p.a, p.c, p.group, p.zero, p.signed, p.n, p.fmt, p.bits))
     diff = (changed != before).any(0).nonzero().flatten().tolist()
     assert diff == [21]
 
@@ -131,6 +132,26 @@ def test_pack_keeps_values_and_scales_exactly() -> None:
         pack(torch.full((2, 32), 200, dtype=torch.uint8), torch.ones(2, 1), None, 32, 0)
     with pytest.raises(ValueError, match="multiple of 32"):
         pack(torch.zeros(2, 48, dtype=torch.uint8), torch.ones(2, 3), None, 16, 0)
+
+
+def test_small_values_are_stored_narrow_and_give_the_same_bits() -> None:
+    """Values below 16 (Q4_K) take 4 bits and below 32 (Q5_0) 5 bits a value; the narrow layout
+    widens back to the bytes, and every path gives the same outputs as the same weight stored
+    a byte a value."""
+    from genrefine.kernels import block_bytes, narrow_block, widen_block
+
+    for kind, bits in (("q4_k", 4), ("q5_0", 5), ("q6_k", 8), ("q8_0", 8)):
+        p = random_packed(kind, 37, 128, seed=11)
+        assert p.bits == bits
+        if bits == 8:
+            continue
+        wide = widen_block(p.w, p.group, bits)
+        assert p.w.shape[-1] == block_bytes(p.group, bits) < wide[0, 0].numel()
+        assert torch.equal(narrow_block(wide, bits), p.w)
+        as_bytes = Packed(wide.contiguous(), p.a, p.c, p.group, p.zero, p.signed, p.n, p.fmt, 8)
+        x = torch.randn(20, 128, generator=torch.Generator().manual_seed(12))
+        for path in PATHS:
+            assert torch.equal(qlinear(x, p, path), qlinear(x, as_bytes, path)), (kind, path)
 
 
 def test_quant_weight_stacks_slices_and_selects_rows() -> None:

@@ -53,8 +53,10 @@ _SOURCE = Path(__file__).with_name("qmatmul.cpp")
 class Packed:
     """One quantized weight [n, k] in the kernel's layout (see the module docstring).
 
-    w: uint8 [n_groups, k / group, group / 4, 16, 4]; a: float32 [n_groups, k / group, 16];
-    c: float32 like ``a`` or an empty tensor; rows past ``n`` in the last group are zero.
+    w: uint8 [n_groups, k / group, group / 4, 16, 4] (``bits`` 8), or the same bytes stored
+    narrower, [n_groups, k / group, block_bytes(group, bits)] (``bits`` 4 or 5, unsigned values
+    below 16 or 32: see :func:`narrow_block`); a: float32 [n_groups, k / group, 16]; c: float32
+    like ``a`` or an empty tensor; rows past ``n`` in the last group are zero.
     """
 
     w: Tensor
@@ -65,6 +67,7 @@ class Packed:
     signed: bool  # q are int8 (stored as their bytes); else uint8
     n: int
     fmt: str = ""  # where the values came from, e.g. "q4_k" (for display)
+    bits: int = 8  # bits per stored value: 8, or 4 / 5 for small unsigned values
 
     @property
     def k(self) -> int:
@@ -98,6 +101,12 @@ def pack(
         raw = torch.cat([raw, raw.new_zeros(pad, k)])
     nb = k // group
     w = raw.reshape(ng, LANES, nb, group // 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+    bits = 8
+    if not signed and values.numel():
+        top = int(values.max())
+        bits = 4 if top < 16 else 5 if top < 32 else 8
+    if bits != 8:
+        w = narrow_block(w, bits)
 
     def lanes(s: Tensor) -> Tensor:
         s = s.to(torch.float32)
@@ -106,14 +115,55 @@ def pack(
         return s.reshape(ng, LANES, nb).permute(0, 2, 1).contiguous()
 
     c = lanes(offset) if offset is not None else torch.empty(0, dtype=torch.float32)
-    return Packed(w, lanes(scale), c, group, int(zero), signed, int(n), fmt)
+    return Packed(w, lanes(scale), c, group, int(zero), signed, int(n), fmt, bits)
+
+
+def block_bytes(group: int, bits: int) -> int:
+    """Bytes one sub-block of 16 output rows takes with ``bits`` per value."""
+    s = group // 4  # 64-byte vectors per sub-block in the byte layout
+    return {8: s * 64, 4: s * 32, 5: s * 40}[bits]
+
+
+def narrow_block(w: Tensor, bits: int) -> Tensor:
+    """Byte layout [..., S, 16, 4] (values below 2**bits) -> the narrow layout [..., bytes]:
+    byte i of vector h (h < S / 2) holds byte i of vector h in its low nibble and of vector
+    h + S / 2 in its high nibble; with 5 bits, 8 more bytes per vector follow, bit i of them
+    the fifth bit of byte i (little-endian). Unpacking is a mask and a shift per 64 bytes."""
+    lead = w.shape[:-3]
+    s = w.shape[-3]
+    v = w.reshape(*lead, s, 64)
+    low, high = v[..., : s // 2, :], v[..., s // 2 :, :]
+    nib = ((low & 15) | ((high & 15) << 4)).reshape(*lead, s * 32)
+    if bits == 4:
+        return nib.contiguous()
+    top = ((v >> 4) & 1).reshape(*lead, s, 8, 8).to(torch.int32)  # [.., S, byte, bit]
+    planes = (top << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return torch.cat([nib, planes.reshape(*lead, s * 8)], dim=-1).contiguous()
+
+
+def widen_block(w: Tensor, group: int, bits: int) -> Tensor:
+    """:func:`narrow_block` undone: [..., bytes] -> the byte layout [..., S, 16, 4]."""
+    if bits == 8:
+        return w
+    lead = w.shape[:-1]
+    s = group // 4
+    nib = w[..., : s * 32].reshape(*lead, s // 2, 64)
+    v = torch.cat([nib & 15, nib >> 4], dim=-2)  # [..., S, 64]
+    if bits == 5:
+        planes = w[..., s * 32 :].reshape(*lead, s, 8, 1).to(torch.int32)
+        top = ((planes >> torch.arange(8, dtype=torch.int32)) & 1).reshape(*lead, s, 64)
+        v = v | (top << 4).to(torch.uint8)
+    return v.reshape(*lead, s, LANES, 4)
 
 
 def unpack_rows(p: Packed, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """Integer values ([r, k] int32, zero already subtracted), scales and offsets ([r, k / group]
     float32) of output rows ``rows`` ([r] long)."""
     g, lane = rows // LANES, rows % LANES
-    q = p.w[g, :, :, lane, :]  # [r, nb, group / 4, 4]
+    if p.bits == 8:
+        q = p.w[g, :, :, lane, :]  # [r, nb, group / 4, 4]
+    else:
+        q = widen_block(p.w[g], p.group, p.bits)[torch.arange(rows.shape[0]), :, :, lane, :]
     q = q.reshape(rows.shape[0], p.k)
     v = (q.view(torch.int8) if p.signed else q).to(torch.int32) - p.zero
     a = p.a[g, :, lane]
@@ -255,7 +305,7 @@ def qlinear(x: Tensor, p: Packed, isa: str | None = None) -> Tensor:
         return qlinear_reference(x, p)
     code = -1 if isa is None else ISAS[isa]
     return torch.ops.genrefine_q.qlinear(
-        x.reshape(-1, x.shape[-1]), p.w, p.a, p.c, p.group, p.zero, p.signed, p.n, code
+        x.reshape(-1, x.shape[-1]), p.w, p.a, p.c, p.group, p.zero, p.signed, p.n, p.bits, code
     )
 
 
@@ -329,7 +379,7 @@ def layer_arguments(weights: list, norms: list[Tensor | None]) -> tuple:
             ws.append(s.w)
             a_s.append(s.a)
             cs.append(s.c)
-            meta.extend([s.group, s.zero, int(s.signed), s.n])
+            meta.extend([s.group, s.zero, int(s.signed), s.n, s.bits])
     empty = torch.empty(0, dtype=torch.float32)
     return ws, a_s, cs, meta, [empty if t is None else t for t in norms]
 

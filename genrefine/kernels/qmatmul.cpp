@@ -43,12 +43,36 @@ struct Args {
   float* out;           // [M, N]
   int64_t M, K, N, NB;
   int zero;
+  int bits = 8;     // 8: the byte layout; 4 or 5: narrow (see narrow_block in __init__.py)
+  int64_t BB = 0;   // bytes per (group, sub-block)
   // per row and sub-block, computed once per call: (zero, or 128 for signed bytes) * X, float(X),
   // and the activation scale of the sub-block's 32-wide block
   const int32_t* zx = nullptr;  // [M, NB]
   const float* xf = nullptr;    // [M, NB]
   const float* dj = nullptr;    // [M, NB]
 };
+
+// The bytes of sub-block j of group g in the byte layout [S][16][4]: the stored bytes themselves,
+// or, for narrow values, unpacked into `scratch` (S * 64 bytes): vector h < S/2 is the low nibble
+// of the stored vector h, vector h + S/2 its high nibble; a fifth bit comes from 8 bytes per vector.
+template <int G>
+inline const uint8_t* block_ptr(const Args& p, int64_t g, int64_t j, uint8_t* scratch) {
+  constexpr int S = G / 4;
+  const uint8_t* src = p.w + (g * p.NB + j) * p.BB;
+  if (p.bits == 8) return src;
+  for (int h = 0; h < S / 2; ++h)
+    for (int i = 0; i < 64; ++i) {
+      const uint8_t b = src[h * 64 + i];
+      scratch[h * 64 + i] = b & 15;
+      scratch[(h + S / 2) * 64 + i] = b >> 4;
+    }
+  if (p.bits == 5) {
+    const uint8_t* hb = src + S * 32;
+    for (int v = 0; v < S; ++v)
+      for (int i = 0; i < 64; ++i) scratch[v * 64 + i] |= uint8_t(((hb[v * 8 + i / 8] >> (i % 8)) & 1) << 4);
+  }
+  return scratch;
+}
 
 inline int xsum(const Args& p, int64_t m, int64_t j, int G) {
   const int32_t* xs = p.xs + m * (p.K / 16);
@@ -67,13 +91,14 @@ template <int G, bool SIGNED, bool HASC>
 void groups_generic(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   alignas(64) float acc[MCHUNK * LANES];
+  alignas(64) uint8_t scratch[S * 64];
   const int zz = SIGNED ? 0 : p.zero;
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
       const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
       std::fill(acc, acc + mc * LANES, 0.0f);
       for (int64_t j = 0; j < p.NB; ++j) {
-        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+        const uint8_t* wp = block_ptr<G>(p, g, j, scratch);
         const float* ap = p.a + (g * p.NB + j) * LANES;
         const float* cp = HASC ? p.c + (g * p.NB + j) * LANES : nullptr;
         for (int64_t m = 0; m < mc; ++m) {
@@ -107,6 +132,7 @@ template <int G, bool SIGNED, bool HASC>
 __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   alignas(64) float acc[MCHUNK * LANES];
+  alignas(64) uint8_t scratch[S * 64];
   const int zz = SIGNED ? 0 : p.zero;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = g0; g < g1; ++g) {
@@ -114,7 +140,7 @@ __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, 
       const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
       std::fill(acc, acc + mc * LANES, 0.0f);
       for (int64_t j = 0; j < p.NB; ++j) {
-        const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+        const uint8_t* wp = block_ptr<G>(p, g, j, scratch);
         __m256i wl[S], wh[S];  // lanes 0-7, lanes 8-15 (absolute values when SIGNED)
         __m256i sl[S], sh[S];  // the signs, when SIGNED
         for (int s = 0; s < S; ++s) {
@@ -190,6 +216,36 @@ finish16(const Args& p, int64_t at, __m512i is, __m512 av, __m512 cv, __m512 acc
   return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
 }
 
+// One sub-block's S vectors of 64 bytes in the byte layout, from the stored bytes at wp (narrow
+// values unpacked in registers); signed bytes come flipped to unsigned (q + 128).
+template <int G, bool SIGNED>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribute__((always_inline)) void
+vnni_block(const Args& p, const uint8_t* wp, __m512i* wv) {
+  constexpr int S = G / 4;
+  if (p.bits == 8) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    for (int s = 0; s < S; ++s) {
+      wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
+      if (SIGNED) wv[s] = _mm512_xor_si512(wv[s], flip);
+    }
+    return;
+  }
+  const __m512i m4 = _mm512_set1_epi8(15);
+  for (int h = 0; h < S / 2; ++h) {
+    const __m512i v = _mm512_loadu_si512((const void*)(wp + h * 64));
+    wv[h] = _mm512_and_si512(v, m4);
+    wv[h + S / 2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  }
+  if (p.bits == 5) {
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    for (int s = 0; s < S; ++s) {
+      uint64_t bitsv;
+      std::memcpy(&bitsv, wp + S * 32 + s * 8, 8);
+      wv[s] = _mm512_mask_add_epi8(wv[s], __mmask64(bitsv), wv[s], sixteen);
+    }
+  }
+}
+
 // R rows of x against one group of 16 output rows, all sub-blocks: the accumulators stay in
 // registers; the group's weights come from memory for the first rows and from cache after.
 template <int G, bool SIGNED, bool HASC, int R, bool PREFETCH = false>
@@ -197,21 +253,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni
     const Args& p, int64_t g, int64_t m0) {
   constexpr int S = G / 4;
   const int zz = SIGNED ? 128 : p.zero;  // signed bytes run as unsigned (q + 128)
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < p.NB; ++j) {
-    const uint8_t* wp = p.w + (g * p.NB + j) * S * 64;
+    const uint8_t* wp = p.w + (g * p.NB + j) * p.BB;
     if (PREFETCH) {  // the next group's same block: the stream runs one group ahead
-      const char* nx = reinterpret_cast<const char*>(wp + p.NB * S * 64);
-      for (int s = 0; s < S; ++s) _mm_prefetch(nx + s * 64, _MM_HINT_T0);
+      const char* nx = reinterpret_cast<const char*>(wp + p.NB * p.BB);
+      for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(p.a + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
     }
     __m512i wv[S];
-    for (int s = 0; s < S; ++s) {
-      wv[s] = _mm512_loadu_si512((const void*)(wp + s * 64));
-      if (SIGNED) wv[s] = _mm512_xor_si512(wv[s], flip);
-    }
+    vnni_block<G, SIGNED>(p, wp, wv);
     const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
@@ -268,13 +320,20 @@ __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release();
 // the AMX unit works while the vector units finish (two accumulator tiles take turns: 0 and 3,
 // with their own A and B tiles 1, 2 and 4, 5). Every row still adds its sub-blocks in order.
 template <int G, bool SIGNED>
-__attribute__((target("amx-tile,amx-int8"))) inline void amx_issue(const Args& p, int64_t g, int64_t m0,
-                                                                  int64_t j, bool second) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) inline void amx_issue(
+    const Args& p, int64_t g, int64_t m0, int64_t j, bool second, uint8_t* scratch) {
   constexpr int S = G / 4;
+  const uint8_t* b = p.w + (g * p.NB + j) * p.BB;
+  if (p.bits != 8) {  // narrow values: unpacked into this tile's own scratch first
+    __m512i wv[S];
+    vnni_block<G, false>(p, b, wv);
+    for (int s = 0; s < S; ++s) _mm512_store_si512((void*)(scratch + s * 64), wv[s]);
+    b = scratch;
+  }
   if (second) {
     _tile_zero(3);
     _tile_loadd(4, p.xq + m0 * p.K + j * G, p.K);
-    _tile_loadd(5, p.w + (g * p.NB + j) * S * 64, 64);
+    _tile_loadd(5, b, 64);
     if (SIGNED)
       _tile_dpbssd(3, 4, 5);
     else
@@ -282,7 +341,7 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_issue(const Args& p
   } else {
     _tile_zero(0);
     _tile_loadd(1, p.xq + m0 * p.K + j * G, p.K);
-    _tile_loadd(2, p.w + (g * p.NB + j) * S * 64, 64);
+    _tile_loadd(2, b, 64);
     if (SIGNED)
       _tile_dpbssd(0, 1, 2);
     else
@@ -295,15 +354,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     const Args& p, int64_t g, int64_t m0) {
   const int zz = SIGNED ? 0 : p.zero;
   alignas(64) int32_t ints[16 * LANES];
+  alignas(64) uint8_t scratch[2][G * 16];  // per accumulator tile: its sub-block, unpacked
   __m512 acc[16];
   for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-  amx_issue<G, SIGNED>(p, g, m0, 0, false);
+  amx_issue<G, SIGNED>(p, g, m0, 0, false, scratch[0]);
   for (int64_t j = 0; j < p.NB; ++j) {
     if (j & 1)
       _tile_stored(3, ints, 64);
     else
       _tile_stored(0, ints, 64);
-    if (j + 1 < p.NB) amx_issue<G, SIGNED>(p, g, m0, j + 1, !(j & 1));
+    if (j + 1 < p.NB) amx_issue<G, SIGNED>(p, g, m0, j + 1, !(j & 1), scratch[(j + 1) & 1]);
     const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
@@ -438,11 +498,22 @@ XPrep prepare(const at::Tensor& x) {
   return XPrep{xq, dx, xs, xc.size(0), xc.size(1)};
 }
 
+int64_t block_bytes(int64_t group, int64_t bits) {
+  const int64_t S = group / 4;
+  return bits == 4 ? S * 32 : bits == 5 ? S * 40 : S * 64;
+}
+
 at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
-                            int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
-  check(w.dim() == 5 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be uint8 [NG, NB, G/4, 16, 4]");
+                            int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t bits, int64_t isa) {
   check(group == 16 || group == 32, "group must be 16 or 32");
-  check(w.size(2) == group / 4 && w.size(3) == LANES && w.size(4) == 4, "w layout does not match group");
+  check(bits == 8 || bits == 4 || bits == 5, "bits must be 8, 4 or 5");
+  check(bits == 8 || !is_signed, "narrow values must be unsigned");
+  check(w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8");
+  if (bits == 8)
+    check(w.dim() == 5 && w.size(2) == group / 4 && w.size(3) == LANES && w.size(4) == 4,
+          "w must be [NG, NB, G/4, 16, 4] for 8-bit values");
+  else
+    check(w.dim() == 3 && w.size(2) == block_bytes(group, bits), "w must be [NG, NB, block bytes] for narrow values");
   const int64_t NG = w.size(0), NB = w.size(1), K = NB * group;
   check(xp.K == K, "x must be [M, K] with K = blocks * group");
   check(n > (NG - 1) * LANES && n <= NG * LANES, "n does not match the groups");
@@ -457,6 +528,8 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
   Args p{xp.xq.data_ptr<int8_t>(), xp.dx.data_ptr<float>(), xp.xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
          a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K, n, NB,
          int(zero)};
+  p.bits = int(bits);
+  p.BB = block_bytes(group, bits);
   // the per-row, per-sub-block terms every path needs
   auto zx = at::empty({M, NB}, xp.dx.options().dtype(at::kInt));
   auto xf = at::empty({M, NB}, xp.dx.options());
@@ -488,10 +561,10 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& a, const at::Tensor& c,
-                   int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t isa) {
+                   int64_t group, int64_t zero, bool is_signed, int64_t n, int64_t bits, int64_t isa) {
   check(x.dim() == 2, "x must be [M, K]");
-  check(w.dim() == 5 && x.size(1) == w.size(1) * group, "x must be [M, K] with K = blocks * group");
-  return qlinear_prepared(prepare(x), w, a, c, group, zero, is_signed, n, isa);
+  check(w.dim() >= 3 && x.size(1) == w.size(1) * group, "x must be [M, K] with K = blocks * group");
+  return qlinear_prepared(prepare(x), w, a, c, group, zero, is_signed, n, bits, isa);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_op(const at::Tensor& x) {
@@ -715,12 +788,12 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
 // silu), so the bits are those of the Python path; only the ~30 Python-level calls per layer
 // and their dispatch go. Weights come as segments (stacked along the output dimension, like
 // QuantWeight): meta holds, per weight (qkv, o, gate_up, down), its segment count and then
-// (group, zero, signed, n) per segment; ws/as/cs hold the segments' tensors in that order.
+// (group, zero, signed, n, bits) per segment; ws/as/cs hold the segments' tensors in that order.
 // norms: input, post-attention, pre-FFN, post-FFN, q, k (an empty tensor where a model has none).
 // timing: empty, or float64 [2] to which the seconds in matmuls and in attention are added.
 struct Seg {
   at::Tensor w, a, c;
-  int64_t group, zero, n;
+  int64_t group, zero, n, bits;
   bool sgn;
 };
 
@@ -736,7 +809,8 @@ at::Tensor qlin(const at::Tensor& x, const std::vector<Seg>& segs, double& secon
   const XPrep xp = prepare(x.reshape({-1, K}));
   std::vector<at::Tensor> outs;
   outs.reserve(segs.size());
-  for (const Seg& s : segs) outs.push_back(qlinear_prepared(xp, s.w, s.a, s.c, s.group, s.zero, s.sgn, s.n, -1));
+  for (const Seg& s : segs)
+    outs.push_back(qlinear_prepared(xp, s.w, s.a, s.c, s.group, s.zero, s.sgn, s.n, s.bits, -1));
   at::Tensor y = outs.size() == 1 ? outs[0] : at::cat(outs, -1);
   seconds += since(t0);
   return y;
@@ -756,10 +830,10 @@ at::Tensor layer(const at::Tensor& x, at::TensorList ws, at::TensorList as, at::
     check(at_meta < meta.size(), "layer: meta too short");
     const int64_t count = meta[at_meta++];
     for (int64_t j = 0; j < count; ++j) {
-      check(at_meta + 4 <= meta.size() && at_seg < ws.size(), "layer: meta and segments disagree");
+      check(at_meta + 5 <= meta.size() && at_seg < ws.size(), "layer: meta and segments disagree");
       weights[i].push_back(Seg{ws[at_seg], as[at_seg], cs[at_seg], meta[at_meta], meta[at_meta + 1],
-                               meta[at_meta + 3], meta[at_meta + 2] != 0});
-      at_meta += 4;
+                               meta[at_meta + 3], meta[at_meta + 4], meta[at_meta + 2] != 0});
+      at_meta += 5;
       ++at_seg;
     }
     check(!weights[i].empty(), "layer: a weight without segments");
@@ -809,7 +883,7 @@ at::Tensor layer(const at::Tensor& x, at::TensorList ws, at::TensorList as, at::
 }  // namespace
 
 TORCH_LIBRARY(genrefine_q, m) {
-  m.def("qlinear(Tensor x, Tensor w, Tensor a, Tensor c, int group, int zero, bool is_signed, int n, int isa) -> Tensor");
+  m.def("qlinear(Tensor x, Tensor w, Tensor a, Tensor c, int group, int zero, bool is_signed, int n, int bits, int isa) -> Tensor");
   m.def("quantize(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("best_isa() -> int");
   m.def("rmsnorm(Tensor x, Tensor w, float eps) -> Tensor");

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..diskcache import atomic_path
 from ..kernels import LANES, Packed, dequantize_rows, pack, qlinear
 
-PACKED_FILE = "gguf-packed-v1.safetensors"
+PACKED_FILE = "gguf-packed-v2.safetensors"  # v2: 4- and 5-bit values stored narrow
 
 
 class QuantWeight:
@@ -115,7 +115,7 @@ class QuantWeight:
 def _mergeable(a: Packed, b: Packed) -> bool:
     return (
         a.n % LANES == 0
-        and (a.group, a.zero, a.signed, a.fmt) == (b.group, b.zero, b.signed, b.fmt)
+        and (a.group, a.zero, a.signed, a.fmt, a.bits) == (b.group, b.zero, b.signed, b.fmt, b.bits)
         and (a.c.numel() == 0) == (b.c.numel() == 0)
         and a.k == b.k
     )
@@ -124,7 +124,8 @@ def _mergeable(a: Packed, b: Packed) -> bool:
 def _merge(a: Packed, b: Packed) -> Packed:
     c = torch.cat([a.c, b.c]) if a.c.numel() else a.c
     return Packed(
-        torch.cat([a.w, b.w]), torch.cat([a.a, b.a]), c, a.group, a.zero, a.signed, a.n + b.n, a.fmt
+        torch.cat([a.w, b.w]), torch.cat([a.a, b.a]), c, a.group, a.zero, a.signed, a.n + b.n, a.fmt,
+        a.bits,
     )
 
 
@@ -160,7 +161,7 @@ def _save(weights: dict[str, QuantWeight], path: Path) -> None:
             tensors[key + ".a"] = s.a
             if s.c.numel():
                 tensors[key + ".c"] = s.c
-            entries.append([s.group, s.zero, s.signed, s.n, s.fmt])
+            entries.append([s.group, s.zero, s.signed, s.n, s.fmt, s.bits])
         meta[name] = entries
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"segments": json.dumps(meta)})
@@ -177,11 +178,12 @@ def _load(path: Path) -> dict[str, QuantWeight]:
         keys = set(f.keys())
         for name, entries in meta.items():
             segs = []
-            for i, (group, zero, signed, n, fmt) in enumerate(entries):
+            for i, (group, zero, signed, n, fmt, bits) in enumerate(entries):
                 key = f"{name}#{i}"
                 c = f.get_tensor(key + ".c") if key + ".c" in keys else torch.empty(0)
                 segs.append(
-                    Packed(f.get_tensor(key + ".w"), f.get_tensor(key + ".a"), c, group, zero, signed, n, fmt)
+                    Packed(f.get_tensor(key + ".w"), f.get_tensor(key + ".a"), c, group, zero, signed, n,
+                           fmt, bits)
                 )
             out[name] = QuantWeight(segs)
     return out
