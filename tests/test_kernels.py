@@ -154,6 +154,30 @@ def test_small_values_are_stored_narrow_and_give_the_same_bits() -> None:
             assert torch.equal(qlinear(x, p, path), qlinear(x, as_bytes, path)), (kind, path)
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q5_0", "q4_k"])
+def test_float16_scales_are_kept_as_float16_and_give_the_same_bits(kind: str) -> None:
+    """Scales that are exactly float16 (Q8_0's and Q5_0's in a GGUF file) are stored so; every
+    path, the fallback included, gives what the same weight with float32 scales gives."""
+    g = torch.Generator().manual_seed(14)
+    vmax, group, zero, offsets = KINDS[kind]
+    if vmax == "signed":
+        values = torch.randint(-128, 128, (37, 128), generator=g).to(torch.int8)
+    else:
+        values = torch.randint(0, vmax + 1, (37, 128), generator=g).to(torch.uint8)
+    scale = (torch.rand(37, 128 // group, generator=g) * 0.02).half().float()
+    offset = torch.rand(37, 128 // group, generator=g) * 0.1 if offsets else None
+    p = pack(values, scale, offset, group, zero, kind)
+    assert p.a.dtype == torch.float16
+    wide = Packed(p.w, p.a.float(), p.c, p.group, p.zero, p.signed, p.n, p.fmt, p.bits)
+    assert pack(values, scale + 1e-9, offset, group, zero, kind).a.dtype == torch.float32
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(15))
+    want = qlinear_reference(x, wide)
+    for path in PATHS:
+        assert torch.equal(qlinear(x, p, path), want), path
+        assert torch.equal(qlinear(x, wide, path), want), path
+    assert torch.equal(dequantize_rows(p, torch.arange(37)), dequantize_rows(wide, torch.arange(37)))
+
+
 def test_quant_weight_stacks_slices_and_selects_rows() -> None:
     g = torch.Generator().manual_seed(10)
     parts = [quantize_weight(torch.randn(n, 64, generator=g), f) for n, f in

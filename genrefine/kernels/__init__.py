@@ -55,8 +55,10 @@ class Packed:
 
     w: uint8 [n_groups, k / group, group / 4, 16, 4] (``bits`` 8), or the same bytes stored
     narrower, [n_groups, k / group, block_bytes(group, bits)] (``bits`` 4 or 5, unsigned values
-    below 16 or 32: see :func:`narrow_block`); a: float32 [n_groups, k / group, 16]; c: float32
-    like ``a`` or an empty tensor; rows past ``n`` in the last group are zero.
+    below 16 or 32: see :func:`narrow_block`); a: [n_groups, k / group, 16], float16 where every
+    scale is exactly a float16 (Q8_0's and Q5_0's are: the file stores them so), else float32;
+    c: float32 [n_groups, k / group, 16] or an empty tensor; rows past ``n`` in the last group
+    are zero.
     """
 
     w: Tensor
@@ -115,7 +117,11 @@ def pack(
         return s.reshape(ng, LANES, nb).permute(0, 2, 1).contiguous()
 
     c = lanes(offset) if offset is not None else torch.empty(0, dtype=torch.float32)
-    return Packed(w, lanes(scale), c, group, int(zero), signed, int(n), fmt, bits)
+    a = lanes(scale)
+    half = a.to(torch.float16)
+    if torch.equal(half.to(torch.float32), a):  # exact: half the bytes, the same numbers
+        a = half
+    return Packed(w, a, c, group, int(zero), signed, int(n), fmt, bits)
 
 
 def block_bytes(group: int, bits: int) -> int:
@@ -166,7 +172,7 @@ def unpack_rows(p: Packed, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]
         q = widen_block(p.w[g], p.group, p.bits)[torch.arange(rows.shape[0]), :, :, lane, :]
     q = q.reshape(rows.shape[0], p.k)
     v = (q.view(torch.int8) if p.signed else q).to(torch.int32) - p.zero
-    a = p.a[g, :, lane]
+    a = p.a[g, :, lane].to(torch.float32)
     c = p.c[g, :, lane] if p.c.numel() else None
     return v, a, c
 

@@ -38,12 +38,13 @@ struct Args {
   const float* dx;      // [M, K / 32]
   const int32_t* xs;    // [M, K / 16]: sums of xq per 16
   const uint8_t* w;     // [NG, NB, G / 4, 16, 4]
-  const float* a;       // [NG, NB, 16]
+  const float* a;       // [NG, NB, 16] (null when the scales are half precision: ah)
   const float* c;       // [NG, NB, 16] or null
   float* out;           // [M, N]
   int64_t M, K, N, NB;
   int zero;
   int bits = 8;     // 8: the byte layout; 4 or 5: narrow (see narrow_block in __init__.py)
+  const uint16_t* ah = nullptr;  // [NG, NB, 16] float16 scales (exactly the file's), else null
   int64_t BB = 0;   // bytes per (group, sub-block)
   // per row and sub-block, computed once per call: (zero, or 128 for signed bytes) * X, float(X),
   // and the activation scale of the sub-block's 32-wide block
@@ -74,6 +75,39 @@ inline const uint8_t* block_ptr(const Args& p, int64_t g, int64_t j, uint8_t* sc
   return scratch;
 }
 
+// float16 -> float32, exact (the scales of Q8_0 and Q5_0 are float16 in the file)
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      bits = sign | (uint32_t(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// the 16 scales of (group, sub-block) `at` = g * NB + j, as float32
+inline void scales16(const Args& p, int64_t at, float* out) {
+  if (p.ah)
+    for (int r = 0; r < LANES; ++r) out[r] = half_to_float(p.ah[at * LANES + r]);
+  else
+    std::memcpy(out, p.a + at * LANES, LANES * sizeof(float));
+}
+
 inline int xsum(const Args& p, int64_t m, int64_t j, int G) {
   const int32_t* xs = p.xs + m * (p.K / 16);
   return G == 32 ? xs[2 * j] + xs[2 * j + 1] : xs[j];
@@ -99,7 +133,8 @@ void groups_generic(const Args& p, int64_t g0, int64_t g1) {
       std::fill(acc, acc + mc * LANES, 0.0f);
       for (int64_t j = 0; j < p.NB; ++j) {
         const uint8_t* wp = block_ptr<G>(p, g, j, scratch);
-        const float* ap = p.a + (g * p.NB + j) * LANES;
+        float ap[LANES];
+        scales16(p, g * p.NB + j, ap);
         const float* cp = HASC ? p.c + (g * p.NB + j) * LANES : nullptr;
         for (int64_t m = 0; m < mc; ++m) {
           const int64_t row = m0 + m;
@@ -129,7 +164,7 @@ void groups_generic(const Args& p, int64_t g0, int64_t g1) {
 
 // ---------------------------------------------------------------- AVX2 (maddubs; values <= 128)
 template <int G, bool SIGNED, bool HASC>
-__attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
+__attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   alignas(64) float acc[MCHUNK * LANES];
   alignas(64) uint8_t scratch[S * 64];
@@ -153,8 +188,16 @@ __attribute__((target("avx2,fma"))) void groups_avx2(const Args& p, int64_t g0, 
             wh[s] = _mm256_sign_epi8(wh[s], wh[s]);
           }
         }
-        const float* ap = p.a + (g * p.NB + j) * LANES;
-        const __m256 al = _mm256_loadu_ps(ap), ah = _mm256_loadu_ps(ap + 8);
+        __m256 al, ah;
+        if (p.ah) {
+          const uint16_t* hp = p.ah + (g * p.NB + j) * LANES;
+          al = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)hp));
+          ah = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hp + 8)));
+        } else {
+          const float* ap = p.a + (g * p.NB + j) * LANES;
+          al = _mm256_loadu_ps(ap);
+          ah = _mm256_loadu_ps(ap + 8);
+        }
         __m256 cl = _mm256_setzero_ps(), ch = _mm256_setzero_ps();
         if (HASC) {
           const float* cp = p.c + (g * p.NB + j) * LANES;
@@ -216,6 +259,13 @@ finish16(const Args& p, int64_t at, __m512i is, __m512 av, __m512 cv, __m512 acc
   return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(p.dj[at]), t));
 }
 
+// the 16 scales of (group, sub-block) `at`, float16 ones widened (exactly)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribute__((always_inline)) __m512
+scales_v16(const Args& p, int64_t at) {
+  if (p.ah) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p.ah + at * LANES)));
+  return _mm512_loadu_ps(p.a + at * LANES);
+}
+
 // One sub-block's S vectors of 64 bytes in the byte layout, from the stored bytes at wp (narrow
 // values unpacked in registers); signed bytes come flipped to unsigned (q + 128).
 template <int G, bool SIGNED>
@@ -260,11 +310,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni
     if (PREFETCH) {  // the next group's same block: the stream runs one group ahead
       const char* nx = reinterpret_cast<const char*>(wp + p.NB * p.BB);
       for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p.a + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
+      if (p.ah)
+        _mm_prefetch(reinterpret_cast<const char*>(p.ah + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
+      else
+        _mm_prefetch(reinterpret_cast<const char*>(p.a + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
     }
     __m512i wv[S];
     vnni_block<G, SIGNED>(p, wp, wv);
-    const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
+    const __m512 av = scales_v16(p, g * p.NB + j);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
     // R == 1: two chains (integers: the split cannot change the sum); else one per row
@@ -364,7 +417,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     else
       _tile_stored(0, ints, 64);
     if (j + 1 < p.NB) amx_issue<G, SIGNED>(p, g, m0, j + 1, !(j & 1), scratch[(j + 1) & 1]);
-    const __m512 av = _mm512_loadu_ps(p.a + (g * p.NB + j) * LANES);
+    const __m512 av = scales_v16(p, g * p.NB + j);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
     for (int r = 0; r < 16; ++r) {
@@ -517,7 +570,9 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
   const int64_t NG = w.size(0), NB = w.size(1), K = NB * group;
   check(xp.K == K, "x must be [M, K] with K = blocks * group");
   check(n > (NG - 1) * LANES && n <= NG * LANES, "n does not match the groups");
-  check(a.scalar_type() == at::kFloat && a.is_contiguous() && a.numel() == NG * NB * LANES, "a must be float32 [NG, NB, 16]");
+  const bool half = a.scalar_type() == at::kHalf;
+  check((half || a.scalar_type() == at::kFloat) && a.is_contiguous() && a.numel() == NG * NB * LANES,
+        "a must be float32 or float16 [NG, NB, 16]");
   const bool hasc = c.numel() != 0;
   if (hasc) check(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == NG * NB * LANES, "c must be float32 [NG, NB, 16] or empty");
   const int64_t M = xp.M;
@@ -526,8 +581,9 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
   if (isa < 0) isa = best_isa();
   if (isa == 3 && !amx_permitted()) isa = 2;
   Args p{xp.xq.data_ptr<int8_t>(), xp.dx.data_ptr<float>(), xp.xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
-         a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K, n, NB,
-         int(zero)};
+         half ? nullptr : a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K,
+         n, NB, int(zero)};
+  if (half) p.ah = reinterpret_cast<const uint16_t*>(a.data_ptr<at::Half>());
   p.bits = int(bits);
   p.BB = block_bytes(group, bits);
   // the per-row, per-sub-block terms every path needs

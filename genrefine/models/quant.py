@@ -20,7 +20,7 @@ from torch import Tensor
 from ..diskcache import atomic_path
 from ..kernels import LANES, Packed, dequantize_rows, pack, qlinear
 
-PACKED_FILE = "gguf-packed-v2.safetensors"  # v2: 4- and 5-bit values stored narrow
+PACKED_FILE = "gguf-packed-v3.safetensors"  # v2: narrow 4/5-bit values; v3: float16 scales
 
 
 class QuantWeight:
@@ -117,6 +117,7 @@ def _mergeable(a: Packed, b: Packed) -> bool:
         a.n % LANES == 0
         and (a.group, a.zero, a.signed, a.fmt, a.bits) == (b.group, b.zero, b.signed, b.fmt, b.bits)
         and (a.c.numel() == 0) == (b.c.numel() == 0)
+        and a.a.dtype == b.a.dtype
         and a.k == b.k
     )
 
