@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <vector>
 #include <cmath>
@@ -68,9 +69,55 @@ inline const uint8_t* block_ptr(const Args& p, int64_t g, int64_t j, uint8_t* sc
       scratch[(h + S / 2) * 64 + i] = b >> 4;
     }
   if (p.bits == 5) {
+    // each fifth-bit byte -> 8 bytes of 0 or 16 (byte t from bit t), from a table
+    static const auto spread = [] {
+      std::array<uint64_t, 256> t{};
+      for (int v = 0; v < 256; ++v)
+        for (int b = 0; b < 8; ++b)
+          if ((v >> b) & 1) t[v] |= uint64_t(16) << (8 * b);
+      return t;
+    }();
     const uint8_t* hb = src + S * 32;
+    for (int b = 0; b < S * 8; ++b) {
+      uint64_t x;
+      std::memcpy(&x, scratch + b * 8, 8);
+      x |= spread[hb[b]];
+      std::memcpy(scratch + b * 8, &x, 8);
+    }
+  }
+  return scratch;
+}
+
+// block_ptr with AVX2: nibbles split 32 bytes at a time; each fifth-bit byte spread over 8
+// bytes by a shuffle, a mask and a compare
+template <int G>
+__attribute__((target("avx2"))) inline const uint8_t* block_ptr_avx2(const Args& p, int64_t g, int64_t j,
+                                                                    uint8_t* scratch) {
+  constexpr int S = G / 4;
+  const uint8_t* src = p.w + (g * p.NB + j) * p.BB;
+  if (p.bits == 8) return src;
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int h = 0; h < S / 2; ++h)
+    for (int q = 0; q < 2; ++q) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(src + h * 64 + q * 32));
+      _mm256_store_si256((__m256i*)(scratch + h * 64 + q * 32), _mm256_and_si256(v, m4));
+      _mm256_store_si256((__m256i*)(scratch + (h + S / 2) * 64 + q * 32),
+                         _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+    }
+  if (p.bits == 5) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                          3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bitm = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+    const __m256i sixteen = _mm256_set1_epi8(16);
     for (int v = 0; v < S; ++v)
-      for (int i = 0; i < 64; ++i) scratch[v * 64 + i] |= uint8_t(((hb[v * 8 + i / 8] >> (i % 8)) & 1) << 4);
+      for (int q = 0; q < 2; ++q) {
+        int32_t word;
+        std::memcpy(&word, src + S * 32 + v * 8 + q * 4, 4);
+        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(word), pick);
+        b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bitm), bitm);
+        __m256i* dst = (__m256i*)(scratch + v * 64 + q * 32);
+        _mm256_store_si256(dst, _mm256_or_si256(_mm256_load_si256(dst), _mm256_and_si256(b, sixteen)));
+      }
   }
   return scratch;
 }
@@ -175,7 +222,7 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t
       const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
       std::fill(acc, acc + mc * LANES, 0.0f);
       for (int64_t j = 0; j < p.NB; ++j) {
-        const uint8_t* wp = block_ptr<G>(p, g, j, scratch);
+        const uint8_t* wp = block_ptr_avx2<G>(p, g, j, scratch);
         __m256i wl[S], wh[S];  // lanes 0-7, lanes 8-15 (absolute values when SIGNED)
         __m256i sl[S], sh[S];  // the signs, when SIGNED
         for (int s = 0; s < S; ++s) {
