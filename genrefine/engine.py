@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .kernels import argmax
 from .errors import ConfigError
 from .methods.base import MAX_DRAFT_NODES, Context, StepFeedback
 from .sampling import logits_to_probs, make_generator, next_token
@@ -285,7 +286,7 @@ class Decoder:
             return [t]
         draft, drafter, tree_info, cache = self._draft, self._drafter, self._tree, self.cache
         n = len(draft)
-        target_argmax = logits.argmax(dim=-1)  # [n + 1]
+        target_argmax = argmax(logits)  # [n + 1]
         result = self._verify(draft, logits, target_argmax)
         # accept + rollback: keep the root and the accepted path
         a = result.num_accepted

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import argmax
 from .types import SamplingParams
 
 
@@ -49,7 +50,7 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
 def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
     """Pick the next token from logits [..., vocab] -> [...] long (argmax when greedy)."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     return sample(logits_to_probs(logits, params), generator)
 
 

@@ -261,3 +261,25 @@ def test_exact_attention_matches_float64_softmax(window, softcap) -> None:
                 s = torch.tanh(s / softcap) * softcap
             want = torch.softmax(s, 0) @ values[h // 2, slots].double()
             assert torch.allclose(out[h, r].double(), want, atol=1e-5), (h, r)
+
+
+def test_argmax_is_torchs_on_ties_nans_and_odd_sizes() -> None:
+    """kernels.argmax gives torch.argmax's answer: the first largest value, a NaN as the largest
+    (the first NaN), rows of -inf, sizes that are not multiples of the vector or chunk width."""
+    from genrefine.kernels import argmax
+
+    if not BUILT:
+        pytest.skip("no C++ extension on this machine")
+    g = torch.Generator().manual_seed(16)
+    for trial in range(60):
+        m, v = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 40000, (1,), generator=g))
+        x = torch.randint(-4, 4, (m, v), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            x[0, int(torch.randint(0, v, (1,), generator=g))] = float("nan")
+        if trial % 4 == 0:
+            x[-1] = float("-inf")
+        assert torch.equal(argmax(x), x.argmax(-1)), trial
+    x = torch.randn(3, 262144, generator=g)
+    x[1, 200000] = 50.0  # the largest value in a late chunk
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert int(argmax(x[1])) == 200000  # one row, no leading dimension
