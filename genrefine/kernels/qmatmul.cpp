@@ -430,6 +430,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     for (int s = 0; s < S; ++s) _mm512_store_si512((void*)(scratch + s * 64), wv[s]);
     b = scratch;
   }
+  // two spelled-out branches: the tile intrinsics are macros that paste their tile number into
+  // the assembly, so it cannot be a template parameter or a variable
   if (second) {
     _tile_zero(3);
     _tile_loadd(4, p.xq + m0 * p.K + j * G, p.K);
