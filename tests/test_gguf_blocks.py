@@ -250,3 +250,38 @@ def test_embedded_weights_equal_transformers_conversion(embedded):
             ref = f.get_tensor(name)
             assert ref.dtype == np.float32 and ref.shape == w.values.shape, name
             assert np.array_equal(bits(w.dequantize()), ref.view(np.uint32)), name
+
+
+def test_packed_cache_keeps_narrow_values_and_half_scales(tmp_path):
+    """load_packed writes the kernels' layout once (Q5_0 and Q4_K narrow, Q8_0 and Q5_0 scales in
+    float16), reads back the same weights from its cache, and drops an earlier layout's file."""
+    import torch
+
+    from genrefine.kernels import qlinear
+    from genrefine.models.quant import PACKED_FILE, load_packed
+
+    rng = np.random.default_rng(21)
+    tensors = {
+        "token_embd.weight": (random_blocks(T.Q8_0, 16, 64, rng), T.Q8_0),
+        "blk.0.attn_q.weight": (random_blocks(T.Q5_0, 8, 64, rng), T.Q5_0),
+        "blk.0.attn_output.weight": (random_blocks(T.Q4_K, 64, 256, rng), T.Q4_K),
+        "blk.0.ffn_down.weight": (random_blocks(T.Q6_K, 4, 256, rng), T.Q6_K),
+    }
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tensors)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "gguf-packed-v1.safetensors").write_bytes(b"stale")
+    first = load_packed(path, cache)
+    assert sorted(p.name for p in cache.iterdir()) == [PACKED_FILE]
+    again = load_packed(path, cache)
+    bits = {}
+    for name, w in first.items():
+        seg = w.segments[0]
+        bits[seg.fmt] = (seg.bits, seg.a.dtype)
+        other = again[name].segments[0]
+        assert (other.bits, other.a.dtype) == (seg.bits, seg.a.dtype)
+        x = torch.randn(3, seg.k, generator=torch.Generator().manual_seed(22))
+        assert torch.equal(qlinear(x, seg), qlinear(x, other))
+    assert bits["q5_0"] == (5, torch.float16) and bits["q8_0"] == (8, torch.float16)
+    assert bits["q4_k"][0] == 4 and bits["q6_k"][0] == 8

@@ -209,6 +209,9 @@ def load_packed(gguf_path: Path, cache_dir: Path, notice=None) -> dict[str, Quan
         if isinstance(t, DecodedTensor)
     }
     _save(out, path)
+    for stale in cache_dir.glob("gguf-packed-v*.safetensors"):  # earlier layouts of the same file
+        if stale.name != PACKED_FILE:
+            stale.unlink(missing_ok=True)
     return out
 
 
