@@ -1,7 +1,8 @@
 """Exact weight-only quantized matmuls for the CPU: :func:`qlinear`.
 
-A weight is stored as integer values ``q`` (one byte each) in sub-blocks of ``group`` (16 or 32)
-along the input dimension, with a float32 scale ``a`` and optional offset ``c`` per sub-block and
+A weight is stored as integer values ``q`` (a byte each, or 4 or 5 bits where they are small
+enough) in sub-blocks of ``group`` (16 or 32) along the input dimension, with a scale ``a``
+(float32, or float16 where every scale is one exactly) and optional offset ``c`` per sub-block and
 an integer ``zero`` for the whole tensor: the weight is ``a * (q - zero) - c``, exactly as a GGUF
 file's Q8_0, Q5_0, Q4_K and Q6_K blocks define it (nothing is rounded again when they are
 converted, see ``genrefine/models/quant.py``). The input rows are quantized to int8 per 32-wide
@@ -26,7 +27,9 @@ and its exact attention (:func:`attend`).
 Layout (:class:`Packed`): output rows come in groups of 16 interleaved four bytes at a time, so
 that one 64-byte load holds four consecutive inputs of 16 output rows and one instruction
 (``vpdpbusd``) multiplies them by four broadcast inputs: each weight block is read once for all
-rows of ``x`` (weight reuse) and no horizontal sums are needed.
+rows of ``x`` (weight reuse) and no horizontal sums are needed. Values below 16 or 32 are kept
+narrower (:func:`narrow_block`) and widened in registers, since one-row decoding is bound by
+reading the weights.
 """
 
 from __future__ import annotations
