@@ -248,7 +248,12 @@ def _target_key(model) -> str:
     from .diskcache import machine_key
     from .models.protocol import weights_key
 
-    return f"{getattr(model, 'name', 'model')}|{weights_key(model)}|{machine_key(model.device)}"
+    key = f"{getattr(model, 'name', 'model')}|{weights_key(model)}|{machine_key(model.device)}"
+    if getattr(model, "quantized", False):  # timings of the C++ kernels: measured again when they change
+        from .kernels import source_key
+
+        key += f"|kernels={source_key()}"
+    return key
 
 
 def target_costs(model):

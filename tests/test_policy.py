@@ -446,3 +446,20 @@ def test_draft_sizers_share_one_protocol(name: str) -> None:
     assert sizer(scores) < fresh
     sizer.reset()
     assert sizer(scores) == fresh
+
+
+def test_cost_keys_of_quantized_models_name_the_kernels(monkeypatch) -> None:
+    """A quantized model's cost tables are keyed on the C++ kernels' source, so a changed kernel
+    is timed again instead of steering `auto` by stale figures; float models' keys are as before."""
+    from types import SimpleNamespace
+
+    import genrefine.kernels as kernels
+    from genrefine.costs import _target_key
+
+    quant = SimpleNamespace(name="m", quantized=True, device=torch.device("cpu"), segments=None)
+    flt = SimpleNamespace(name="m", quantized=False, dtype=torch.bfloat16, device=torch.device("cpu"))
+    monkeypatch.setattr("genrefine.models.protocol.weights_format", lambda m: "quantized:Q8_0")
+    before_q, before_f = _target_key(quant), _target_key(flt)
+    monkeypatch.setattr(kernels, "source_key", lambda: "changed")
+    assert _target_key(quant) != before_q and _target_key(quant).endswith("|kernels=changed")
+    assert _target_key(flt) == before_f

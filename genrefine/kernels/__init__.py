@@ -233,6 +233,12 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def source_key() -> str:
+    """A short hash of the kernels' C++ source: cached timings of quantized models (cost tables,
+    the weights choice) name it, so a changed kernel is measured again."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def _build_dir() -> Path:
     h = hashlib.sha256(_SOURCE.read_bytes())
     h.update(torch.__version__.encode())

@@ -56,10 +56,9 @@ def measure(hidden: int) -> dict[str, float]:
 
 
 def _key(hidden: int) -> str:
-    from ..kernels import _SOURCE, best_isa
+    from ..kernels import best_isa, source_key
 
-    src = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
-    return "|".join([machine_key("cpu"), f"isa={best_isa()}", f"kernels={src}", torch.__version__, str(hidden)])
+    return "|".join([machine_key("cpu"), f"isa={best_isa()}", f"kernels={source_key()}", torch.__version__, str(hidden)])
 
 
 def choice_path(key: str) -> Path:
