@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .kernels import argmax
 from .errors import ConfigError
+from .kernels import argmax
 from .methods.base import MAX_DRAFT_NODES, Context, StepFeedback
 from .sampling import logits_to_probs, make_generator, next_token
 from .types import Draft, SamplingParams, VerifyResult

@@ -34,6 +34,7 @@ reading the weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -94,10 +95,11 @@ def pack(
     if k % XBLOCK or k % group:
         raise ValueError(f"input size {k} is not a multiple of {XBLOCK}")
     signed = values.dtype == torch.int8
+    top = int(values.max()) if values.numel() else 0
     if not signed:
         if values.dtype != torch.uint8:
             raise ValueError(f"values must be int8 or uint8, got {values.dtype}")
-        if values.numel() and int(values.max()) > 128:
+        if top > 128:
             raise ValueError("uint8 values above 128 are not supported (store them as int8)")
     ng = -(-n // LANES)
     pad = ng * LANES - n
@@ -108,7 +110,6 @@ def pack(
     w = raw.reshape(ng, LANES, nb, group // 4, 4).permute(0, 2, 3, 1, 4).contiguous()
     bits = 8
     if not signed and values.numel():
-        top = int(values.max())
         bits = 4 if top < 16 else 5 if top < 32 else 8
     if bits != 8:
         w = narrow_block(w, bits)
@@ -233,6 +234,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def source_key() -> str:
     """A short hash of the kernels' C++ source: cached timings of quantized models (cost tables,
     the weights choice) name it, so a changed kernel is measured again."""
@@ -358,6 +360,19 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.ops.genrefine_q.rope(x, cos, sin)
 
 
+_NO_TREE = torch.empty(0, dtype=torch.bool)  # "a causal chain" for the C++ ops
+_NO_TIMING = torch.empty(0, dtype=torch.float64)
+
+
+def _attention_args(start, positions, tree, window, scale, softcap) -> tuple:
+    """The attention arguments :func:`attend` and :func:`fused_layer` pass to C++, as it takes them."""
+    return (
+        int(start), positions.to("cpu", torch.long),
+        _NO_TREE if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale),
+        float(softcap or 0.0),
+    )
+
+
 def attend(
     q: Tensor,
     keys: Tensor,
@@ -374,11 +389,8 @@ def attend(
     prefix (slot = position) and the new tokens ``tree`` [n, n] bool lets it see (None: a causal
     chain), within ``window``, in position order, and is computed the same way whatever else is
     in the call (see qmatmul.cpp). Needs the C++ extension (:func:`load_extension`)."""
-    empty = torch.empty(0, dtype=torch.bool)
     return torch.ops.genrefine_q.attend(
-        q, keys, values, int(start), positions.to("cpu", torch.long),
-        empty if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale),
-        float(softcap or 0.0),
+        q, keys, values, *_attention_args(start, positions, tree, window, scale, softcap)
     )
 
 
@@ -427,12 +439,11 @@ def fused_layer(
     :func:`layer_arguments`; ``timing``: float64 [2] that gains the seconds spent in matmuls and
     in attention. Needs the C++ extension (:func:`load_extension`)."""
     ws, a_s, cs, meta, norms = args
-    empty = torch.empty(0, dtype=torch.bool)
     return torch.ops.genrefine_q.layer(
-        x, ws, a_s, cs, meta, norms, float(eps), keys, values, int(start), positions.to("cpu", torch.long),
-        empty if tree is None else tree.to("cpu", torch.bool), int(window or 0), float(scale), float(softcap or 0.0),
+        x, ws, a_s, cs, meta, norms, float(eps), keys, values,
+        *_attention_args(start, positions, tree, window, scale, softcap),
         cos, sin, int(heads), int(kv_heads), int(head_dim), bool(gelu),
-        torch.empty(0, dtype=torch.float64) if timing is None else timing,
+        _NO_TIMING if timing is None else timing,
     )
 
 
