@@ -416,27 +416,31 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
 
-// The tile multiply of sub-block j+1 is issued before the float part of sub-block j, so that
-// the AMX unit works while the vector units finish (two accumulator tiles take turns: 0 and 3,
-// with their own A and B tiles 1, 2 and 4, 5). Every row still adds its sub-blocks in order.
-template <int G, bool SIGNED>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) inline void amx_issue(
-    const Args& p, int64_t g, int64_t m0, int64_t j, bool second, uint8_t* scratch) {
+// Narrow values of sub-block j of group g unpacked into the byte layout at `scratch` (S * 64
+// bytes), one step before their tile load: a tile load does not take data from stores still in
+// flight, so unpacking right before it stalled the tile unit.
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribute__((always_inline)) void amx_unpack(
+    const Args& p, int64_t g, int64_t j, uint8_t* scratch) {
   constexpr int S = G / 4;
-  const uint8_t* b = p.w + (g * p.NB + j) * p.BB;
+  __m512i wv[S];
+  vnni_block<G, false>(p, p.w + (g * p.NB + j) * p.BB, wv);
+  for (int s = 0; s < S; ++s) _mm512_store_si512((void*)(scratch + s * 64), wv[s]);
+}
+
+// One sub-block's tile multiply, on one of two tile sets (accumulator, x and weights: 0, 1, 2 or
+// 3, 4, 5) that take turns, so that the AMX unit works while the vector units finish. The weights
+// come from `b`: the stored bytes, or their unpacked copy.
+template <int G, bool SIGNED>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) inline __attribute__((always_inline)) void amx_issue(
+    const Args& p, int64_t g, int64_t m0, int64_t j, bool second, const uint8_t* b) {
   {  // the stream one group ahead (the groups lie one after another): a tile load that misses
      // stalls the tile multiply that needs it, and nothing else hides that wait
-    const char* nx = reinterpret_cast<const char*>(b + p.NB * p.BB);
+    const char* nx = reinterpret_cast<const char*>(p.w + ((g + 1) * p.NB + j) * p.BB);
     for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T0);
     const int64_t at = ((g + 1) * p.NB + j) * LANES;
     _mm_prefetch(p.ah ? reinterpret_cast<const char*>(p.ah + at) : reinterpret_cast<const char*>(p.a + at),
                  _MM_HINT_T0);
-  }
-  if (p.bits != 8) {  // narrow values: unpacked into this tile's own scratch first
-    __m512i wv[S];
-    vnni_block<G, false>(p, b, wv);
-    for (int s = 0; s < S; ++s) _mm512_store_si512((void*)(scratch + s * 64), wv[s]);
-    b = scratch;
   }
   // two spelled-out branches: the tile intrinsics are macros that paste their tile number into
   // the assembly, so it cannot be a template parameter or a variable
@@ -459,35 +463,69 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
   }
 }
 
-template <int G, bool SIGNED, bool HASC>
+template <int G, bool SIGNED, bool HASC, bool NARROW>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) void amx_rows16(
     const Args& p, int64_t g, int64_t m0) {
-  const int zz = SIGNED ? 0 : p.zero;
-  alignas(64) int32_t ints[16 * LANES];
-  alignas(64) uint8_t scratch[2][G * 16];  // per accumulator tile: its sub-block, unpacked
-  __m512 acc[16];
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-  amx_issue<G, SIGNED>(p, g, m0, 0, false, scratch[0]);
-  for (int64_t j = 0; j < p.NB; ++j) {
-    if (j & 1)
-      _tile_stored(3, ints, 64);
-    else
-      _tile_stored(0, ints, 64);
-    if (j + 1 < p.NB) amx_issue<G, SIGNED>(p, g, m0, j + 1, !(j & 1), scratch[(j + 1) & 1]);
-    const __m512 av = scales_v16(p, g * p.NB + j);
-    __m512 cv = _mm512_setzero_ps();
-    if (HASC) cv = _mm512_loadu_ps(p.c + (g * p.NB + j) * LANES);
-    for (int r = 0; r < 16; ++r) {
-      const int64_t at = (m0 + r) * p.NB + j;
-      const __m512i is = _mm512_load_si512((const void*)(ints + r * LANES));
-      acc[r] = !SIGNED && zz ? finish16<true, HASC>(p, at, is, av, cv, acc[r])
-                             : finish16<false, HASC>(p, at, is, av, cv, acc[r]);
+  const int64_t NB = p.NB;
+  alignas(64) int32_t ints[2][16 * LANES];  // per tile set: its sub-block's integer sums
+  alignas(64) uint8_t scratch[3][G * 16];   // narrow values: three sub-blocks, unpacked
+  // Two sub-blocks in flight: sub-block j's sums are stored two tile multiplies after it was
+  // issued, and read back (for its float part) one step after that, so neither the multiply's
+  // latency nor the store's reaches the vector units. Narrow values: sub-block j is unpacked
+  // into scratch[j % 3] one step before its tile load. The float parts run in order.
+  constexpr bool narrow = NARROW;  // (a template parameter: the 8-bit loop has no unpacking's registers)
+  auto weights = [&](int64_t j) -> const uint8_t* {
+    return narrow ? scratch[j % 3] : p.w + (g * NB + j) * p.BB;
+  };
+  for (int64_t j = 0; narrow && j < std::min<int64_t>(3, NB); ++j) amx_unpack<G>(p, g, j, scratch[j]);
+  amx_issue<G, SIGNED>(p, g, m0, 0, false, weights(0));
+  if (NB > 1) amx_issue<G, SIGNED>(p, g, m0, 1, true, weights(1));
+  // the float part (finish16's arithmetic) is written out here, with the per-row terms read
+  // through local pointers, so that the compiler keeps the accumulators in registers
+  const bool sub = !SIGNED && p.zero;
+  const float* __restrict dj = p.dj + m0 * NB;
+  const float* __restrict xf = p.xf + m0 * NB;
+  const int32_t* __restrict zx = p.zx + m0 * NB;
+  // sixteen named accumulators (gcc leaves an array of them on the stack: a load and a store per
+  // row and sub-block)
+#define GR_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define GR_ACC(r) __m512 acc##r = _mm512_setzero_ps();
+  GR_ROWS16(GR_ACC)
+#undef GR_ACC
+  for (int64_t j = 0; j <= NB; ++j) {
+    if (j < NB) {
+      if (j & 1)
+        _tile_stored(3, ints[1], 64);
+      else
+        _tile_stored(0, ints[0], 64);
+      if (j + 2 < NB) amx_issue<G, SIGNED>(p, g, m0, j + 2, j & 1, weights(j + 2));
+      // scratch[j % 3] was read by the tile load of sub-block j, done before its sums were stored
+      if (narrow && j + 3 < NB) amx_unpack<G>(p, g, j + 3, scratch[j % 3]);
     }
+    if (j == 0) continue;
+    const int64_t f = j - 1;  // the sub-block whose float part runs now
+    const int32_t* __restrict in = ints[f & 1];
+    const __m512 av = scales_v16(p, g * NB + f);
+    __m512 cv = _mm512_setzero_ps();
+    if (HASC) cv = _mm512_loadu_ps(p.c + (g * NB + f) * LANES);
+#define GR_FINISH(r)                                                                      \
+  {                                                                                       \
+    __m512i is = _mm512_load_si512((const void*)(in + r * LANES));                        \
+    if (sub) is = _mm512_sub_epi32(is, _mm512_set1_epi32(zx[r * NB + f]));               \
+    __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));                                 \
+    if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(xf[r * NB + f])));    \
+    acc##r = _mm512_add_ps(acc##r, _mm512_mul_ps(_mm512_set1_ps(dj[r * NB + f]), t));     \
+  }
+    GR_ROWS16(GR_FINISH)
+#undef GR_FINISH
   }
   const int64_t n0 = g * LANES;
   const int64_t nv = std::min<int64_t>(LANES, p.N - n0);
   const __mmask16 keep = nv == LANES ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1);
-  for (int r = 0; r < 16; ++r) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc[r]);
+#define GR_STORE(r) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc##r);
+  GR_ROWS16(GR_STORE)
+#undef GR_STORE
+#undef GR_ROWS16
 }
 
 template <int G, bool SIGNED, bool HASC>
@@ -496,7 +534,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_amx(
   amx_configure<G>();
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = 0;
-    for (; m + 16 <= p.M; m += 16) amx_rows16<G, SIGNED, HASC>(p, g, m);
+    for (; m + 16 <= p.M; m += 16)
+      if (p.bits == 8)
+        amx_rows16<G, SIGNED, HASC, false>(p, g, m);
+      else
+        amx_rows16<G, SIGNED, HASC, true>(p, g, m);
     for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4, true>(p, g, m);
     for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1, true>(p, g, m);
   }
