@@ -69,6 +69,20 @@ def test_every_path_gives_the_reference_bits(kind: str) -> None:
             assert torch.equal(qlinear(x, p, path), ref), (path, m)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_path_on_short_and_odd_reductions(kind: str) -> None:
+    """1 to 14 sub-blocks per output: the 16-row AMX loop keeps sub-blocks in flight and cycles
+    its tiles and buffers with periods 2, 3 and 6, so each count ends it at a different place."""
+    g = torch.Generator().manual_seed(21)
+    for k in (32, 64, 96, 160, 224):
+        p = random_packed(kind, 33, k, seed=k)
+        for m in (16, 17, 32):
+            x = torch.randn(m, k, generator=g) * 3
+            ref = qlinear_reference(x, p)
+            for path in PATHS:
+                assert torch.equal(qlinear(x, p, path), ref), (path, k, m)
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_k", "q6_k"])
 def test_rows_are_batch_invariant_for_1_to_64_rows(kind: str) -> None:
     """Row r of an m-row call equals the one-row call on that row, bit for bit, m = 1..64."""
