@@ -437,10 +437,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribu
 template <int G, bool SIGNED>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) inline __attribute__((always_inline)) void amx_issue(
     const Args& p, int64_t g, int64_t m0, int64_t j, bool second, const uint8_t* b) {
-  {  // the stream one group ahead (the groups lie one after another): a tile load that misses
-     // stalls the tile multiply that needs it, and nothing else hides that wait
-    const char* nx = reinterpret_cast<const char*>(p.w + ((g + 1) * p.NB + j) * p.BB);
-    for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T0);
+  {  // the stream two groups ahead into L2, as the VNNI rows do (the groups lie one after
+     // another): a tile load that misses stalls the tile multiply that needs it, and nothing
+     // else hides that wait (16-token forward 19.7 -> 19.0 ms against one group ahead into L1,
+     // means of three interleaved runs)
+    const char* nx = reinterpret_cast<const char*>(p.w + ((g + 2) * p.NB + j) * p.BB);
+    for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T1);
     const int64_t at = ((g + 1) * p.NB + j) * LANES;
     _mm_prefetch(p.ah ? reinterpret_cast<const char*>(p.ah + at) : reinterpret_cast<const char*>(p.a + at),
                  _MM_HINT_T0);
