@@ -869,13 +869,16 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 //   e_k = exp(s_k - max s); out = (sum_k e_k v_k, in order) / (sum_k e_k, in order).
 typedef float v16 __attribute__((vector_size(64)));
 
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
 // the lanes of v added 8 + 8, 4 + 4, 2 + 2, 1 + 1: lane l of each step is lanes[l] + lanes[l + w]
+// (in registers: each step adds v to itself shifted down by w lanes; lanes >= w are not used)
 inline __attribute__((always_inline)) float hsum16(v16 v) {
-  float lanes[16];
-  std::memcpy(lanes, &v, sizeof(lanes));
-  for (int width = 8; width >= 1; width /= 2)
-    for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
-  return lanes[0];
+  v = v + __builtin_shuffle(v, vi16{8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+  v = v + __builtin_shuffle(v, vi16{4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+  v = v + __builtin_shuffle(v, vi16{2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+  v = v + __builtin_shuffle(v, vi16{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+  return v[0];
 }
 
 inline __attribute__((always_inline)) v16 load16(const float* p) {
