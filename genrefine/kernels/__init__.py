@@ -235,14 +235,18 @@ _state: dict[str, object] = {}
 
 
 @functools.lru_cache(maxsize=None)
+def _source_hash() -> str:
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()
+
+
 def source_key() -> str:
     """A short hash of the kernels' C++ source: cached timings of quantized models (cost tables,
     the weights choice) name it, so a changed kernel is measured again."""
-    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    return _source_hash()[:12]
 
 
 def _build_dir() -> Path:
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256(_source_hash().encode())
     h.update(torch.__version__.encode())
     return cache_root() / "kernels" / f"qmatmul-{h.hexdigest()[:16]}"
 

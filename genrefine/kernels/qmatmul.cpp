@@ -343,6 +343,18 @@ vnni_block(const Args& p, const uint8_t* wp, __m512i* wv) {
   }
 }
 
+// The weight stream ahead of sub-block j of group g (the groups lie one after another): the same
+// block two groups ahead into L2, its scales one group ahead into L1. Against one group ahead
+// into L1, whose fill buffers the stream kept full: one-token forward 11.9 -> 11.3 ms, 16-token
+// 19.7 -> 19.0 ms (means of three interleaved runs, Sapphire Rapids, 2 threads).
+inline __attribute__((always_inline)) void prefetch_ahead(const Args& p, int64_t g, int64_t j) {
+  const char* nx = reinterpret_cast<const char*>(p.w + ((g + 2) * p.NB + j) * p.BB);
+  for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T1);
+  const int64_t at = ((g + 1) * p.NB + j) * LANES;
+  _mm_prefetch(p.ah ? reinterpret_cast<const char*>(p.ah + at) : reinterpret_cast<const char*>(p.a + at),
+               _MM_HINT_T0);
+}
+
 // R rows of x against one group of 16 output rows, all sub-blocks: the accumulators stay in
 // registers; the group's weights come from memory for the first rows and from cache after.
 template <int G, bool SIGNED, bool HASC, int R, bool PREFETCH = false>
@@ -354,17 +366,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void vnni
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < p.NB; ++j) {
     const uint8_t* wp = p.w + (g * p.NB + j) * p.BB;
-    if (PREFETCH) {
-      // the same block two groups ahead into L2 (its scales one group ahead into L1): a
-      // one-token forward took 11.3 ms against 11.9 with the weights one group ahead into L1
-      // (means of three interleaved runs, Sapphire Rapids, 2 threads)
-      const char* nx = reinterpret_cast<const char*>(wp + 2 * p.NB * p.BB);
-      for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T1);
-      if (p.ah)
-        _mm_prefetch(reinterpret_cast<const char*>(p.ah + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
-      else
-        _mm_prefetch(reinterpret_cast<const char*>(p.a + ((g + 1) * p.NB + j) * LANES), _MM_HINT_T0);
-    }
+    if (PREFETCH) prefetch_ahead(p, g, j);
     __m512i wv[S];
     vnni_block<G, SIGNED>(p, wp, wv);
     const __m512 av = scales_v16(p, g * p.NB + j);
@@ -437,16 +439,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline __attribu
 template <int G, bool SIGNED>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) inline __attribute__((always_inline)) void amx_issue(
     const Args& p, int64_t g, int64_t m0, int64_t j, bool second, const uint8_t* b) {
-  {  // the stream two groups ahead into L2, as the VNNI rows do (the groups lie one after
-     // another): a tile load that misses stalls the tile multiply that needs it, and nothing
-     // else hides that wait (16-token forward 19.7 -> 19.0 ms against one group ahead into L1,
-     // means of three interleaved runs)
-    const char* nx = reinterpret_cast<const char*>(p.w + ((g + 2) * p.NB + j) * p.BB);
-    for (int64_t s = 0; s < p.BB; s += 64) _mm_prefetch(nx + s, _MM_HINT_T1);
-    const int64_t at = ((g + 1) * p.NB + j) * LANES;
-    _mm_prefetch(p.ah ? reinterpret_cast<const char*>(p.ah + at) : reinterpret_cast<const char*>(p.a + at),
-                 _MM_HINT_T0);
-  }
+  prefetch_ahead(p, g, j);  // a tile load that misses stalls the tile multiply that needs it
   // two spelled-out branches: the tile intrinsics are macros that paste their tile number into
   // the assembly, so it cannot be a template parameter or a variable
   if (second) {
@@ -485,12 +478,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
   for (int64_t j = 0; narrow && j < std::min<int64_t>(3, NB); ++j) amx_unpack<G>(p, g, j, scratch[j]);
   amx_issue<G, SIGNED>(p, g, m0, 0, false, weights(0));
   if (NB > 1) amx_issue<G, SIGNED>(p, g, m0, 1, true, weights(1));
-  // the float part (finish16's arithmetic) is written out here, with the per-row terms read
-  // through local pointers, so that the compiler keeps the accumulators in registers
   const bool sub = !SIGNED && p.zero;
-  const float* __restrict dj = p.dj + m0 * NB;
-  const float* __restrict xf = p.xf + m0 * NB;
-  const int32_t* __restrict zx = p.zx + m0 * NB;
   // sixteen named accumulators (gcc leaves an array of them on the stack: a load and a store per
   // row and sub-block)
 #define GR_ROWS16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
@@ -513,13 +501,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     const __m512 av = scales_v16(p, g * NB + f);
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * NB + f) * LANES);
-#define GR_FINISH(r)                                                                      \
-  {                                                                                       \
-    __m512i is = _mm512_load_si512((const void*)(in + r * LANES));                        \
-    if (sub) is = _mm512_sub_epi32(is, _mm512_set1_epi32(zx[r * NB + f]));               \
-    __m512 t = _mm512_mul_ps(av, _mm512_cvtepi32_ps(is));                                 \
-    if (HASC) t = _mm512_sub_ps(t, _mm512_mul_ps(cv, _mm512_set1_ps(xf[r * NB + f])));    \
-    acc##r = _mm512_add_ps(acc##r, _mm512_mul_ps(_mm512_set1_ps(dj[r * NB + f]), t));     \
+#define GR_FINISH(r)                                                                         \
+  {                                                                                          \
+    const __m512i is = _mm512_load_si512((const void*)(in + r * LANES));                     \
+    const int64_t at = (m0 + r) * NB + f;                                                    \
+    acc##r = sub ? finish16<true, HASC>(p, at, is, av, cv, acc##r)                           \
+                 : finish16<false, HASC>(p, at, is, av, cv, acc##r);                         \
   }
     GR_ROWS16(GR_FINISH)
 #undef GR_FINISH
