@@ -72,11 +72,13 @@ def test_every_path_gives_the_reference_bits(kind: str) -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_path_on_short_and_odd_reductions(kind: str) -> None:
     """1 to 14 sub-blocks per output: the 16-row AMX loop keeps sub-blocks in flight and cycles
-    its tiles and buffers with periods 2, 3 and 6, so each count ends it at a different place."""
+    its tiles and buffers with periods 2, 3 and 6, so each count ends it at a different place.
+    Rows: whole 16-row tiles, a last tile padded from 5 or 13 rows, and remainders too short for
+    one (the vector loop)."""
     g = torch.Generator().manual_seed(21)
     for k in (32, 64, 96, 160, 224):
         p = random_packed(kind, 33, k, seed=k)
-        for m in (16, 17, 32):
+        for m in (5, 13, 16, 17, 29, 32):
             x = torch.randn(m, k, generator=g) * 3
             ref = qlinear_reference(x, p)
             for path in PATHS:

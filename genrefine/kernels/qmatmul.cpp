@@ -461,9 +461,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
   }
 }
 
-template <int G, bool SIGNED, bool HASC, bool NARROW>
+template <int G, bool SIGNED, bool HASC, bool NARROW, bool PARTIAL>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))) void amx_rows16(
-    const Args& p, int64_t g, int64_t m0) {
+    const Args& p, int64_t g, int64_t m0, int64_t mr) {
   const int64_t NB = p.NB;
   alignas(64) int32_t ints[2][16 * LANES];  // per tile set: its sub-block's integer sums
   alignas(64) uint8_t scratch[3][G * 16];   // narrow values: three sub-blocks, unpacked
@@ -502,7 +502,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
     __m512 cv = _mm512_setzero_ps();
     if (HASC) cv = _mm512_loadu_ps(p.c + (g * NB + f) * LANES);
 #define GR_FINISH(r)                                                                         \
-  {                                                                                          \
+  if (!PARTIAL || r < mr) {                                                                  \
     const __m512i is = _mm512_load_si512((const void*)(in + r * LANES));                     \
     const int64_t at = (m0 + r) * NB + f;                                                    \
     acc##r = sub ? finish16<true, HASC>(p, at, is, av, cv, acc##r)                           \
@@ -514,11 +514,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8"))
   const int64_t n0 = g * LANES;
   const int64_t nv = std::min<int64_t>(LANES, p.N - n0);
   const __mmask16 keep = nv == LANES ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1);
-#define GR_STORE(r) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc##r);
+#define GR_STORE(r) \
+  if (!PARTIAL || r < mr) _mm512_mask_storeu_ps(p.out + (m0 + r) * p.N + n0, keep, acc##r);
   GR_ROWS16(GR_STORE)
 #undef GR_STORE
 #undef GR_ROWS16
 }
+
+// From this many rows on, the rows past the last multiple of 16 run as one tile multiply on rows
+// padded to 16 (the float part and the stores only for the real rows) rather than the vector
+// loop. Measured on a Sapphire Rapids Xeon, embedded model, one forward: 5 rows 17.6 -> 16.5 ms,
+// 10 rows 24.3 -> 18.3, 13 rows 27.3 -> 20.1; 2 to 4 rows no difference.
+constexpr int64_t AMX_PARTIAL_MIN = 5;
 
 template <int G, bool SIGNED, bool HASC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_amx(
@@ -528,9 +535,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void groups_amx(
     int64_t m = 0;
     for (; m + 16 <= p.M; m += 16)
       if (p.bits == 8)
-        amx_rows16<G, SIGNED, HASC, false>(p, g, m);
+        amx_rows16<G, SIGNED, HASC, false, false>(p, g, m, 16);
       else
-        amx_rows16<G, SIGNED, HASC, true>(p, g, m);
+        amx_rows16<G, SIGNED, HASC, true, false>(p, g, m, 16);
+    if (p.M - m >= AMX_PARTIAL_MIN) {
+      if (p.bits == 8)
+        amx_rows16<G, SIGNED, HASC, false, true>(p, g, m, p.M - m);
+      else
+        amx_rows16<G, SIGNED, HASC, true, true>(p, g, m, p.M - m);
+      m = p.M;
+    }
     for (; m + 4 <= p.M; m += 4) vnni_rows<G, SIGNED, HASC, 4, true>(p, g, m);
     for (; m < p.M; ++m) vnni_rows<G, SIGNED, HASC, 1, true>(p, g, m);
   }
@@ -706,8 +720,18 @@ struct XPrep {
 
 XPrep prepare(const at::Tensor& x) {
   auto xc = x.to(at::kFloat).contiguous();
-  auto [xq, dx, xs] = quantize(xc);
-  return XPrep{xq, dx, xs, xc.size(0), xc.size(1)};
+  check(xc.dim() == 2, "x must be [M, K]");
+  const int64_t M = xc.size(0), K = xc.size(1);
+  check(K % XBLOCK == 0, "K must be a multiple of 32");
+  // xq has rows up to the next multiple of 16 (zeros past M): the AMX path's last tile load reads
+  // 16 rows whatever M is, and discards the rows past M
+  const int64_t padded = (M + 15) / 16 * 16;
+  auto xq = at::empty({padded, K}, xc.options().dtype(at::kChar));
+  std::memset(xq.data_ptr<int8_t>() + M * K, 0, size_t((padded - M) * K));
+  auto dx = at::empty({M, K / XBLOCK}, xc.options());
+  auto xs = at::empty({M, K / 16}, xc.options().dtype(at::kInt));
+  quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>());
+  return XPrep{xq, dx, xs, M, K};
 }
 
 int64_t block_bytes(int64_t group, int64_t bits) {
