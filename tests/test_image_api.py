@@ -75,6 +75,25 @@ def test_cli_generate_writes_a_png_grid(bundle_dir, tmp_path, capsys) -> None:
     assert "4 images of class" in capsys.readouterr().out
 
 
+def test_q8_0_weights_run_bitwise_exact_and_greedy_methods_give_their_ar(bundle_dir, tmp_path,
+                                                                           capsys) -> None:
+    """--dtype q8_0: the transformer on the integer kernels, where verification rows equal
+    one-token decoding bit for bit, so greedy lossless methods give its own ar's codes."""
+    q = genrefine.load_image(str(bundle_dir), dtype="q8_0")
+    assert q.model.native_base.weights_format == "quantized:Q8_0" and q.model.bitwise_exact
+    ref = q.generate([0, 3, 5], method="ar", temperature=0, cfg=2.5, seed=0)
+    for method in ("sjd", "mc-sjd", "pld"):
+        assert q.generate([0, 3, 5], method=method, temperature=0, cfg=2.5, seed=0).codes == ref.codes
+    j = tmp_path / "b.json"
+    assert main(["image", "bench", "--model", str(bundle_dir), "--dtype", "q8_0", "--methods",
+                 "sjd", "--n-per-class", "1", "--json", str(j), "--no-progress"]) == 0
+    assert json.loads(j.read_text())["weights"] == "quantized:Q8_0"
+    assert main(["image", "generate", "--model", str(bundle_dir), "--dtype", "nope", "--out",
+                 str(tmp_path / "g.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dtype" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "nope"], "unknown method"),
     (["--n", "0"], "--n must be"),

@@ -296,6 +296,25 @@ def test_speech_bench_report(tiny_bundle, tmp_path, capsys):
     assert "| `pcg` | no |" in r.read_text() and p.stat().st_size > 1000
 
 
+@needs_flite
+def test_q8_0_weights_speak_their_own_ar_codes_greedily(tiny_bundle, tmp_path):
+    """--dtype q8_0: the transformer on the exact integer kernels; the heads (vadusa) and the draft
+    model (sps, pcg) still draft, and greedy output is its own ar's."""
+    from genrefine.cli import main
+    from genrefine.modalities.speech.api import load_speech
+
+    q = load_speech(str(tiny_bundle), dtype="q8_0")
+    assert q.model.native_base.weights_format == "quantized:Q8_0"
+    texts = ["hello there", "a quiet afternoon"]
+    ref = q.generate(texts, method="ar", temperature=0, seed=0)
+    for method in ("medusa", "vadusa", "sps", "pcg"):
+        assert q.generate(texts, method=method, temperature=0, seed=0).codes == ref.codes, method
+    j = tmp_path / "b.json"
+    assert main(["speech", "bench", "--model", str(tiny_bundle), "--dtype", "q8_0", "--methods", "vadusa",
+                 "--n", "1", "--json", str(j), "--no-progress"]) == 0
+    assert json.loads(j.read_text())["weights"] == "quantized:Q8_0"
+
+
 def test_speech_bench_greedy_counts_same_codes(tts):
     from genrefine.modalities.speech.bench import run_speech_bench
 

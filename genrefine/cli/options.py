@@ -19,7 +19,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dtype",
         default="auto",
-        help="auto (for GGUF files on the CPU: their own quantized weights or bfloat16, the faster here, measured once; else bfloat16), gguf (the file's quantized weights, exact integer kernels), float32, bfloat16, float16",
+        help="auto (for GGUF files on the CPU: their own quantized weights or bfloat16, the faster here, measured once; else bfloat16), gguf (the file's quantized weights, exact integer kernels), q8_0 (a Hugging Face checkpoint's weights rounded to Q8_0 at load, same kernels), float32, bfloat16, float16",
     )
     g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
     g.add_argument(

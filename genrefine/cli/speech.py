@@ -13,6 +13,10 @@ from .options import check_method_names, modality_method_options
 def _common(p) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a speech bundle written by `genrefine train speech` (default: the embedded model)")
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (default: the bundle as trained) or q8_0 (its weights rounded to "
+                   "Q8_0 when loaded and run on the exact integer kernels: faster on the CPU, a "
+                   "slightly different model)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: the bundle's; 0 = greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes (default: the bundle's)")
@@ -75,7 +79,7 @@ def cmd_speech(args) -> int:
         check_method_names([args.method])
         if not args.out.lower().endswith(".wav"):
             raise GenrefineError(f"--out must name a .wav file, got {args.out!r}")
-        gen = load_speech(args.model)
+        gen = load_speech(args.model, dtype=args.dtype)
         res = gen.generate(args.text, method=args.method, temperature=args.temperature, top_k=args.top_k,
                            seed=args.seed, voice=args.voice, rate=args.rate, options=options)
         write_wav(args.out, res.audio, res.sample_rate)
@@ -94,7 +98,7 @@ def cmd_speech(args) -> int:
     check_method_names(methods)
     if args.n < 1:
         raise GenrefineError(f"--n must be >= 1, got {args.n}")
-    gen = load_speech(args.model)
+    gen = load_speech(args.model, dtype=args.dtype)
     from tqdm import tqdm
 
     total = (len(set(["ar", *methods])) + 1) * args.n

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .quant import QuantWeight
 from ..types import ModelOutput
 
 
@@ -126,8 +127,9 @@ class GuidedModel:
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
         self.native_base = getattr(base, "native_base", base)  # what native-only methods check
-        if torch.is_tensor(getattr(base, "lm_head", None)):
-            self.lm_head = base.lm_head[:n_codes]
+        head = getattr(base, "lm_head", None)
+        if torch.is_tensor(head) or isinstance(head, QuantWeight):
+            self.lm_head = head[:n_codes]  # quantized weights: their rows dequantized, float32
         self.supports_trees = bool(getattr(base, "supports_trees", False))
         self.bitwise_exact = bool(getattr(base, "bitwise_exact", False))
 

@@ -26,6 +26,7 @@ from .default import EMBEDDED_NAME, embedded_model_path
 _FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZED = "gguf"  # --dtype gguf: the file's own quantized weights (genrefine/kernels)
+Q8 = "q8_0"  # --dtype q8_0: a float checkpoint's projections rounded to Q8_0 at load (same kernels)
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
@@ -70,7 +71,9 @@ def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
     """``None``/"auto": bfloat16 here (:func:`load_model` decides "auto" for GGUF files on the
     CPU by measurement, see ``weights_choice.py``); "gguf": the GGUF file's own quantized
-    weights, run by the integer kernels (returned as the string :data:`QUANTIZED`)."""
+    weights, run by the integer kernels (returned as the string :data:`QUANTIZED`); "q8_0": a
+    float checkpoint's projections rounded to Q8_0 when loaded, run by the same kernels
+    (:data:`Q8`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
@@ -79,10 +82,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if torch.device(device).type != "cpu":
             raise ModelLoadError("--dtype gguf runs on the CPU (integer kernels): use --device cpu")
         return QUANTIZED
+    if dtype == Q8:
+        if torch.device(device).type != "cpu":
+            raise ModelLoadError("--dtype q8_0 runs on the CPU (integer kernels): use --device cpu")
+        return Q8
     name = _DTYPE_ALIASES.get(dtype, dtype)
     if name not in DTYPES:
         raise ModelLoadError(
-            f"unknown dtype {dtype!r}: choose one of auto, gguf, {', '.join(DTYPES)} "
+            f"unknown dtype {dtype!r}: choose one of auto, gguf, q8_0, {', '.join(DTYPES)} "
             "(or bf16, fp32, fp16)"
         )
     return DTYPES[name]
@@ -184,9 +191,34 @@ def _load_native(src: ModelSource, out: Path, dtype: torch.dtype | str, device: 
     rope = {}
     for key in set(cfg.layer_rope):
         rope[key] = (sd.pop(f"rope.{key}.inv_freq"), float(sd.pop(f"rope.{key}.scale")[0]))
+    if dtype == Q8:
+        quantized = _quantize_checkpoint(sd, src)
+        sd = {k: v for k, v in sd.items() if k not in quantized}
+        dtype = torch.float32
     return NativeModel.from_state_dict(
         cfg, sd, rope, dtype, device, name=src.display_name, quantized=quantized
     )
+
+
+def _quantize_checkpoint(sd: dict, src: ModelSource) -> dict:
+    """``--dtype q8_0``: every projection and the output layer of a float checkpoint rounded to
+    Q8_0 (a scale per 32 weights, as llama.cpp rounds); the input embedding stays float unless it
+    is the output layer too (its rows are looked up, not multiplied)."""
+    from .quant import quantize_weight
+
+    tied = "lm_head.weight" not in sd
+    names = [
+        k for k, v in sd.items()
+        if v.dim() == 2 and k.endswith(".weight") and "norm" not in k
+        and (tied or "embed_tokens" not in k)
+    ]
+    bad = [k for k in names if sd[k].shape[1] % 32]
+    if bad:
+        raise ModelLoadError(
+            f"--dtype q8_0 needs input sizes that are multiples of 32; {src.display_name!r} has "
+            f"{bad[0]} {tuple(sd[bad[0]].shape)}: use a float dtype"
+        )
+    return {k: quantize_weight(sd[k], "q8_0") for k in names}
 
 
 def _auto_weights(src: ModelSource, notice) -> torch.dtype | str:
@@ -302,6 +334,12 @@ def load_model(
         )
     if dt == QUANTIZED and backend == "hf":
         raise ModelLoadError("--dtype gguf runs on the native backend: use --backend native")
+    if dt == Q8 and (src.gguf or backend == "hf"):
+        raise ModelLoadError(
+            "--dtype q8_0 rounds a float checkpoint's weights on the native backend: a GGUF file "
+            "runs its own quantized weights with --dtype gguf" if src.gguf else
+            "--dtype q8_0 runs on the native backend: use --backend native"
+        )
     if backend == "hf":
         from .hf import HFModel
 
@@ -313,6 +351,8 @@ def load_model(
         except UnsupportedArchitecture as e:
             from .hf import HFModel
 
+            if dt == Q8:
+                raise ModelLoadError(f"--dtype q8_0 runs on the native runtime and {e}: use a float dtype") from e
             notice(f"{e}; using the generic transformers adapter (chain drafts only)")
             hf = _load_hf(src, dt).to(dev)
             return HFModel(hf, name=src.display_name), load_tokenizer(src)

@@ -128,7 +128,9 @@ def load_image(path: str | None = None, dtype: str = "float32", quiet: bool = Tr
     """Load an image bundle (default: the embedded glyph model) and return an
     :class:`ImageGenerator`. path: a bundle directory written by ``genrefine train image``, or a
     transformers Janus checkpoint (model_type "janus"), returned as a
-    :class:`~genrefine.modalities.image.janus.HFImageGenerator` (text prompts, RGB images)."""
+    :class:`~genrefine.modalities.image.janus.HFImageGenerator` (text prompts, RGB images).
+    dtype: the transformer's weights, "float32" (as trained) or "q8_0" (rounded to Q8_0 when
+    loaded and run on the exact integer kernels: faster on the CPU, a slightly different model)."""
     from ...models.guided import GuidedModel
     from ...models.loading import load_model
     from .bundle import load_bundle

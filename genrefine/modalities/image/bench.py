@@ -99,6 +99,7 @@ def run_image_bench(
     return {
         "kind": "image",
         "model": gen.name,
+        "weights": weights_format(gen.model),
         "cpu": cpu_model(),
         "n_per_class": n_per_class,
         "n_classes": n_classes,
@@ -114,6 +115,12 @@ def run_image_bench(
     }
 
 
+def weights_format(model) -> str:
+    """What the transformer's matmuls run on ("float32", "quantized:Q8_0", ...)."""
+    base = getattr(model, "native_base", model)
+    return str(getattr(base, "weights_format", getattr(base, "dtype", "unknown"))).replace("torch.", "")
+
+
 def _f(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -126,7 +133,8 @@ def markdown_report(report: dict, command: str | None = None) -> str:
         "",
         f"{report['model']}, {report['n_classes']} classes x {report['n_per_class']} images, "
         f"{report['tokens_per_image']} codes per image, temperature {report['temperature']}, "
-        f"top-k {report['top_k']}, guidance scale {report['cfg']}; CPU: {report['cpu']}. "
+        f"top-k {report['top_k']}, guidance scale {report['cfg']}, weights "
+        f"{report.get('weights', 'float32')}; CPU: {report['cpu']}. "
         "Speed is the engine's wall clock (VQ decoding excluded); speedup is against `ar` in the "
         "same run.",
         "",

@@ -301,6 +301,8 @@ def load_janus(path: str | Path, dtype: str = "float32", device: str | None = No
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if not isinstance(dt, torch.dtype):
+        raise ModelLoadError(f"--dtype {dtype} is for genrefine's own bundles: run Janus in float32 or bfloat16")
     try:
         hf = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dt)
         tok = AutoTokenizer.from_pretrained(str(path))

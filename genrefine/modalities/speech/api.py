@@ -193,7 +193,9 @@ class SpeechGenerator:
 
 def load_speech(path: str | None = None, dtype: str = "float32", quiet: bool = True) -> SpeechGenerator:
     """Load a speech bundle (default: the embedded flite-trained model) and return a
-    :class:`SpeechGenerator`. path: a bundle directory written by ``genrefine train speech``."""
+    :class:`SpeechGenerator`. path: a bundle directory written by ``genrefine train speech``.
+    dtype: the transformer's weights, "float32" (as trained) or "q8_0" (rounded to Q8_0 when
+    loaded and run on the exact integer kernels: faster on the CPU, a slightly different model)."""
     from ...models.guided import GuidedModel
     from ...models.loading import load_model
     from .bundle import load_bundle

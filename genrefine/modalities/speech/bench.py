@@ -23,6 +23,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...registry import METHODS
+from ..image.bench import weights_format
 from .data import split_sentences
 
 AR_NOISE = "ar (other seeds)"
@@ -61,6 +62,7 @@ def run_speech_bench(gen, methods: list[str], n: int, *, seed: int = 0, temperat
             if progress is not None:
                 progress(1)
     report: dict = {"texts": texts, "n": n, "seed": seed, "methods": {}, "cpu": _cpu(),
+                    "weights": weights_format(gen.model),
                     "temperature": gen.default_temperature if temperature is None else temperature,
                     "top_k": gen.default_top_k if top_k is None else top_k}
     ar_audio = [r.audio for r in runs["ar"]]
@@ -146,7 +148,8 @@ def json_report(report: dict) -> dict:
 def markdown_report(report: dict, command: str) -> str:
     """The bench table as Markdown."""
     lines = [f"Speech bench: {report['n']} held-out sentences, temperature {report['temperature']}, "
-             f"top-k {report['top_k']}, seed {report['seed']}; CPU: {report['cpu']}", "",
+             f"top-k {report['top_k']}, seed {report['seed']}, weights "
+             f"{report.get('weights', 'float32')}; CPU: {report['cpu']}", "",
              f"`{command}`", "",
              "| method | lossless | speedup (generation) | fewer target forwards | forwards / s of audio "
              "| tokens/step | acceptance | WER | CER | spectral distance to ar (dB) |",
