@@ -87,7 +87,8 @@ def test_q8_0_weights_run_bitwise_exact_and_greedy_methods_give_their_ar(bundle_
     j = tmp_path / "b.json"
     assert main(["image", "bench", "--model", str(bundle_dir), "--dtype", "q8_0", "--methods",
                  "sjd", "--n-per-class", "1", "--json", str(j), "--no-progress"]) == 0
-    assert json.loads(j.read_text())["weights"] == "quantized:Q8_0"
+    rep = json.loads(j.read_text())
+    assert rep["weights"] == "quantized:Q8_0" and "--dtype q8_0" in rep["command"]
     assert main(["image", "generate", "--model", str(bundle_dir), "--dtype", "nope", "--out",
                  str(tmp_path / "g.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err

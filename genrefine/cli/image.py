@@ -164,6 +164,8 @@ def cmd_image(args) -> int:
                                  options=options, progress=bar.update)
     argv = ["image", "bench", "--methods", ",".join(methods), "--n-per-class", str(args.n_per_class),
             "--seed", str(args.seed)]
+    if args.dtype != "float32":
+        argv += ["--dtype", args.dtype]
     for flag in ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta",
                  "group_size", "group_similarity"):
         v = getattr(args, flag)

@@ -107,6 +107,8 @@ def cmd_speech(args) -> int:
                                   top_k=args.top_k, options=options, floor=not args.no_floor,
                                   progress=bar.update)
     argv = ["speech", "bench", "--methods", ",".join(methods), "--n", str(args.n), "--seed", str(args.seed)]
+    if args.dtype != "float32":
+        argv += ["--dtype", args.dtype]
     for flag in ("model", "temperature", "top_k", "draft_len", "drafter", "tolerance", "relax_k",
                  "relax_delta", "group_size", "group_similarity"):
         v = getattr(args, flag)
