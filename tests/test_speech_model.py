@@ -311,8 +311,9 @@ def test_q8_0_weights_speak_their_own_ar_codes_greedily(tiny_bundle, tmp_path):
         assert q.generate(texts, method=method, temperature=0, seed=0).codes == ref.codes, method
     j = tmp_path / "b.json"
     assert main(["speech", "bench", "--model", str(tiny_bundle), "--dtype", "q8_0", "--methods", "vadusa",
-                 "--n", "1", "--json", str(j), "--no-progress"]) == 0
-    assert json.loads(j.read_text())["weights"] == "quantized:Q8_0"
+                 "--n", "1", "--no-tree-cut", "--json", str(j), "--no-progress"]) == 0
+    rep = json.loads(j.read_text())
+    assert rep["weights"] == "quantized:Q8_0" and "--no-tree-cut" in rep["command"]
 
 
 def test_speech_bench_greedy_counts_same_codes(tts):
@@ -371,3 +372,11 @@ def test_shipped_model_is_intelligible_greedily(shipped):
     rec = Recognizer()
     rates = error_rates(texts, [rec.transcribe(a) for a in res.audios])
     assert rates["cer"] < 0.75, rates
+
+
+def test_speech_no_tree_cut_reaches_the_method_options():
+    from genrefine.cli import _parser
+    from genrefine.cli.speech import _options
+
+    for argv, cut in ((["speech", "bench"], True), (["speech", "bench", "--no-tree-cut"], False)):
+        assert _options(_parser().parse_args(argv)).tree_cut is cut

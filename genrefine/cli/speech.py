@@ -13,6 +13,9 @@ from .options import check_method_names, modality_method_options
 def _common(p) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a speech bundle written by `genrefine train speech` (default: the embedded model)")
+    p.add_argument("--no-tree-cut", dest="tree_cut", action="store_false",
+                   help="the heads methods (medusa, vadusa, eagle): verify whole trees instead of "
+                   "cutting them to what pays on this machine (measured forward times)")
     p.add_argument("--dtype", default="float32",
                    help="float32 (default: the bundle as trained) or q8_0 (its weights rounded to "
                    "Q8_0 when loaded and run on the exact integer kernels: faster on the CPU, a "
@@ -64,7 +67,8 @@ def add_speech_parser(sub) -> None:
 
 def _options(args):
     names = ("tolerance", "relax_k", "relax_delta", "group_size", "group_similarity")
-    return modality_method_options(args, names, draft_len=args.draft_len, drafter=args.drafter)
+    return modality_method_options(args, names, draft_len=args.draft_len, drafter=args.drafter,
+                                   tree_cut=args.tree_cut)
 
 
 def cmd_speech(args) -> int:
@@ -109,6 +113,8 @@ def cmd_speech(args) -> int:
     argv = ["speech", "bench", "--methods", ",".join(methods), "--n", str(args.n), "--seed", str(args.seed)]
     if args.dtype != "float32":
         argv += ["--dtype", args.dtype]
+    if not args.tree_cut:
+        argv += ["--no-tree-cut"]
     for flag in ("model", "temperature", "top_k", "draft_len", "drafter", "tolerance", "relax_k",
                  "relax_delta", "group_size", "group_similarity"):
         v = getattr(args, flag)
