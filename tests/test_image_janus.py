@@ -221,3 +221,12 @@ def test_guided_model_needs_classes_or_an_unconditional_function(gen) -> None:
 
     with pytest.raises(ConfigError, match="unconditional"):
         GuidedModel(gen.base, n_codes=CODES, scale=2.0)
+
+
+def test_q8_0_is_refused_for_janus_in_one_line(janus_dir, tmp_path, capsys) -> None:
+    """--dtype q8_0 rounds genrefine's own bundles; Janus runs through transformers."""
+    capsys.readouterr()
+    rc = main(["image", "generate", "--model", str(janus_dir), "--prompt", "a cat", "--dtype", "q8_0",
+               "--out", str(tmp_path / "x.png"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "genrefine's own bundles" in err and "Traceback" not in err
