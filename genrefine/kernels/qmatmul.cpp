@@ -723,9 +723,10 @@ XPrep prepare(const at::Tensor& x) {
   check(xc.dim() == 2, "x must be [M, K]");
   const int64_t M = xc.size(0), K = xc.size(1);
   check(K % XBLOCK == 0, "K must be a multiple of 32");
-  // xq has rows up to the next multiple of 16 (zeros past M): the AMX path's last tile load reads
-  // 16 rows whatever M is, and discards the rows past M
-  const int64_t padded = (M + 15) / 16 * 16;
+  // where the AMX path may run a padded last tile (AMX_PARTIAL_MIN or more rows past a multiple of
+  // 16), xq has rows up to the next multiple of 16, zeros past M: that tile load reads 16 rows and
+  // the rows past M are discarded
+  const int64_t padded = M % 16 >= AMX_PARTIAL_MIN ? (M + 15) / 16 * 16 : M;
   auto xq = at::empty({padded, K}, xc.options().dtype(at::kChar));
   std::memset(xq.data_ptr<int8_t>() + M * K, 0, size_t((padded - M) * K));
   auto dx = at::empty({M, K / XBLOCK}, xc.options());
