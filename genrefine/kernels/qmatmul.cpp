@@ -699,11 +699,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
 
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, "genrefine qlinear: ", msg); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t path = -1) {
+// xq gets `padded` rows (at least M), zeros past M: room for a tile load of 16 rows
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t path = -1,
+                                                        int64_t padded = 0) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [M, K] float32 contiguous");
   const int64_t M = x.size(0), K = x.size(1);
   check(K % XBLOCK == 0, "K must be a multiple of 32");
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  padded = std::max(padded, M);
+  auto xq = at::empty({padded, K}, x.options().dtype(at::kChar));
+  std::memset(xq.data_ptr<int8_t>() + M * K, 0, size_t((padded - M) * K));
   auto dx = at::empty({M, K / XBLOCK}, x.options());
   auto xs = at::empty({M, K / 16}, x.options().dtype(at::kInt));
   quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>(),
@@ -721,18 +725,13 @@ struct XPrep {
 XPrep prepare(const at::Tensor& x) {
   auto xc = x.to(at::kFloat).contiguous();
   check(xc.dim() == 2, "x must be [M, K]");
-  const int64_t M = xc.size(0), K = xc.size(1);
-  check(K % XBLOCK == 0, "K must be a multiple of 32");
-  // where the AMX path may run a padded last tile (AMX_PARTIAL_MIN or more rows past a multiple of
-  // 16), xq has rows up to the next multiple of 16, zeros past M: that tile load reads 16 rows and
-  // the rows past M are discarded
+  const int64_t M = xc.size(0);
+  // where the AMX path may run a padded last tile (AMX_PARTIAL_MIN or more rows past a multiple
+  // of 16), xq has rows up to the next multiple of 16: that tile load reads 16 rows and the rows
+  // past M are discarded
   const int64_t padded = M % 16 >= AMX_PARTIAL_MIN ? (M + 15) / 16 * 16 : M;
-  auto xq = at::empty({padded, K}, xc.options().dtype(at::kChar));
-  std::memset(xq.data_ptr<int8_t>() + M * K, 0, size_t((padded - M) * K));
-  auto dx = at::empty({M, K / XBLOCK}, xc.options());
-  auto xs = at::empty({M, K / 16}, xc.options().dtype(at::kInt));
-  quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>());
-  return XPrep{xq, dx, xs, M, K};
+  auto [xq, dx, xs] = quantize(xc, -1, padded);
+  return XPrep{xq, dx, xs, M, xc.size(1)};
 }
 
 int64_t block_bytes(int64_t group, int64_t bits) {

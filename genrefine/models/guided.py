@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .quant import QuantWeight
 from ..types import ModelOutput
+from .protocol import weights_format
+from .quant import QuantWeight
 
 
 class GuidedCache:
@@ -127,6 +128,7 @@ class GuidedModel:
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
         self.native_base = getattr(base, "native_base", base)  # what native-only methods check
+        self.weights_format = weights_format(self.native_base)  # for reports
         head = getattr(base, "lm_head", None)
         if torch.is_tensor(head) or isinstance(head, QuantWeight):
             self.lm_head = head[:n_codes]  # quantized weights: their rows dequantized, float32

@@ -204,21 +204,16 @@ def _quantize_checkpoint(sd: dict, src: ModelSource) -> dict:
     """``--dtype q8_0``: every projection and the output layer of a float checkpoint rounded to
     Q8_0 (a scale per 32 weights, as llama.cpp rounds); the input embedding stays float unless it
     is the output layer too (its rows are looked up, not multiplied)."""
-    from .quant import quantize_weight
+    from .quant import linear_names, quantize_linears
 
     tied = "lm_head.weight" not in sd
-    names = [
-        k for k, v in sd.items()
-        if v.dim() == 2 and k.endswith(".weight") and "norm" not in k
-        and (tied or "embed_tokens" not in k)
-    ]
-    bad = [k for k in names if sd[k].shape[1] % 32]
+    bad = [k for k in linear_names(sd, embedding=tied) if sd[k].shape[1] % 32]
     if bad:
         raise ModelLoadError(
             f"--dtype q8_0 needs input sizes that are multiples of 32; {src.display_name!r} has "
             f"{bad[0]} {tuple(sd[bad[0]].shape)}: use a float dtype"
         )
-    return {k: quantize_weight(sd[k], "q8_0") for k in names}
+    return quantize_linears(sd, ("q8_0",), embedding=tied)
 
 
 def _auto_weights(src: ModelSource, notice) -> torch.dtype | str:
@@ -349,10 +344,10 @@ def load_model(
         try:
             _convert(src, out, notice)
         except UnsupportedArchitecture as e:
-            from .hf import HFModel
-
             if dt == Q8:
                 raise ModelLoadError(f"--dtype q8_0 runs on the native runtime and {e}: use a float dtype") from e
+            from .hf import HFModel
+
             notice(f"{e}; using the generic transformers adapter (chain drafts only)")
             hf = _load_hf(src, dt).to(dev)
             return HFModel(hf, name=src.display_name), load_tokenizer(src)

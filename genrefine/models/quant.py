@@ -253,11 +253,20 @@ def quantize_weight(w: Tensor, fmt: str = "q8_0") -> QuantWeight:
     raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def quantize_linears(sd: dict[str, Tensor], formats: tuple[str, ...] = ("q8_0",)) -> dict[str, QuantWeight]:
-    """Quantize every 2-D projection and embedding of a transformers-style state dict, cycling
-    through ``formats`` weight by weight (several formats exercise mixed fused projections)."""
-    out: dict[str, QuantWeight] = {}
-    names = [k for k, v in sd.items() if v.dim() == 2 and k.endswith(".weight") and "norm" not in k]
-    for i, name in enumerate(sorted(names)):
-        out[name] = quantize_weight(sd[name], formats[i % len(formats)])
-    return out
+def linear_names(sd: dict[str, Tensor], embedding: bool = True) -> list[str]:
+    """The 2-D projection (and, with ``embedding``, input embedding) weights of a
+    transformers-style state dict, sorted."""
+    return sorted(
+        k for k, v in sd.items()
+        if v.dim() == 2 and k.endswith(".weight") and "norm" not in k
+        and (embedding or "embed_tokens" not in k)
+    )
+
+
+def quantize_linears(sd: dict[str, Tensor], formats: tuple[str, ...] = ("q8_0",),
+                     embedding: bool = True) -> dict[str, QuantWeight]:
+    """Quantize every 2-D projection and (with ``embedding``) the embedding of a
+    transformers-style state dict, cycling through ``formats`` weight by weight (several formats
+    exercise mixed fused projections)."""
+    return {name: quantize_weight(sd[name], formats[i % len(formats)])
+            for i, name in enumerate(linear_names(sd, embedding))}

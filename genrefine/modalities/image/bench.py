@@ -99,7 +99,7 @@ def run_image_bench(
     return {
         "kind": "image",
         "model": gen.name,
-        "weights": weights_format(gen.model),
+        "weights": gen.model.weights_format,
         "cpu": cpu_model(),
         "n_per_class": n_per_class,
         "n_classes": n_classes,
@@ -113,12 +113,6 @@ def run_image_bench(
         "noise": noise,
         "samples": samples,  # one image per class per method (uint8 lists), for the plot
     }
-
-
-def weights_format(model) -> str:
-    """What the transformer's matmuls run on ("float32", "quantized:Q8_0", ...)."""
-    base = getattr(model, "native_base", model)
-    return str(getattr(base, "weights_format", getattr(base, "dtype", "unknown"))).replace("torch.", "")
 
 
 def _f(v, spec: str) -> str:

@@ -23,7 +23,6 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...registry import METHODS
-from ..image.bench import weights_format
 from .data import split_sentences
 
 AR_NOISE = "ar (other seeds)"
@@ -62,7 +61,7 @@ def run_speech_bench(gen, methods: list[str], n: int, *, seed: int = 0, temperat
             if progress is not None:
                 progress(1)
     report: dict = {"texts": texts, "n": n, "seed": seed, "methods": {}, "cpu": _cpu(),
-                    "weights": weights_format(gen.model),
+                    "weights": gen.model.weights_format,
                     "temperature": gen.default_temperature if temperature is None else temperature,
                     "top_k": gen.default_top_k if top_k is None else top_k}
     ar_audio = [r.audio for r in runs["ar"]]
