@@ -95,6 +95,16 @@ def test_q8_0_weights_run_bitwise_exact_and_greedy_methods_give_their_ar(bundle_
     assert "unknown dtype" in err and "Traceback" not in err
 
 
+def test_q8_0_and_float_bundles_keep_separate_cost_tables(bundle_dir, gen) -> None:
+    """The tree cut and auto read measured forward times keyed by the model: a q8_0 load must not
+    reuse the float32 model's (same name) nor the float one the q8_0 one's."""
+    from genrefine.costs import _target_key
+
+    q = genrefine.load_image(str(bundle_dir), dtype="q8_0")
+    assert _target_key(q.model) != _target_key(gen.model)
+    assert "quantized:Q8_0" in _target_key(q.model) and "kernels=" in _target_key(q.model)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "nope"], "unknown method"),
     (["--n", "0"], "--n must be"),

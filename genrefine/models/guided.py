@@ -129,6 +129,9 @@ class GuidedModel:
                 setattr(self, attr, getattr(base, attr))
         self.native_base = getattr(base, "native_base", base)  # what native-only methods check
         self.weights_format = weights_format(self.native_base)  # for reports
+        # quantized bases: cost tables are keyed on their weights and kernels (costs._target_key),
+        # not shared with the float model of the same name
+        self.quantized = bool(getattr(base, "quantized", False))
         head = getattr(base, "lm_head", None)
         if torch.is_tensor(head) or isinstance(head, QuantWeight):
             self.lm_head = head[:n_codes]  # quantized weights: their rows dequantized, float32
