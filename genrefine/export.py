@@ -16,11 +16,25 @@ Formats (what each engine's loader expects, read from its published source):
   vocabulary, and ``token_map`` (the draft vocabulary's target ids) when the draft vocabulary is
   reduced (``truncated_vocab_size < vocab_size``). Takes a ``heads`` drafter; the rows come from
   the target model, since genrefine's heads reuse the target's output projection.
-- ``eagle`` (vLLM ``EagleLlamaForCausalLM``, ``vllm/model_executor/models/llama_eagle.py``;
-  SGLang ``LlamaForCausalLMEagle``, ``python/sglang/srt/models/llama_eagle.py``) and
-  ``speculators`` (the config vLLM reads through
-  ``vllm/transformers_utils/configs/speculators/``): both refused for genrefine's EAGLE drafter,
-  see :func:`eagle_mismatches`.
+- ``eagle`` and ``sglang-eagle``: the EAGLE-1 head of vLLM (``EagleLlamaForCausalLM``,
+  ``vllm/model_executor/models/llama_eagle.py``; the config is mapped there from
+  ``architectures: ["LlamaForCausalLM"]`` by ``vllm/transformers_utils/configs/eagle.py``) and
+  of SGLang (``LlamaForCausalLMEagle``, named so in ``architectures``,
+  ``python/sglang/srt/models/llama_eagle.py``, whose ``fc`` has a bias: written as zeros, where
+  vLLM's ``fc`` has none and its loader would fail on one). A Llama
+  ``config.json`` with one layer; tensors ``fc.weight`` [H, 2H] over ``[embedding, feature]``
+  and the layer's ``layers.0.self_attn.{q,k,v,o}_proj``, ``layers.0.post_attention_layernorm``
+  and ``layers.0.mlp.{gate,up,down}_proj`` weights (no ``input_layernorm``: the engines replace
+  the first layer's by the identity). The embedding and the output projection are the
+  target's, shared by the engine, so neither is written. Takes an EAGLE drafter trained with
+  ``--eagle-style engine``, whose network is the engines' (:class:`~genrefine.methods.eagle.
+  EagleNet`); genrefine's own style is refused, see :func:`eagle_mismatches`. One difference
+  stays: the engine projects the drafted feature onto the target's whole vocabulary, genrefine
+  onto the drafter's reduced draft vocabulary (recorded as ``genrefine.draft_vocab``), so a token
+  outside it can be drafted there; the network and its features are the same.
+- ``speculators`` (the config vLLM reads through
+  ``vllm/transformers_utils/configs/speculators/``): refused, vLLM reads EAGLE-3 speculators
+  only and genrefine trains no EAGLE-3 drafter.
 
 The vocabulary maps of EAGLE-3 drafters with a reduced vocabulary (``d2t``/``t2d``) are
 :func:`vocab_maps` and :func:`ids_from_vocab_maps`.
@@ -31,16 +45,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
 from .methods.parts.heads import HeadsNet
+
+if TYPE_CHECKING:
+    from .methods.eagle import EagleNet
 from .methods.parts.store import StoredDrafter, read_drafter
 
 # format -> the drafter kind it takes
-FORMATS = {"medusa": "heads", "eagle": "eagle", "speculators": "eagle"}
+FORMATS = {"medusa": "heads", "eagle": "eagle", "sglang-eagle": "eagle", "speculators": "eagle"}
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -126,18 +144,31 @@ class ExportedHeads:
     config: dict
 
 
-def load_exported(out: str | Path) -> ExportedHeads:
-    """Read an export written by :func:`export_drafter` back into genrefine's network (so far:
-    ``medusa`` exports, into :class:`HeadsNet`), tensors unchanged."""
+@dataclass
+class ExportedEagle:
+    """An EAGLE-1 export read back into an ``engine``-style :class:`EagleNet`."""
+
+    net: EagleNet
+    config: dict
+
+
+def load_exported(out: str | Path) -> ExportedHeads | ExportedEagle:
+    """Read an export written by :func:`export_drafter` back into genrefine's network
+    (``medusa``: :class:`HeadsNet`; ``eagle``: an ``engine``-style EagleNet), tensors
+    unchanged."""
     from safetensors.torch import load_file
 
     out = Path(out).expanduser()
     if not (out / CONFIG).exists() or not (out / WEIGHTS).exists():
         raise ConfigError(f"no export at {out}: expected {CONFIG} and {WEIGHTS}")
     config = json.loads((out / CONFIG).read_text())
-    if config.get("model_type") != "medusa":
-        raise ConfigError(f"{out} is not a medusa export (model_type {config.get('model_type')!r})")
     t = load_file(str(out / WEIGHTS))
+    if config.get("model_type") == "llama" and "fc.weight" in t:
+        return _load_eagle(config, t)
+    if config.get("model_type") != "medusa":
+        raise ConfigError(
+            f"{out} is not a medusa or eagle export (model_type {config.get('model_type')!r})"
+        )
     K, H = int(config["num_heads"]), int(config["hidden_size"])
     net = HeadsNet(H, K).to(t["blocks.0.layers.0.weight"].dtype)
     net.load_state_dict({
@@ -146,6 +177,32 @@ def load_exported(out: str | Path) -> ExportedHeads:
     })
     ids = t["token_map"].long() if "token_map" in t else torch.arange(int(config["vocab_size"]))
     return ExportedHeads(net, ids, t["lm_heads.0.weight"], config)
+
+
+def _load_eagle(config: dict, t: dict) -> ExportedEagle:
+    from .methods.eagle import EagleNet
+
+    if "fc.bias" in t and bool(t["fc.bias"].any()):
+        raise ConfigError("this EAGLE checkpoint's fc has a bias, which genrefine's EagleNet has not")
+    if int(config.get("num_hidden_layers", 1)) != 1:
+        raise ConfigError("genrefine's EagleNet has one layer, this checkpoint has more")
+    layer = "layers.0."
+    net = EagleNet(
+        int(config["hidden_size"]), heads=int(config["num_attention_heads"]),
+        kv_heads=int(config["num_key_value_heads"]), head_dim=int(config["head_dim"]),
+        inner=int(config["intermediate_size"]), rope_theta=float(config["rope_theta"]),
+        style="engine",
+    ).to(t["fc.weight"].dtype)
+    net.load_state_dict({
+        "fc.weight": t["fc.weight"],
+        "q.weight": t[layer + "self_attn.q_proj.weight"],
+        "kv.weight": torch.cat([t[layer + "self_attn.k_proj.weight"], t[layer + "self_attn.v_proj.weight"]]),
+        "o.weight": t[layer + "self_attn.o_proj.weight"],
+        "mlp_norm": t[layer + "post_attention_layernorm.weight"],
+        "gate_up.weight": torch.cat([t[layer + "mlp.gate_proj.weight"], t[layer + "mlp.up_proj.weight"]]),
+        "down.weight": t[layer + "mlp.down_proj.weight"],
+    })
+    return ExportedEagle(net, config)
 
 
 # ------------------------------------------------------------------------------ eagle
@@ -162,7 +219,8 @@ def eagle_mismatches(stored: StoredDrafter, fmt: str) -> list[str]:
     ``LlamaForCausalLMEagle`` has neither the input norms nor the first layer's norm nor an output
     norm (and both project onto the target's full vocabulary, or SGLang's hot-token subset).
     vLLM reads speculators configs only for ``eagle3`` (``algos.py``), whose layer attends
-    over ``[norm(e), norm(h)]`` (2H wide) with the residual on ``h``: another network."""
+    over ``[norm(e), norm(h)]`` (2H wide) with the residual on ``h``: another network.
+    A drafter trained with ``--eagle-style engine`` has none of those norms and passes."""
     t = stored.tensors
     out: list[str] = []
     if fmt == "speculators":
@@ -183,7 +241,75 @@ def eagle_mismatches(stored: StoredDrafter, fmt: str) -> list[str]:
             "the engines' EAGLE model has no output norm, genrefine's normalises its output "
             "(out_norm) before feeding it back and projecting it"
         )
+    if "net.norm_e" in t or "net.norm_f" in t:
+        out.append(
+            "the engines' fc reads the raw embedding and feature, genrefine's style normalises "
+            "both first (norm_e, norm_f)"
+        )
+    if not out and stored.config.get("style") != "engine":
+        out.append(f"the drafter's style is {stored.config.get('style', 'genrefine')!r}, not 'engine'")
+    if out:
+        out.append("train one the engines run with `genrefine train eagle --eagle-style engine`")
     return out
+
+
+def eagle_files(
+    stored: StoredDrafter, vocab_size: int, max_positions: int, fmt: str = "eagle"
+) -> tuple[dict, dict]:
+    """The EAGLE-1 ``(config, tensors)`` vLLM (``fmt="eagle"``) or SGLang (``"sglang-eagle"``)
+    loads, for an ``engine``-style EAGLE drafter (:func:`eagle_mismatches` empty).
+    vocab_size, max_positions: the target's (the engines share the target's embedding, whose
+    shape the config states)."""
+    if fmt not in ("eagle", "sglang-eagle"):
+        raise ConfigError(f"eagle_files writes eagle or sglang-eagle, not {fmt!r}")
+    why = eagle_mismatches(stored, fmt)
+    if why:
+        raise ConfigError(f"refusing --format eagle: {'; '.join(why)}")
+    cfg, t = stored.config, stored.tensors
+    H, heads, kv, D = (int(cfg[k]) for k in ("hidden", "heads", "kv_heads", "head_dim"))
+    inner = int(cfg["inner"])
+    kvw, gu = t["net.kv.weight"], t["net.gate_up.weight"]  # [2 * kv * D, H], [2 * inner, H]
+    layer = "layers.0."
+    tensors = {
+        "fc.weight": t["net.fc.weight"],  # [H, 2H] over [embedding, feature]
+        layer + "self_attn.q_proj.weight": t["net.q.weight"],
+        layer + "self_attn.k_proj.weight": kvw[: kv * D],  # EagleNet.forward: k rows first
+        layer + "self_attn.v_proj.weight": kvw[kv * D :],
+        layer + "self_attn.o_proj.weight": t["net.o.weight"],
+        layer + "post_attention_layernorm.weight": t["net.mlp_norm"],
+        layer + "mlp.gate_proj.weight": gu[:inner],  # EagleNet.forward: gate, up = chunk(2)
+        layer + "mlp.up_proj.weight": gu[inner:],
+        layer + "mlp.down_proj.weight": t["net.down.weight"],
+    }
+    dtype = t["net.fc.weight"].dtype
+    if fmt == "sglang-eagle":  # SGLang's fc = nn.Linear(2H, H) keeps its default bias
+        tensors["fc.bias"] = torch.zeros(H, dtype=dtype)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    # vLLM maps LlamaForCausalLM to EagleLlamaForCausalLM; SGLang takes its class name
+    arch = "LlamaForCausalLMEagle" if fmt == "sglang-eagle" else "LlamaForCausalLM"
+    config = {
+        "architectures": [arch],
+        "model_type": "llama",
+        "hidden_size": H,
+        "intermediate_size": inner,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": D,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,  # EagleNet's _rms
+        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
+        "rope_scaling": None,
+        "max_position_embeddings": int(max_positions),
+        "vocab_size": int(vocab_size),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "genrefine": {"kind": "eagle", "target": stored.target, "config": cfg,
+                      "draft_vocab": int(t["vocab_ids"].numel())},
+    }
+    return config, tensors
 
 
 # ------------------------------------------------------------------------------ export
@@ -210,7 +336,7 @@ def read_for_export(drafter: str | Path, fmt: str) -> StoredDrafter:
         if why:
             raise ConfigError(
                 f"refusing --format {fmt}: the engine would draft with another function than "
-                f"genrefine's EAGLE drafter ({'; '.join(why)})"
+                f"this EAGLE drafter ({'; '.join(why)})"
             )
     return stored
 
@@ -221,13 +347,15 @@ def export_drafter(drafter: str | Path, fmt: str, out: str | Path, model=None) -
 
     model: the target the drafter was trained for (needed by ``medusa``, whose output rows are
     the target's); the drafter must have been trained for it."""
-    from .diskcache import save_tensors
     from .methods.parts.store import load_drafter
 
     stored = read_for_export(drafter, fmt)
     if model is None:
         raise ConfigError(f"--format {fmt} needs the target model the drafter was trained for")
     stored = load_drafter(stored.path, stored.kind, model)
+    if fmt in ("eagle", "sglang-eagle"):
+        config, tensors = eagle_files(stored, int(model.vocab_size), int(model.max_context), fmt)
+        return _write(out, config, tensors)
     head = model.lm_head
     if not isinstance(head, Tensor) or not head.is_floating_point():
         raise ConfigError(
@@ -236,6 +364,12 @@ def export_drafter(drafter: str | Path, fmt: str, out: str | Path, model=None) -
     ids = stored.tensors["vocab_ids"].long()
     rows = head.detach().index_select(0, ids.to(head.device)).cpu()
     config, tensors = medusa_files(stored, rows, int(model.vocab_size))
+    return _write(out, config, tensors)
+
+
+def _write(out: str | Path, config: dict, tensors: dict) -> Path:
+    from .diskcache import save_tensors
+
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / WEIGHTS, tensors, metadata={"format": "pt"})

@@ -75,6 +75,8 @@ def corpus(family: str) -> tuple[str, ...]:
 SPEC = {
     "heads": DrafterSpec(kind="heads", seq_len=SEQ, max_tokens=20_000, tree_nodes=8),
     "eagle": DrafterSpec(kind="eagle", seq_len=SEQ, max_tokens=20_000),
+    # the EAGLE-1 layer vLLM and SGLang run (no input or output norms, unscaled embedding)
+    "eagle-engine": DrafterSpec(kind="eagle", seq_len=SEQ, max_tokens=20_000, eagle_style="engine"),
 }
 
 
@@ -100,7 +102,8 @@ def held_out(family: str):
 
 # --------------------------------------------------------------------------- lossless
 @pytest.mark.parametrize(
-    "kind, name", [("heads", n) for n in HEADS_METHODS] + [("eagle", "eagle")]
+    "kind, name",
+    [("heads", n) for n in HEADS_METHODS] + [("eagle", "eagle"), ("eagle-engine", "eagle")],
 )
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_methods_equal_ar(family: str, kind: str, name: str) -> None:
@@ -180,7 +183,7 @@ def test_cut_trees_stay_lossless_and_deterministic(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- training
-@pytest.mark.parametrize("kind", ["heads", "eagle"])
+@pytest.mark.parametrize("kind", ["heads", "eagle", "eagle-engine"])
 def test_training_lowers_loss_and_raises_tokens_per_step(kind: str) -> None:
     m = native("llama")
     test = held_out("llama")

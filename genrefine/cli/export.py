@@ -10,14 +10,15 @@ from .options import add_model_options, validate_before_load
 def add_export_parser(sub) -> None:
     ex = sub.add_parser(
         "export",
-        help="write a trained drafter in a serving engine's format (vLLM Medusa)",
+        help="write a trained drafter in a serving engine's format (vLLM Medusa, vLLM/SGLang EAGLE)",
         description="Write the drafter in --drafter DIR to --out in the format an engine loads: "
-        "medusa (vLLM; heads drafters, output rows copied from --model). eagle (vLLM/SGLang "
-        "EAGLE-1) and speculators are refused for genrefine's EAGLE drafters, whose network "
-        "those engines do not compute (the message says why).",
+        "medusa (vLLM; heads drafters, output rows copied from --model); eagle (vLLM EAGLE-1) and "
+        "sglang-eagle (SGLang EAGLE-1): EAGLE drafters trained with `genrefine train eagle "
+        "--eagle-style engine` (the default style is refused with the reason). speculators is refused: vLLM reads EAGLE-3 "
+        "speculators only, and genrefine trains no EAGLE-3 drafter.",
     )
     ex.add_argument("--drafter", required=True, metavar="DIR", help="a `genrefine train` output folder")
-    ex.add_argument("--format", required=True, metavar="FORMAT", help="medusa, eagle or speculators")
+    ex.add_argument("--format", required=True, metavar="FORMAT", help="medusa, eagle, sglang-eagle or speculators")
     ex.add_argument("--out", required=True, metavar="DIR", help="folder to write the export to")
     add_model_options(ex)
 

@@ -43,6 +43,10 @@ def add_train_parser(sub) -> None:
     tr.add_argument("--topk", type=int, default=4, help="candidates per head / per draft node (default 4)")
     tr.add_argument("--draft-vocab", type=int, default=32768,
                     help="tokens the drafter projects onto (default 32768)")
+    tr.add_argument("--eagle-style", choices=["genrefine", "engine"], default="genrefine",
+                    help="eagle: genrefine (normed inputs and output; the shipped drafter) or "
+                    "engine (the EAGLE-1 layer vLLM and SGLang run, so `genrefine export "
+                    "--format eagle` can write it)")
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -57,6 +61,8 @@ def cmd_train(args) -> int:
         return cmd_train_speech(args)
     if args.tiny:
         raise GenrefineError("--tiny applies to `genrefine train image|speech` only")
+    if args.eagle_style != "genrefine" and args.kind != "eagle":
+        raise GenrefineError("--eagle-style applies to `genrefine train eagle` only")
     from ..api import load
     from ..train.corpus import default_corpus, read_corpus
     from ..train.loop import TrainConfig
@@ -66,7 +72,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, lr=lr, batch=args.batch, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, warmup=min(50, args.steps // 10 + 1))
     spec = DrafterSpec(kind=args.kind, num_heads=args.heads, topk=args.topk, layers=args.layers,
-                       draft_vocab=args.draft_vocab, seq_len=args.seq_len, max_tokens=args.max_tokens)
+                       draft_vocab=args.draft_vocab, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                       eagle_style=args.eagle_style)
     texts = read_corpus(args.corpus) if args.corpus is not None else None
     validate_before_load(args, [])
     if args.self_generated < 0:

@@ -58,9 +58,24 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+STYLES = ("genrefine", "engine")
+
+
 class EagleNet(nn.Module):
-    """One decoder layer over ``fc([norm(f_t), norm(e_{t+1})])``; output normalised like the
-    target's features (the output norm starts from the target's final norm)."""
+    """One decoder layer that predicts the target's next feature.
+
+    ``style="genrefine"`` (the default and the shipped drafter): the layer reads
+    ``fc([norm(f_t), norm(e_{t+1})])`` with the model's scaled embedding ``e``, is pre-norm, and
+    normalises its output like the target's features (the output norm starts from the target's
+    final norm).
+
+    ``style="engine"``: the network the serving engines run as an EAGLE-1 head (vLLM
+    ``EagleLlamaForCausalLM`` and SGLang ``LlamaForCausalLMEagle``, ``llama_eagle.py``):
+    ``x = fc([e_{t+1}, f_t])`` over the *unscaled* embedding rows (the engines call the target's
+    embedding module, without Gemma's ``sqrt(hidden)`` factor), no norm before attention, a
+    post-attention norm before the MLP, and no output norm: ``x + attn(x)`` then
+    ``+ mlp(norm(.))`` is both fed back and projected. Only this style can be exported
+    (:mod:`genrefine.export`)."""
 
     def __init__(
         self,
@@ -71,25 +86,33 @@ class EagleNet(nn.Module):
         inner: int = 1024,
         rope_theta: float = 10000.0,
         out_norm: Tensor | None = None,
+        style: str = "genrefine",
     ) -> None:
         super().__init__()
+        if style not in STYLES:
+            raise ConfigError(f"unknown EAGLE drafter style {style!r}: one of {', '.join(STYLES)}")
         self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
         self.rope_theta = rope_theta
-        self.norm_f = nn.Parameter(torch.ones(hidden))
-        self.norm_e = nn.Parameter(torch.ones(hidden))
+        self.style = style
+        engine = style == "engine"
+        if not engine:
+            self.norm_f = nn.Parameter(torch.ones(hidden))
+            self.norm_e = nn.Parameter(torch.ones(hidden))
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
-        self.attn_norm = nn.Parameter(torch.ones(hidden))
+        if not engine:
+            self.attn_norm = nn.Parameter(torch.ones(hidden))
         self.q = nn.Linear(hidden, heads * head_dim, bias=False)
         self.kv = nn.Linear(hidden, 2 * kv_heads * head_dim, bias=False)
         self.o = nn.Linear(heads * head_dim, hidden, bias=False)
         self.mlp_norm = nn.Parameter(torch.ones(hidden))
         self.gate_up = nn.Linear(hidden, 2 * inner, bias=False)
         self.down = nn.Linear(inner, hidden, bias=False)
-        init = torch.ones(hidden) if out_norm is None else out_norm.detach().float().clone()
-        self.out_norm = nn.Parameter(init)
+        if not engine:
+            init = torch.ones(hidden) if out_norm is None else out_norm.detach().float().clone()
+            self.out_norm = nn.Parameter(init)
 
     def config(self) -> dict:
-        return {
+        cfg = {
             "hidden": self.hidden,
             "heads": self.heads,
             "kv_heads": self.kv_heads,
@@ -97,6 +120,14 @@ class EagleNet(nn.Module):
             "inner": self.down.in_features,
             "rope_theta": self.rope_theta,
         }
+        if self.style != "genrefine":  # drafters saved before styles existed read as genrefine
+            cfg["style"] = self.style
+        return cfg
+
+    def embed(self, model, tokens: Tensor) -> Tensor:
+        """The embedding this style reads for ``tokens``: the model's own (scaled) one, or for
+        ``engine`` the unscaled rows."""
+        return model.embed_tokens(tokens, scaled=self.style != "engine")
 
     def forward(
         self,
@@ -110,8 +141,13 @@ class EagleNet(nn.Module):
         [B or 1, 1, T, P + T] bool (None: causal over the new rows, no past).
         Returns (predicted features [B, T, H], new keys, new values [B, KV, T, D])."""
         B, T, _ = f.shape
-        x = self.fc(torch.cat([_rms(f, self.norm_f), _rms(e, self.norm_e)], -1))
-        h = _rms(x, self.attn_norm)
+        engine = self.style == "engine"
+        if engine:
+            x = self.fc(torch.cat([e, f], -1))
+            h = x
+        else:
+            x = self.fc(torch.cat([_rms(f, self.norm_f), _rms(e, self.norm_e)], -1))
+            h = _rms(x, self.attn_norm)
         q = self.q(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         kv = self.kv(h).view(B, T, 2, self.kv_heads, self.head_dim)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
@@ -128,7 +164,7 @@ class EagleNet(nn.Module):
         x = x + self.o(att.transpose(1, 2).reshape(B, T, -1))
         g, u = self.gate_up(_rms(x, self.mlp_norm)).chunk(2, -1)
         x = x + self.down(F.silu(g) * u)
-        return _rms(x, self.out_norm), k, v
+        return (x if engine else _rms(x, self.out_norm)), k, v
 
 
 class EagleDrafter:
@@ -199,7 +235,7 @@ class EagleDrafter:
         dev = self.model.device
         self._ensure(C + self.depth * self.width + 1)
         f = ctx.hidden[s:C].to(dev, self.model.dtype).unsqueeze(0)  # [1, n, H]
-        e = self.model.embed_tokens(ctx.tokens[s + 1 : C + 1].to(dev)).unsqueeze(0)
+        e = self.net.embed(self.model, ctx.tokens[s + 1 : C + 1].to(dev)).unsqueeze(0)
         pos = torch.arange(s, C, device=dev)
         n = C - s
         mask = None
@@ -258,7 +294,7 @@ class EagleDrafter:
             expand = sorted(frontier, key=lambda i: -scores[i])[: self.width]
             m = len(expand)
             pf = torch.stack([f0 if parents[i] < 0 else feat[parents[i]] for i in expand])  # [m, H]
-            e = model.embed_tokens(torch.stack([tokens[j] for j in expand]))  # [m, H]
+            e = self.net.embed(model, torch.stack([tokens[j] for j in expand]))  # [m, H]
             pos = torch.full((m,), C + d - 1, device=dev)
             mask = torch.zeros(m, used + m, dtype=torch.bool, device=dev)
             mask[:, :C] = True

@@ -89,8 +89,9 @@ class NativeCapabilities(Protocol):
 
     lm_head: Tensor  # [vocab, hidden] output projection (may share storage with the embedding)
 
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """[n] long -> [n, hidden], scaled as the model does."""
+    def embed_tokens(self, tokens: Tensor, scaled: bool = True) -> Tensor:
+        """[n] long -> [n, hidden], scaled as the model does (``scaled=False``: the stored
+        rows)."""
         ...
 
     def reduced_head(self, ids: Tensor):

@@ -318,13 +318,14 @@ class NativeModel:
         ids = ids.to(self.device, torch.long)
         return ReducedHead(ids, self.lm_head.index_select(0, ids).contiguous())
 
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """[n] long -> [n, hidden] (scaled as the model does)."""
+    def embed_tokens(self, tokens: Tensor, scaled: bool = True) -> Tensor:
+        """[n] long -> [n, hidden], scaled as the model does (``scaled=False``: the stored rows,
+        as a serving engine's embedding module returns them)."""
         if isinstance(self.embed, QuantWeight):
             x = self.embed.rows(tokens.reshape(-1)).reshape(*tokens.shape, self.hidden_size)
         else:
             x = F.embedding(tokens, self.embed)
-        if self.config.embed_scale != 1.0:
+        if scaled and self.config.embed_scale != 1.0:
             x = x * self._embed_scale
         return x
 

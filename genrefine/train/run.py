@@ -40,6 +40,7 @@ class DrafterSpec:
     draft_vocab: int = 32768  # tokens the drafter projects onto (all when >= vocabulary)
     unroll: int = 2  # eagle: passes per step, later ones fed the drafter's own features
     p_weight: float = 0.5  # eagle: weight of the distribution loss beside feature regression
+    eagle_style: str = "genrefine"  # eagle: "genrefine" or "engine" (vLLM/SGLang's EAGLE-1 layer)
     layers: int = 2  # draft: the target's first layers the draft model starts from
     seq_len: int = 256
     max_tokens: int = 300_000
@@ -55,6 +56,10 @@ class DrafterSpec:
             raise ConfigError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
         if self.unroll < 1:
             raise ConfigError(f"--unroll must be >= 1, got {self.unroll}")
+        from ..methods.eagle import STYLES
+
+        if self.eagle_style not in STYLES:
+            raise ConfigError(f"--eagle-style must be one of {', '.join(STYLES)}, got {self.eagle_style!r}")
 
 
 def draft_vocab_ids(model, tokenizer, n: int) -> Tensor:
@@ -140,7 +145,7 @@ def eagle_loss(model, rows: Tensor, rec: Recording, net, spec: DrafterSpec):
         target = f[:, 1:]  # [b, T-1, H]
         with torch.no_grad():
             tp, ti = target_topk(output_logits(model, hid[:, 1:].reshape(-1, H), rows))
-        e = model.embed_tokens(tok[:, 1:]).float()  # [b, T-1, H]
+        e = net.embed(model, tok[:, 1:]).float()  # [b, T-1, H]
         pos = torch.arange(T - 1, device=model.device)
         inp = f[:, :-1]
         total, logs = 0.0, {}
@@ -237,7 +242,7 @@ def run_training(
     else:
         from ..methods.eagle import EagleNet
 
-        net = EagleNet(model.hidden_size, out_norm=model.final_norm)
+        net = EagleNet(model.hidden_size, out_norm=model.final_norm, style=spec.eagle_style)
         loss_fn = eagle_loss(model, rows, train_rec, net, spec)
     logs = train(net, loss_fn, train_rec.tokens.shape[0], cfg, out, meta, resume=resume,
                  progress=progress, tokens_per_window=spec.seq_len, stop_after=stop_after)
