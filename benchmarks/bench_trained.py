@@ -10,6 +10,7 @@ after another on each prompt, so slow drifts of the machine hit all alike)::
     python benchmarks/bench_trained.py --prompts 8 --draft-vocab 32768
     python benchmarks/bench_trained.py --heads DIR --eagle DIR --self-generated 400 --max-tokens 250000
     python benchmarks/bench_trained.py --prompts 8 --no-cut    # whole drafts, as the papers compare
+    python benchmarks/bench_trained.py --prompts 8 --eagle-engine DIR   # and an engine-style EAGLE
 
 ``bpd+ngram (chain)`` verifies only the best rescored path (``p = 1``), the like-for-like
 comparison with ``bpd``; ``bpd+ngram`` is the method's default, the best 4 paths as a tree.
@@ -37,6 +38,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", default=None, help="heads drafter folder (default: shipped)")
     ap.add_argument("--eagle", default=None, help="eagle drafter folder (default: shipped)")
+    ap.add_argument("--eagle-engine", default=None, metavar="DIR",
+                    help="also run this EAGLE drafter (say, one trained with --eagle-style engine, "
+                    "the shape `genrefine export --format eagle` writes) as `eagle (DIR's style)`")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--self-generated", type=int, default=400)
     ap.add_argument("--max-tokens", type=int, default=250_000)
@@ -69,6 +73,10 @@ def main() -> None:
             d.num_paths = 1
             method = Method(name, [d], FixedPolicy(d, d.num_heads), d.num_heads)
         methods[name] = method
+    if args.eagle_engine:
+        opts = MethodOptions(drafter=args.eagle_engine, draft_vocab=args.draft_vocab, tree_cut=not args.no_cut)
+        method = build_method("eagle", m, opts, tok)
+        methods[f"eagle ({method.drafters[0].net.style})"] = method
 
     def one(method, prompt):
         st = Stats(method.name)

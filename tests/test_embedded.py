@@ -252,6 +252,21 @@ def test_lossless_method_equals_ar(request, outputs, dtype, name, method):
         pytest.fail(_describe(g, ids, ref, out, method))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "gguf"])
+def test_shipped_engine_style_eagle_equals_ar(request, outputs, dtype):
+    """The shipped EAGLE drafter in the engines' shape (what `genrefine export --format eagle`
+    writes), run by genrefine: lossless like the default one."""
+    from genrefine.methods.parts.store import SHIPPED
+
+    g = _generator(request, dtype)
+    opts = MethodOptions(drafter=str(SHIPPED / "gemma-3-270m" / "eagle-engine"))
+    for name in ("summary", "story"):
+        ref = _greedy(g, outputs, dtype, name, "ar")
+        r = g.generate(PROMPTS[name], max_new_tokens=NEW_TOKENS[name], method="eagle", options=opts)
+        assert r.token_ids == ref, name
+        assert r.stats.accepted > 0  # its drafts were used
+
+
 # ------------------------------------------------------------------------------------ loading
 def test_warm_load_gives_the_same_first_token(gen32, capfd):
     assert (converted_dir(resolve_source(None)) / "config.json").is_file()

@@ -31,6 +31,7 @@ from genrefine.models.runtime import NativeModel
 from tiny import save_tiny_model_dir, tiny_hf_model
 
 HEADS, EAGLE = SHIPPED / "gemma-3-270m" / "heads", SHIPPED / "gemma-3-270m" / "eagle"
+EAGLE_ENGINE = SHIPPED / "gemma-3-270m" / "eagle-engine"
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,6 +349,28 @@ def test_eagle_export_matches_the_engines_loader_computes_the_same_and_round_tri
     if family == "gemma3_text":
         scaled, _, _ = net(hidden[None], m.embed_tokens(ids).float()[None], pos)
         assert not torch.allclose(scaled[0], ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["eagle", "sglang-eagle"])
+def test_eagle_export_of_the_shipped_engine_style_drafter(tmp_path, fmt):
+    """The shipped engine-style EAGLE drafter for Gemma 3 270M, at its real shapes: every tensor
+    goes where the engine's loader puts it, and it reads back bit for bit."""
+    from genrefine.diskcache import save_tensors
+    from genrefine.export import eagle_files
+
+    stored = read_drafter(EAGLE_ENGINE)
+    assert stored.config["style"] == "engine"
+    config, tensors = eagle_files(stored, 262144, 32768, fmt)
+    assert (config["hidden_size"], config["num_attention_heads"], config["head_dim"]) == (640, 4, 64)
+    sglang = fmt == "sglang-eagle"
+    loaded = vllm_eagle_load(config, tensors, sglang)
+    assert set(loaded) == set(vllm_eagle_params(config, sglang)) - {"model.embed_tokens.weight"}
+    save_tensors(tmp_path / "model.safetensors", tensors)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    back = load_exported(tmp_path).net.state_dict()
+    assert back.keys() == {k[4:] for k in stored.tensors if k.startswith("net.")}
+    for k, v in back.items():
+        assert torch.equal(v, stored.tensors["net." + k]), k
 
 
 def test_a_format_refuses_another_kind_of_drafter(tmp_path):
