@@ -117,6 +117,12 @@ def test_cost_model_probes_an_idle_drafter() -> None:
     again = CostModelPolicy(table(lambda n: 0.01 * n), max_len=8, probe_every=5)
     feed(again, "pld", 0.1)
     assert [again.choose(["pld"]) for _ in range(12)] == picks
+    # under a load of 3 sequences each probes 3 times less often (the forward is shared)
+    loaded = CostModelPolicy(table(lambda n: 0.01 * n), max_len=8, probe_every=5)
+    feed(loaded, "pld", 0.1)
+    loaded.set_load(3)
+    picks = [loaded.choose(["pld"]) for _ in range(32)]
+    assert [i for i, (name, _) in enumerate(picks) if name == "pld"] == [15, 31]
 
 
 def test_cost_table_json_round_trip(tmp_path, monkeypatch) -> None:

@@ -103,7 +103,9 @@ class CostModelPolicy:
 
     So that a drafter that fell out of favour gets re-measured, a drafter not chosen for
     ``probe_every`` consecutive :meth:`choose` calls is chosen once with its best ``n >= 1``.
-    All of this is deterministic.
+    Under a load of ``b`` sequences the interval is ``b * probe_every``: a probe's rows go into
+    the forward all ``b`` share, and the ``b`` sequences probe in turn, so the shared forward
+    still sees about one probe per ``probe_every`` steps. All of this is deterministic.
 
     :meth:`set_load` switches to the rates of a step shared by ``b`` sequences (see the module
     docstring); ``batch_cost`` is ``T_batch`` over batch sizes, or None to use ``T(b)``.
@@ -199,7 +201,8 @@ class CostModelPolicy:
         names = list(names)
         for name in names:
             self._idle[name] = self._idle.get(name, 0) + 1
-        probe = next((k for k in names if self._idle[k] > self.probe_every), None)
+        every = self.probe_every * self.load
+        probe = next((k for k in names if self._idle[k] > every), None)
         if probe is not None:
             self._idle[probe] = 0
             return probe, self._best(probe, 1)[0]
