@@ -60,13 +60,34 @@ def test_the_budget_shrinks_with_the_load_and_stops_in_a_full_batch(batch_cost) 
     assert policy.rate("pld", 1) < policy.rate("pld", 0)
 
 
+def test_a_draft_that_spills_past_a_full_tile_is_priced_at_the_margin() -> None:
+    """Kernels that run 16 rows as one tile: 16 rows cost what one does, rows 17-20 run on a
+    slower loop. Sixteen sequences fill the tile; one more sequence's draft rows spill past it,
+    which all sixteen pay for, so a confident drafter does not draft. (Priced as if every sequence
+    drafted, 16 more rows fill a second tile cheaply and drafting looked worth it.)"""
+    sizes = (1, 16, 17, 20, 21, 32, 64)
+    tile = CostTable(sizes, (1.0, 1.0, 1.15, 1.6, 1.65, 1.9, 3.0))
+    batch = CostTable((1, 16), (1.0, 1.16))
+    policy = CostModelPolicy(tile, max_len=8, batch_cost=batch)
+    confident(policy)
+    assert policy.choose(["pld"])[1] == 8  # alone: up to 16 rows are free
+    policy.set_load(16)
+    assert policy.choose(["pld"]) == (None, 0)
+    e1 = policy.estimator("pld").expected_tokens(1)
+    assert policy.rate("pld", 1) == pytest.approx((15 + e1) / (1.16 + 0.15))
+    assert policy.rate("pld", 0) == pytest.approx(16 / 1.16)
+    # the old pricing (all sixteen draft one: T(32) - T(16) more) would have drafted
+    assert e1 / (1.16 + tile(32) - tile(16)) > 1 / 1.16
+
+
 def test_alone_the_rule_is_the_single_sequence_one() -> None:
     table = roofline()
     policy = CostModelPolicy(table, max_len=8, batch_cost=cheap_batch())
     for n in range(9):
         assert policy.step_cost(n, 1) == table(n + 1)
     assert policy.step_cost(0, 16) == cheap_batch()(16)
-    assert policy.step_cost(3, 16) == pytest.approx(cheap_batch()(16) + table(64) - table(16))
+    # this sequence's 3 rows on top of the batch's 16 plain ones
+    assert policy.step_cost(3, 16) == pytest.approx(cheap_batch()(16) + table(19) - table(16))
 
 
 def test_sampled_generations_ignore_the_load() -> None:

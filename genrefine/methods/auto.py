@@ -14,16 +14,18 @@ are prompt lookup (:mod:`genrefine.methods.pld`) and Jacobi (:mod:`genrefine.met
 
 Under load (the server's continuous batching, :mod:`genrefine.server.scheduler`) the step's
 forward is shared: ``b`` sequences each feed their ``[root] + draft`` rows into ONE forward. The
-scheduler tells the policy ``b`` before each step (:meth:`CostPolicy.observe_load`), and the
-policy assumes the other sequences draft as it does (they run the same rule). A step in which
-every sequence drafts ``n`` then costs ``S_b(n) = T_batch(b) + T(b (n + 1)) - T(b)``: the
-batched forward of ``b`` plain rows (:func:`genrefine.costs.batch_costs`, measured once per
-machine; ``T(b)`` when there is none) plus what ``b n`` more rows add, and the drafting of all
-``b`` sequences, ``b c n``. Each sequence emits ``E(n)`` tokens per such step, so the rate
-compared is ``E(n) / (S_b(n) + b c n)`` against plain ``1 / T_batch(b)``; for ``b = 1`` it is the
-rule above. Where a plain row is cheap inside a full batch but more rows are not (the forward is
-no longer bound by reading the weights), drafting stops paying and ``auto`` drafts less or not
-at all. Greedy generations only: sampled ones ignore the load (see :meth:`CostPolicy.reset`).
+scheduler tells the policy ``b`` before each step (:meth:`CostPolicy.observe_load`). Each
+sequence then prices its own draft at the margin, as if the others fed their root alone: the
+step costs ``S_b(n) = T_batch(b) + T(b + n) - T(b)`` (the batched forward of ``b`` plain rows,
+:func:`genrefine.costs.batch_costs`, measured once per machine, ``T(b)`` when there is none, plus
+what this sequence's ``n`` rows add to it) plus its drafting ``c n``, and the batch emits
+``b - 1 + E(n)`` tokens. The rate compared is the batch's, ``(b - 1 + E(n)) / (S_b(n) + c n)``,
+against plain ``b / T_batch(b)``; for ``b = 1`` it is the rule above. The draft pays only where
+its expected extra tokens, ``E(n) - 1``, beat what the extra seconds would have given all ``b``
+sequences. Where a plain row is cheap inside a full batch but more rows are not (the forward is
+no longer bound by reading the weights, or the rows spill past a full tile of the kernels),
+``auto`` drafts less or not at all. Greedy generations only: sampled ones ignore the load (see
+:meth:`CostPolicy.reset`).
 
 Trees: ``budget`` bounds the total number of draft nodes. The estimators see the accepted length
 against the draft's depth, so for a tree drafter the model is that of a chain as deep as its tree;
@@ -137,12 +139,12 @@ class CostModelPolicy:
         self._idle: dict[str, int] = {}
 
     def step_cost(self, n: int, load: int = 1) -> float:
-        """``S_b(n)``: seconds of a step shared by ``load`` sequences that each draft ``n``
-        tokens, drafting aside (``T(n + 1)`` alone)."""
+        """``S_b(n)``: seconds of a step shared by ``load`` sequences in which this one drafts
+        ``n`` tokens and the others none, drafting aside (``T(n + 1)`` alone)."""
         if load <= 1:
             return self.cost(n + 1)
         plain = self.batch_cost(load) if self.batch_cost is not None else self.cost(load)
-        return plain + self.cost(load * (n + 1)) - self.cost(load)
+        return plain + self.cost(load + n) - self.cost(load)
 
     def set_load(self, sequences: int) -> None:
         """The next steps' forward is shared by ``sequences`` sequences (1: alone)."""
@@ -172,28 +174,30 @@ class CostModelPolicy:
         self.draft_cost[name] = new
 
     def rate(self, name: str, n: int) -> float:
-        """Expected tokens per second when ``name`` drafts ``n`` tokens (``n = 0``: plain)."""
+        """Expected tokens per second of the step's forward (alone: this sequence's) when
+        ``name`` drafts ``n`` tokens (``n = 0``: plain)."""
         n = min(max(n, 0), self.max_len)
-        steps = self._steps[self.load]
+        steps, others = self._steps[self.load], self.load - 1
         if n == 0:
-            return 1.0 / steps[0]
-        seconds = steps[n] + self.draft_cost.get(name, 0.0) * n * self.load
-        return self.estimator(name).expected_tokens(n) / seconds
+            return self.load / steps[0]
+        seconds = steps[n] + self.draft_cost.get(name, 0.0) * n
+        return (others + self.estimator(name).expected_tokens(n)) / seconds
 
     def _best(self, name: str, min_n: int) -> tuple[int, float]:
         est = self.estimator(name)
-        c = self.draft_cost.get(name, 0.0) * self.load  # every sequence drafts on the worker
-        steps = self._steps[self.load]
+        c = self.draft_cost.get(name, 0.0)
+        steps, others = self._steps[self.load], self.load - 1
         best_n, best_r = min_n, -1.0
         expected, run = 1.0, 1.0
         for n, a in enumerate(est.rates(self.max_len), start=1):
             run *= a
             expected += run
-            r = expected / (steps[n] + c * n)
+            r = (others + expected) / (steps[n] + c * n)
             if n >= min_n and r > best_r:
                 best_n, best_r = n, r
-        if min_n == 0 and 1.0 / steps[0] >= best_r:
-            return 0, 1.0 / steps[0]
+        plain = self.load / steps[0]
+        if min_n == 0 and plain >= best_r:
+            return 0, plain
         return best_n, best_r
 
     def choose(self, names: Iterable[str]) -> tuple[str | None, int]:
@@ -206,7 +210,7 @@ class CostModelPolicy:
         if probe is not None:
             self._idle[probe] = 0
             return probe, self._best(probe, 1)[0]
-        best_name, best_n, best_r = None, 0, 1.0 / self._steps[self.load][0]
+        best_name, best_n, best_r = None, 0, self.load / self._steps[self.load][0]
         for name in names:
             n, r = self._best(name, 1)
             if r > best_r:
