@@ -56,6 +56,9 @@ class Level:
     tokens_per_s: float
     median_latency_s: float
     same_as_ar: int  # replies whose text equals ar's with one client
+    steps: int = 0  # target forwards after the prefills, summed over the requests (usage)
+    drafted: int = 0  # draft tokens sent to verification, summed (usage.speculative)
+    decoded: float = 0.0  # tokens those steps emitted (tokens per step x steps), summed
 
 
 def prompts(n: int) -> list[str]:
@@ -99,7 +102,7 @@ class LiveServer:
             c = self.local.client = self.httpx.Client(base_url=self.url, timeout=3600)
         return c
 
-    def chat(self, prompt: str, method: str, max_tokens: int) -> tuple[str, int, float]:
+    def chat(self, prompt: str, method: str, max_tokens: int) -> tuple[str, dict, float]:
         t0 = time.perf_counter()
         r = self.client().post("/v1/chat/completions", json={
             "model": "m", "messages": [{"role": "user", "content": prompt}],
@@ -107,7 +110,7 @@ class LiveServer:
         seconds = time.perf_counter() - t0
         r.raise_for_status()
         body = r.json()
-        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"], seconds
+        return body["choices"][0]["message"]["content"], body["usage"], seconds
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -120,11 +123,14 @@ def run_level(s: LiveServer, method: str, clients: int, reqs: list[str], max_tok
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: s.chat(p, method, max_tokens), reqs))
     seconds = time.perf_counter() - t0
-    tokens = sum(n for _, n, _ in results)
+    tokens = sum(u["completion_tokens"] for _, u, _ in results)
+    spec = [u.get("speculative") or {} for _, u, _ in results]
     texts = {p: text for p, (text, _, _) in zip(reqs, results)}
     same = sum(reference is not None and reference.get(p) == t for p, (t, _, _) in zip(reqs, results))
     return Level(method, clients, len(reqs), tokens, seconds, tokens / seconds,
-                 statistics.median(sec for _, _, sec in results), same), texts
+                 statistics.median(sec for _, _, sec in results), same,
+                 sum(x.get("steps", 0) for x in spec), sum(x.get("drafted", 0) for x in spec),
+                 sum((x.get("tokens_per_step") or 0.0) * x.get("steps", 0) for x in spec)), texts
 
 
 def summarize(rows: list[Level], methods: list[str], levels: list[int]) -> list[dict]:
@@ -229,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows, methods, levels)
     print()
     print(summary_table(summary, methods))
-    print(f"\n| method | clients | requests | tokens | tokens/s | median latency (s) | same text as {methods[0]} x{levels[0]} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n| method | clients | requests | tokens | tokens/s | median latency (s) | tokens/step | "
+          f"drafted/step | same text as {methods[0]} x{levels[0]} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        per = (lambda x: f"{x / r.steps:.2f}") if r.steps else (lambda x: "-")
         print(f"| {r.method} | {r.clients} | {r.requests} | {r.tokens} | {r.tokens_per_s:.1f} | "
-              f"{r.median_latency_s:.2f} | {r.same_as_ar}/{r.requests} |")
+              f"{r.median_latency_s:.2f} | {per(r.decoded)} | {per(r.drafted)} | {r.same_as_ar}/{r.requests} |")
     if "auto" in methods and len(methods) > 1:
         ok = all(row["auto_vs_best"] >= 1.0 for row in summary)
         print(f"\nauto at least as fast as {', '.join(m for m in methods if m != 'auto')} at every "
