@@ -52,13 +52,28 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .methods.parts.heads import HeadsNet
+from .methods.parts.store import StoredDrafter, read_drafter
 
 if TYPE_CHECKING:
     from .methods.eagle import EagleNet
-from .methods.parts.store import StoredDrafter, read_drafter
 
 # format -> the drafter kind it takes
 FORMATS = {"medusa": "heads", "eagle": "eagle", "sglang-eagle": "eagle", "speculators": "eagle"}
+# the EAGLE-1 formats -> the ``architectures`` entry their engine loads (vLLM maps
+# LlamaForCausalLM to EagleLlamaForCausalLM; SGLang takes its class name)
+EAGLE1_ARCHITECTURES = {"eagle": "LlamaForCausalLM", "sglang-eagle": "LlamaForCausalLMEagle"}
+# EagleNet's tensors -> the engines' names of their equal row blocks (EagleNet.forward: k rows
+# before v rows; gate, up = chunk(2))
+_L0 = "layers.0."
+EAGLE1_NAMES = {
+    "fc.weight": ("fc.weight",),  # [H, 2H] over [embedding, feature]
+    "q.weight": (_L0 + "self_attn.q_proj.weight",),
+    "kv.weight": (_L0 + "self_attn.k_proj.weight", _L0 + "self_attn.v_proj.weight"),
+    "o.weight": (_L0 + "self_attn.o_proj.weight",),
+    "mlp_norm": (_L0 + "post_attention_layernorm.weight",),
+    "gate_up.weight": (_L0 + "mlp.gate_proj.weight", _L0 + "mlp.up_proj.weight"),
+    "down.weight": (_L0 + "mlp.down_proj.weight",),
+}
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -186,22 +201,13 @@ def _load_eagle(config: dict, t: dict) -> ExportedEagle:
         raise ConfigError("this EAGLE checkpoint's fc has a bias, which genrefine's EagleNet has not")
     if int(config.get("num_hidden_layers", 1)) != 1:
         raise ConfigError("genrefine's EagleNet has one layer, this checkpoint has more")
-    layer = "layers.0."
     net = EagleNet(
         int(config["hidden_size"]), heads=int(config["num_attention_heads"]),
         kv_heads=int(config["num_key_value_heads"]), head_dim=int(config["head_dim"]),
         inner=int(config["intermediate_size"]), rope_theta=float(config["rope_theta"]),
         style="engine",
     ).to(t["fc.weight"].dtype)
-    net.load_state_dict({
-        "fc.weight": t["fc.weight"],
-        "q.weight": t[layer + "self_attn.q_proj.weight"],
-        "kv.weight": torch.cat([t[layer + "self_attn.k_proj.weight"], t[layer + "self_attn.v_proj.weight"]]),
-        "o.weight": t[layer + "self_attn.o_proj.weight"],
-        "mlp_norm": t[layer + "post_attention_layernorm.weight"],
-        "gate_up.weight": torch.cat([t[layer + "mlp.gate_proj.weight"], t[layer + "mlp.up_proj.weight"]]),
-        "down.weight": t[layer + "mlp.down_proj.weight"],
-    })
+    net.load_state_dict({k: torch.cat([t[n] for n in names]) for k, names in EAGLE1_NAMES.items()})
     return ExportedEagle(net, config)
 
 
@@ -260,35 +266,21 @@ def eagle_files(
     loads, for an ``engine``-style EAGLE drafter (:func:`eagle_mismatches` empty).
     vocab_size, max_positions: the target's (the engines share the target's embedding, whose
     shape the config states)."""
-    if fmt not in ("eagle", "sglang-eagle"):
-        raise ConfigError(f"eagle_files writes eagle or sglang-eagle, not {fmt!r}")
-    why = eagle_mismatches(stored, fmt)
-    if why:
-        raise ConfigError(f"refusing --format eagle: {'; '.join(why)}")
+    if fmt not in EAGLE1_ARCHITECTURES:
+        raise ConfigError(f"eagle_files writes {' or '.join(EAGLE1_ARCHITECTURES)}, not {fmt!r}")
+    _refuse_mismatches(stored, fmt)
     cfg, t = stored.config, stored.tensors
     H, heads, kv, D = (int(cfg[k]) for k in ("hidden", "heads", "kv_heads", "head_dim"))
     inner = int(cfg["inner"])
-    kvw, gu = t["net.kv.weight"], t["net.gate_up.weight"]  # [2 * kv * D, H], [2 * inner, H]
-    layer = "layers.0."
-    tensors = {
-        "fc.weight": t["net.fc.weight"],  # [H, 2H] over [embedding, feature]
-        layer + "self_attn.q_proj.weight": t["net.q.weight"],
-        layer + "self_attn.k_proj.weight": kvw[: kv * D],  # EagleNet.forward: k rows first
-        layer + "self_attn.v_proj.weight": kvw[kv * D :],
-        layer + "self_attn.o_proj.weight": t["net.o.weight"],
-        layer + "post_attention_layernorm.weight": t["net.mlp_norm"],
-        layer + "mlp.gate_proj.weight": gu[:inner],  # EagleNet.forward: gate, up = chunk(2)
-        layer + "mlp.up_proj.weight": gu[inner:],
-        layer + "mlp.down_proj.weight": t["net.down.weight"],
-    }
+    tensors = {}
+    for k, names in EAGLE1_NAMES.items():
+        tensors.update(zip(names, t["net." + k].chunk(len(names))))
     dtype = t["net.fc.weight"].dtype
     if fmt == "sglang-eagle":  # SGLang's fc = nn.Linear(2H, H) keeps its default bias
         tensors["fc.bias"] = torch.zeros(H, dtype=dtype)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    # vLLM maps LlamaForCausalLM to EagleLlamaForCausalLM; SGLang takes its class name
-    arch = "LlamaForCausalLMEagle" if fmt == "sglang-eagle" else "LlamaForCausalLM"
     config = {
-        "architectures": [arch],
+        "architectures": [EAGLE1_ARCHITECTURES[fmt]],
         "model_type": "llama",
         "hidden_size": H,
         "intermediate_size": inner,
@@ -332,13 +324,18 @@ def read_for_export(drafter: str | Path, fmt: str) -> StoredDrafter:
             + (" (export heads drafters with --format medusa)" if stored.kind == "heads" else "")
         )
     if want == "eagle":
-        why = eagle_mismatches(stored, fmt)
-        if why:
-            raise ConfigError(
-                f"refusing --format {fmt}: the engine would draft with another function than "
-                f"this EAGLE drafter ({'; '.join(why)})"
-            )
+        _refuse_mismatches(stored, fmt)
     return stored
+
+
+def _refuse_mismatches(stored: StoredDrafter, fmt: str) -> None:
+    """A :class:`ConfigError` naming :func:`eagle_mismatches`, if there are any."""
+    why = eagle_mismatches(stored, fmt)
+    if why:
+        raise ConfigError(
+            f"refusing --format {fmt}: the engine would draft with another function than "
+            f"this EAGLE drafter ({'; '.join(why)})"
+        )
 
 
 def export_drafter(drafter: str | Path, fmt: str, out: str | Path, model=None) -> Path:
@@ -353,7 +350,7 @@ def export_drafter(drafter: str | Path, fmt: str, out: str | Path, model=None) -
     if model is None:
         raise ConfigError(f"--format {fmt} needs the target model the drafter was trained for")
     stored = load_drafter(stored.path, stored.kind, model)
-    if fmt in ("eagle", "sglang-eagle"):
+    if fmt in EAGLE1_ARCHITECTURES:
         config, tensors = eagle_files(stored, int(model.vocab_size), int(model.max_context), fmt)
         return _write(out, config, tensors)
     head = model.lm_head
