@@ -341,7 +341,11 @@ def rmsnorm_reference(x: Tensor, w: Tensor, eps: float) -> Tensor:
     while width >= 1:
         lanes = torch.cat([lanes[:, :width] + lanes[:, width : 2 * width], lanes[:, 2 * width :]], 1)
         width //= 2
-    inv = 1.0 / torch.sqrt(lanes[:, :1] / float(d) + torch.tensor(eps, dtype=torch.float32))
+    v = lanes[:, :1] / float(d) + torch.tensor(eps, dtype=torch.float32)
+    # the correctly rounded float32 square root, as the C++ std::sqrt gives: float32 torch.sqrt
+    # goes through MKL, which is not correctly rounded on AMD CPUs (1 in 6 values differed on
+    # an EPYC); a float64 square root rounded to float32 is, for every float32 input
+    inv = 1.0 / torch.sqrt(v.double()).float()
     y = (x.reshape(-1, d) * inv) * w
     return y.reshape(x.shape)
 
