@@ -556,6 +556,23 @@ def test_bench_transformers_baselines_on_a_tiny_model(capsys, tiny_dir, qfile, t
         assert compared == m[name]["n_questions"] > 0  # every question compared
         assert m[name]["lossless"] is (same == compared)
     assert sum(m["hf_prompt_lookup"]["accepted_hist"]) > 0
+    assert json.loads((tmp_path / "b.json").read_text())["hf_dtype"] == "float32"
+
+
+def test_transformers_baselines_run_in_the_dtype_fast_on_this_cpu(monkeypatch):
+    import genrefine.models.llamacpp_stock as stock
+    from genrefine.bench.baselines import hf_dtype
+
+    monkeypatch.setattr(stock, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert hf_dtype("auto", "cpu") == "float32"  # no native bfloat16: torch's is slow there
+    assert hf_dtype("gguf", "cpu") == "float32"
+    assert hf_dtype("q8_0", "cpu") == "float32"  # not a torch dtype: never passed through
+    assert hf_dtype("bfloat16", "cpu") == "bfloat16"  # genrefine's own float dtype
+    assert hf_dtype("auto", "cpu", "bfloat16") == "bfloat16"  # --hf-dtype wins
+    assert hf_dtype("auto", "cuda:0") == "bfloat16"
+    monkeypatch.setattr(stock, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert hf_dtype("auto", "cpu") == "bfloat16"
+    assert hf_dtype("gguf", "cpu", "float32") == "float32"
 
 
 def test_bench_sampling_makes_no_lossless_claim(capsys, tiny_dir, qfile, tmp_path):

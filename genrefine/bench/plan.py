@@ -60,6 +60,7 @@ class BenchConfig:
     command: str = ""
     tree_cut: bool = True  # False: verify whole drafts (--no-tree-cut; MethodOptions.tree_cut)
     draft_vocab: int | None = None  # --draft-vocab N (MethodOptions.draft_vocab); None: defaults
+    hf_dtype: str | None = None  # --hf-dtype: the transformers baselines' dtype; None: hf_dtype()
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Settings:
     drafter: str | None = None  # the trained drafter's folder; None: the shipped one (or unused)
     tree_cut: bool | None = None  # False: --no-tree-cut; None: drafts cut (files from before it)
     draft_vocab: int | None = None  # --draft-vocab N; None: each method's default
+    hf_dtype: str | None = None  # the transformers baselines' dtype, where they run
     cpu: str | None = None  # the CPU model (lscpu's model name): timings of one machine only
     version: str | None = None  # genrefine.__version__ of the code that measured
     commit: str | None = None  # its git commit, when it runs from a checkout
@@ -183,12 +185,23 @@ def plan_bench(config: BenchConfig) -> Plan:
         drafter=str(Path(config.drafter).expanduser().resolve()) if config.drafter else None,
         tree_cut=None if config.tree_cut else False,
         draft_vocab=config.draft_vocab,
+        hf_dtype=_hf_dtype(config, methods, dev),
         cpu=cpu_model(),
         version=__version__,
         commit=git_commit(),
     )
     done = {} if config.fresh else read_results(jsonl, settings.as_dict())
     return Plan(config, settings, questions, json_path, jsonl, report, plot, done)
+
+
+def _hf_dtype(config: BenchConfig, methods: Sequence[str], dev) -> str | None:
+    """The transformers baselines' dtype (None when no hf_* method runs)."""
+    from .baselines import hf_dtype
+    from .questions import HF_METHODS
+
+    if not any(m in HF_METHODS for m in methods):
+        return None
+    return hf_dtype(config.dtype, str(dev), config.hf_dtype)
 
 
 def _check_backend(backend: str, src, methods: Sequence[str]) -> str:

@@ -107,6 +107,7 @@ def markdown_report(report: dict) -> str:
         (f"- backend: llama.cpp (the GGUF's own quantized weights), device: {report['device']}"
          if report.get("backend") == "llama.cpp"
          else f"- weights: {report.get('weights') or report['dtype']}, device: {report['device']}"),
+        *([f"- transformers baselines: {report['hf_dtype']}"] if report.get("hf_dtype") else []),
         f"- machine: {mach.get('cpu', '?')}, {mach.get('cpu_count', '?')} CPUs, "
         f"{mach.get('torch_threads', '?')} torch threads" + _load_text(report),
         f"- software: torch {mach.get('torch', '?')}, transformers {mach.get('transformers', '?')}",

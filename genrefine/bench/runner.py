@@ -78,7 +78,7 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
             if hf is None:
                 notice("loading the model through transformers for the hf_* baselines ...")
                 t0 = time.perf_counter()
-                hf = load_hf_model(plan.config.model, hf_dtype(st.dtype), st.device)
+                hf = load_hf_model(plan.config.model, st.hf_dtype, st.device)
                 notice(f"transformers model loaded in {time.perf_counter() - t0:.1f} s")
             pad = getattr(gen.tokenizer, "pad_token_id", None)
             lookup = HF_PROMPT_LOOKUP_TOKENS if m == "hf_prompt_lookup" else None
@@ -86,7 +86,7 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
             if m == "hf_assisted":
                 from ..models.loading import load_tokenizer, resolve_source
 
-                assistant = load_hf_model(draft, hf_dtype(st.dtype), st.device)
+                assistant = load_hf_model(draft, st.hf_dtype, st.device)
                 draft_tok = load_tokenizer(resolve_source(draft))
                 if draft_tok.get_vocab() != gen.tokenizer.get_vocab():
                     tokenizers = (gen.tokenizer, draft_tok)
@@ -98,11 +98,6 @@ def build_backends(plan: Plan, gen, notice: Callable[[str], None]) -> dict:
             opts = MethodOptions(drafter=plan.config.drafter, tree_cut=cut, draft_vocab=vocab)
             backends[m] = GenrefineBackend(gen, m, opts)
     return backends
-
-
-def hf_dtype(dtype: str) -> str:
-    """The transformers baselines' dtype: bfloat16 where genrefine runs quantized or chooses."""
-    return "bfloat16" if dtype in ("auto", "gguf") else dtype
 
 
 # ----------------------------------------------------------------------------- one question
@@ -337,6 +332,7 @@ def execute(plan: Plan, notice: Callable[[str], None] | None = None) -> BenchRes
             "questions_file": st.questions,
             "questions_jsonl": str(plan.jsonl_path),
             "draft_model": st.draft_model,
+            "hf_dtype": st.hf_dtype,  # the transformers baselines' dtype (None: none ran)
             "backend": getattr(gen.model, "backend", "native") if gen is not None else st.backend,
             "references": {m: reference_of(m, st.methods) for m in st.methods},
         },

@@ -52,6 +52,10 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="self-drafting, trained methods and sps: project drafts onto the N most "
                    "frequent tokens (default: each method's own, see genrefine generate --help)")
+    b.add_argument("--hf-dtype", choices=["bfloat16", "float32"], default=None,
+                   help="the transformers baselines' dtype (default: genrefine's float dtype; with "
+                   "quantized weights, bfloat16 where the CPU has native bfloat16 instructions, "
+                   "else float32)")
     add_model_options(b)
     add_draft_model_option(b)
     add_drafter_option(b)
@@ -85,6 +89,7 @@ def cmd_bench(args) -> int:
         command=command_line(argv),
         tree_cut=args.tree_cut,
         draft_vocab=args.draft_vocab,
+        hf_dtype=args.hf_dtype,
     )
     plan = plan_bench(config)  # every check that needs no model
     result = execute(plan)
