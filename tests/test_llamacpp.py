@@ -389,5 +389,44 @@ def test_native_only_methods_refused_before_loading(capsys, method, reason):
     rc = main(["generate", "hi", "--backend", "llama.cpp", "--method", method])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
-    if "genrefine[llamacpp]" not in err:  # (without the extra, that is the one line)
+    # (without the extra, or with a build this CPU cannot run, that is the one line)
+    if "genrefine[llamacpp]" not in err and "illegal instruction" not in err:
         assert "native runtime" in err and reason in err
+
+
+def test_a_library_built_for_instructions_this_cpu_lacks_is_refused_in_one_line(monkeypatch):
+    """An AVX-512 build on an AVX2-only CPU imports, then dies with SIGILL at its first call: the
+    probe in a child process turns that into BackendUnavailable with the rebuild command."""
+    import signal
+    import subprocess
+
+    import genrefine.models.llamacpp as lcp
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, -signal.SIGILL, b"", b"")
+
+    monkeypatch.setattr(lcp, "_RUNS_HERE", [])
+    monkeypatch.setattr(lcp.subprocess, "run", fake_run)
+    with pytest.raises(BackendUnavailable) as e:
+        lcp._check_runs_here()
+    assert "illegal instruction" in str(e.value) and "--force-reinstall" in str(e.value)
+    assert lcp.CMAKE_ARGS in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BackendUnavailable):  # the verdict is kept: one child per process
+        lcp._check_runs_here()
+    assert len(calls) == 1
+
+    monkeypatch.setattr(lcp, "_RUNS_HERE", [])
+    monkeypatch.setattr(lcp.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0))
+    lcp._check_runs_here()  # a library that runs here passes
+
+
+def test_the_build_flags_follow_the_cpu():
+    from genrefine.models.llamacpp import CMAKE_ARGS
+    from genrefine.models.llamacpp_stock import cpu_flags
+
+    assert "-DGGML_AVX2=ON" in CMAKE_ARGS and "-DGGML_LLAMAFILE=OFF" in CMAKE_ARGS
+    avx512 = all(f in cpu_flags() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"))
+    assert ("-DGGML_AVX512=ON" in CMAKE_ARGS) == avx512

@@ -42,6 +42,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import subprocess
+import sys
 import weakref
 from collections import deque
 from pathlib import Path
@@ -52,16 +55,21 @@ import torch
 from torch import Tensor
 
 from ..errors import GenrefineError, ModelLoadError
+from .llamacpp_stock import cpu_flags, isa_args
 from ..types import ModelOutput
 
-# llama-cpp-python is built from source by pip; these flags make a build that runs on any x86-64
-# CPU with AVX-512 (a GGML_NATIVE build died with an illegal instruction on the CI machines).
-# GGML_LLAMAFILE=OFF keeps batched rows equal to one-token rows (see above); LLAVA_BUILD=OFF skips
-# the multimodal library genrefine does not use (a shorter build).
-CMAKE_ARGS = (
-    "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF "
-    "-DLLAVA_BUILD=OFF"
+# llama-cpp-python is built from source by pip; these flags make a build for the instruction sets
+# this CPU has (AVX2 always; AVX-512 and its extensions where /proc/cpuinfo lists them: a build with
+# AVX-512 died with an illegal instruction on an AVX2-only AMD EPYC, and a GGML_NATIVE one on the
+# CI machines). GGML_LLAMAFILE=OFF keeps batched rows equal to one-token rows (see above);
+# LLAVA_BUILD=OFF skips the multimodal library genrefine does not use (a shorter build).
+CMAKE_ARGS = " ".join(
+    (
+        "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
+        *isa_args(cpu_flags()),
+        "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF",
+        "-DLLAVA_BUILD=OFF",
+    )
 )
 INSTALL_HINT = f"pip install 'genrefine[llamacpp]' (built from source: set CMAKE_ARGS=\"{CMAKE_ARGS}\")"
 
@@ -82,10 +90,37 @@ def import_llama_cpp():
         import llama_cpp
     except (ImportError, OSError, RuntimeError) as e:
         raise BackendUnavailable(f"the llama.cpp backend needs llama-cpp-python: {INSTALL_HINT}") from e
+    _check_runs_here()
     if not _LOG:
         _LOG.append(llama_cpp.llama_log_callback(_log_line))  # referenced, so never collected
         llama_cpp.llama_log_set(_LOG[0], ctypes.c_void_p(0))
     return llama_cpp
+
+
+_RUNS_HERE: list[str | None] = []  # [None, or why the installed library cannot run on this CPU]
+
+
+def _check_runs_here() -> None:
+    """BackendUnavailable when the installed library dies on this CPU. A build for instruction
+    sets this CPU lacks (AVX-512 on an AVX2-only one, from an old wheel in pip's cache, which is
+    keyed by the source alone) imports fine and then kills the process with an illegal
+    instruction at its first call, so a child process makes that first call, once per process."""
+    if not _RUNS_HERE:
+        probe = "import llama_cpp; llama_cpp.llama_print_system_info()"
+        try:
+            r = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+            why = None
+            if r.returncode == -signal.SIGILL:
+                why = (
+                    "the installed llama-cpp-python was built for instruction sets this CPU lacks "
+                    "(it died with an illegal instruction); rebuild it: CMAKE_ARGS="
+                    f'"{CMAKE_ARGS}" pip install --no-cache-dir --force-reinstall llama-cpp-python'
+                )
+        except (OSError, subprocess.TimeoutExpired):
+            why = None  # no verdict: the import above worked, let the backend try
+        _RUNS_HERE.append(why)
+    if _RUNS_HERE[0]:
+        raise BackendUnavailable(_RUNS_HERE[0])
 
 
 # llama.cpp logs through one process-wide callback. Ours keeps its recent error lines (quoted when
