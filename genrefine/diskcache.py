@@ -30,6 +30,34 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "genrefine"
 
 
+#: ggml's x86 options and the /proc/cpuinfo flags each needs (AMX is left out, as in genrefine's
+#: own build; without GGML_NATIVE, llama.cpp's default is AVX2 without AVX-512)
+ISA_OPTIONS = (
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512vbmi",)),
+    ("GGML_AVX512_VNNI", ("avx512_vnni",)),
+    ("GGML_AVX512_BF16", ("avx512_bf16",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
+)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where that file is missing."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_args(flags: frozenset[str]) -> tuple[str, ...]:
+    """The ggml options (``-DGGML_...=ON``) of :data:`ISA_OPTIONS` whose flags the CPU has."""
+    return tuple(f"-D{opt}=ON" for opt, need in ISA_OPTIONS if all(f in flags for f in need))
+
+
 def cpu_model() -> str:
     """The CPU's model name as the kernel reports it (lscpu's "Model name")."""
     try:

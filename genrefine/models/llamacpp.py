@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..diskcache import cpu_flags, isa_args
 from ..errors import GenrefineError, ModelLoadError
-from .llamacpp_stock import cpu_flags, isa_args
 from ..types import ModelOutput
 
 # llama-cpp-python is built from source by pip; these flags make a build for the instruction sets

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from ..diskcache import atomic_path, cache_root, cpu_model, write_text
+from ..diskcache import atomic_path, cache_root, cpu_flags, cpu_model, isa_args, write_text
 from ..errors import ModelLoadError
 
 #: llama.cpp's own defaults (llamafile sgemm, repacking, tiled matmuls, OpenMP) but for
@@ -52,15 +52,6 @@ STOCK_CMAKE_ARGS = (
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",  # libllama finds the libggml beside it, not genrefine's
 )
-#: ggml's x86 options and the /proc/cpuinfo flags each needs (AMX is left out, as in genrefine's
-#: own build; without GGML_NATIVE, llama.cpp's default is AVX2 without AVX-512)
-ISA_OPTIONS = (
-    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
-    ("GGML_AVX512_VBMI", ("avx512vbmi",)),
-    ("GGML_AVX512_VNNI", ("avx512_vnni",)),
-    ("GGML_AVX512_BF16", ("avx512_bf16",)),
-    ("GGML_AVX_VNNI", ("avx_vnni",)),
-)
 LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama_cpp/llama_cpp.py loads libllama from this folder
 INFO = "build.json"  # written last: a folder without it is not a finished build
 BUILD_LOG = "build.log"
@@ -76,23 +67,6 @@ def llama_cpp_version() -> str:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         raise StockUnavailable("llama-cpp-python is not installed (the genrefine[llamacpp] extra)") from None
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo); empty where that file is missing."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def isa_args(flags: frozenset[str]) -> tuple[str, ...]:
-    """The ggml options (``-DGGML_...=ON``) of :data:`ISA_OPTIONS` whose flags the CPU has."""
-    return tuple(f"-D{opt}=ON" for opt, need in ISA_OPTIONS if all(f in flags for f in need))
 
 
 def cmake_args() -> tuple[str, ...]:
