@@ -284,6 +284,30 @@ def test_exact_attention_matches_float64_softmax(window, softcap) -> None:
             assert torch.allclose(out[h, r].double(), want, atol=1e-5), (h, r)
 
 
+@pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
+@pytest.mark.parametrize("window,softcap", [(None, None), (50, None), (None, 30.0)])
+def test_a_row_attended_alone_equals_that_row_among_others(window, softcap) -> None:
+    """A row's attention does not depend on the other rows of the call: the last row of a
+    6-token chain over a long cache (one key/value head, as the embedded model has) equals that
+    token attended alone over the same cache, bit for bit, on 2 threads."""
+    from genrefine.kernels import attend
+
+    g = torch.Generator().manual_seed(17)
+    H, KV, D, S, start, n = 4, 1, 64, 400, 300, 6
+    keys, values = torch.randn(KV, S, D, generator=g), torch.randn(KV, S, D, generator=g)
+    q = torch.randn(H, n, D, generator=g)
+    pos = torch.arange(start, start + n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chain = attend(q, keys, values, start, pos, None, window, D**-0.5, softcap)
+        alone = attend(q[:, -1:].contiguous(), keys, values, start + n - 1, pos[-1:], None, window,
+                       D**-0.5, softcap)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone[:, 0], chain[:, -1])
+
+
 def test_argmax_is_torchs_on_ties_nans_and_odd_sizes() -> None:
     """kernels.argmax gives torch.argmax's answer: the first largest value, a NaN as the largest
     (the first NaN), rows of -inf, sizes that are not multiples of the vector or chunk width."""

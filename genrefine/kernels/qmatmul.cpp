@@ -899,67 +899,157 @@ inline __attribute__((always_inline)) v16 load16(const float* p) {
 }
 
 // One row of one key/value head against its visible slots, for the `group` query heads that
-// share that key/value head (each key and value is loaded once for all of them). D % 16 == 0.
-inline __attribute__((always_inline)) void attend_row_body(
-    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
-    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
+// share that key/value head, in three steps: the scores (keys [k0, k1); each key is loaded once
+// for all heads), the maximum, exponentials and denominator (attend_softmax), and the weighted sum
+// of the values (16-wide slices [c0, c1) of the head), over the keys in order (acc: group * D
+// floats of scratch). G: the group size where it is known at compile time, else 0 and `group` at
+// run time. D % 16 == 0.
+template <int G>
+inline __attribute__((always_inline)) void attend_scores_body(
+    const float* const* qs, int group, const float* kb, const int64_t* slots, int64_t L, int64_t D,
+    float sc, float cap, float* e, int64_t k0, int64_t k1) {
+  const int gs = G > 0 ? G : group;
   const int64_t C = D / 16;
-  float mx[8];
-  for (int h = 0; h < group; ++h) mx[h] = -INFINITY;
-  for (int64_t k = 0; k < L; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const float* kr = kb + slots[k] * D;
     v16 a[8];
-    for (int h = 0; h < group; ++h) a[h] = v16{};
+    for (int h = 0; h < gs; ++h) a[h] = v16{};
     for (int64_t c = 0; c < C; ++c) {
       const v16 kv = load16(kr + 16 * c);
-      for (int h = 0; h < group; ++h) a[h] = a[h] + load16(qs[h] + 16 * c) * kv;
+      for (int h = 0; h < gs; ++h) a[h] = a[h] + load16(qs[h] + 16 * c) * kv;
     }
-    for (int h = 0; h < group; ++h) {
+    for (int h = 0; h < gs; ++h) {
       float sk = hsum16(a[h]) * sc;
       if (cap > 0.0f) sk = std::tanh(sk / cap) * cap;
       e[h * L + k] = sk;
-      mx[h] = std::max(mx[h], sk);
     }
   }
-  float denom[8];
-  for (int h = 0; h < group; ++h) {
-    denom[h] = 0.0f;
-    for (int64_t k = 0; k < L; ++k) {
-      e[h * L + k] = std::exp(e[h * L + k] - mx[h]);
-      denom[h] = denom[h] + e[h * L + k];
-    }
-  }
-  std::fill(acc, acc + group * D, 0.0f);
+}
+
+template <int G>
+inline __attribute__((always_inline)) void attend_values_body(
+    int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, const float* e,
+    const float* denom, float* acc, float* const* outs, int64_t c0, int64_t c1) {
+  const int gs = G > 0 ? G : group;
+  for (int h = 0; h < gs; ++h) std::fill(acc + h * D + 16 * c0, acc + h * D + 16 * c1, 0.0f);
   for (int64_t k = 0; k < L; ++k) {
     const float* vr = vb + slots[k] * D;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const v16 vv = load16(vr + 16 * c);
-      for (int h = 0; h < group; ++h) {
+      for (int h = 0; h < gs; ++h) {
         v16 t = load16(acc + h * D + 16 * c) + vv * e[h * L + k];
         std::memcpy(acc + h * D + 16 * c, &t, sizeof(t));
       }
     }
   }
-  for (int h = 0; h < group; ++h)
-    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+  for (int h = 0; h < gs; ++h)
+    for (int64_t d = 16 * c0; d < 16 * c1; ++d) outs[h][d] = acc[h * D + d] / denom[h];
 }
 
-__attribute__((target("avx512f"))) void attend_row_avx512(
-    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
-    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
-  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+// e: the scores of each head (rows of L) -> their exponentials; denom: their sums, in order
+void attend_softmax(int group, int64_t L, float* e, float* denom) {
+  for (int h = 0; h < group; ++h) {
+    float mx = -INFINITY;
+    for (int64_t k = 0; k < L; ++k) mx = std::max(mx, e[h * L + k]);
+    denom[h] = 0.0f;
+    for (int64_t k = 0; k < L; ++k) {
+      e[h * L + k] = std::exp(e[h * L + k] - mx);
+      denom[h] = denom[h] + e[h * L + k];
+    }
+  }
 }
 
-__attribute__((target("avx2"))) void attend_row_avx2(
-    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
-    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
-  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+using ScoresFn = void (*)(const float* const*, int, const float*, const int64_t*, int64_t, int64_t, float, float,
+                          float*, int64_t, int64_t);
+using ValuesFn = void (*)(int, const float*, const int64_t*, int64_t, int64_t, const float*, const float*,
+                          float*, float* const*, int64_t, int64_t);
+
+#define GENREFINE_ATTEND(SUFFIX, TARGET)                                                                       \
+  template <int G>                                                                                             \
+  TARGET void attend_scores_##SUFFIX(const float* const* qs, int group, const float* kb, const int64_t* slots, \
+                                     int64_t L, int64_t D, float sc, float cap, float* e, int64_t k0,        \
+                                     int64_t k1) {                                                           \
+    attend_scores_body<G>(qs, group, kb, slots, L, D, sc, cap, e, k0, k1);                                   \
+  }                                                                                                          \
+  template <int G>                                                                                             \
+  TARGET void attend_values_##SUFFIX(int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, \
+                                     const float* e, const float* denom, float* acc, float* const* outs,     \
+                                     int64_t c0, int64_t c1) {                                               \
+    attend_values_body<G>(group, vb, slots, L, D, e, denom, acc, outs, c0, c1);                              \
+  }                                                                                                          \
+  std::pair<ScoresFn, ValuesFn> attend_fns_##SUFFIX(int group) {                                               \
+    switch (group) {                                                                                           \
+      case 1: return {attend_scores_##SUFFIX<1>, attend_values_##SUFFIX<1>};                                   \
+      case 2: return {attend_scores_##SUFFIX<2>, attend_values_##SUFFIX<2>};                                   \
+      case 4: return {attend_scores_##SUFFIX<4>, attend_values_##SUFFIX<4>};                                   \
+      default: return {attend_scores_##SUFFIX<0>, attend_values_##SUFFIX<0>};                                  \
+    }                                                                                                          \
+  }
+GENREFINE_ATTEND(avx512, __attribute__((target("avx512f"))))
+GENREFINE_ATTEND(generic, )
+#undef GENREFINE_ATTEND
+
+// AVX2: the same sums in two 8-lane halves (lanes 0-7 and 8-15 of the 16-lane vectors above),
+// written out because GCC spills arrays of 64-byte vectors to the stack on AVX2 (3x slower).
+// hsum16's steps: lanes l + l+8 (the halves added), then 4, 2 and 1 apart.
+__attribute__((target("avx2"))) inline float hsum16_avx2(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-void attend_row_generic(
-    const float* const* qs, int group, const float* kb, const float* vb, const int64_t* slots,
-    int64_t L, int64_t D, float sc, float cap, float* e, float* acc, float* const* outs) {
-  attend_row_body(qs, group, kb, vb, slots, L, D, sc, cap, e, acc, outs);
+template <int G>
+__attribute__((target("avx2"))) void attend_scores_avx2(const float* const* qs, int group, const float* kb,
+                                                        const int64_t* slots, int64_t L, int64_t D, float sc,
+                                                        float cap, float* e, int64_t k0, int64_t k1) {
+  const int gs = G > 0 ? G : group;
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* kr = kb + slots[k] * D;
+    __m256 lo[8], hi[8];
+    for (int h = 0; h < gs; ++h) lo[h] = hi[h] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      const __m256 kl = _mm256_loadu_ps(kr + c), kh = _mm256_loadu_ps(kr + c + 8);
+      for (int h = 0; h < gs; ++h) {
+        lo[h] = _mm256_add_ps(lo[h], _mm256_mul_ps(_mm256_loadu_ps(qs[h] + c), kl));
+        hi[h] = _mm256_add_ps(hi[h], _mm256_mul_ps(_mm256_loadu_ps(qs[h] + c + 8), kh));
+      }
+    }
+    for (int h = 0; h < gs; ++h) {
+      float sk = hsum16_avx2(lo[h], hi[h]) * sc;
+      if (cap > 0.0f) sk = std::tanh(sk / cap) * cap;
+      e[h * L + k] = sk;
+    }
+  }
+}
+
+template <int G>
+__attribute__((target("avx2"))) void attend_values_avx2(int group, const float* vb, const int64_t* slots, int64_t L,
+                                                        int64_t D, const float* e, const float* denom, float* acc,
+                                                        float* const* outs, int64_t c0, int64_t c1) {
+  const int gs = G > 0 ? G : group;
+  for (int h = 0; h < gs; ++h) std::fill(acc + h * D + 16 * c0, acc + h * D + 16 * c1, 0.0f);
+  for (int64_t k = 0; k < L; ++k) {
+    const float* vr = vb + slots[k] * D;
+    for (int64_t d = 16 * c0; d < 16 * c1; d += 8) {
+      const __m256 vv = _mm256_loadu_ps(vr + d);
+      for (int h = 0; h < gs; ++h) {
+        float* ap = acc + h * D + d;
+        _mm256_storeu_ps(ap, _mm256_add_ps(_mm256_loadu_ps(ap), _mm256_mul_ps(vv, _mm256_set1_ps(e[h * L + k]))));
+      }
+    }
+  }
+  for (int h = 0; h < gs; ++h)
+    for (int64_t d = 16 * c0; d < 16 * c1; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+}
+
+std::pair<ScoresFn, ValuesFn> attend_fns_avx2(int group) {
+  switch (group) {
+    case 1: return {attend_scores_avx2<1>, attend_values_avx2<1>};
+    case 2: return {attend_scores_avx2<2>, attend_values_avx2<2>};
+    case 4: return {attend_scores_avx2<4>, attend_values_avx2<4>};
+    default: return {attend_scores_avx2<0>, attend_values_avx2<0>};
+  }
 }
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
@@ -990,38 +1080,51 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   int64_t most = 0;
   for (int64_t r = 0; r < n; ++r) most = std::max(most, pos[r] + 1);
   const int64_t isa = best_isa();
-  auto row_fn = isa >= 2 ? attend_row_avx512 : isa == 1 ? attend_row_avx2 : attend_row_generic;
+  const auto [scores_fn, values_fn] =
+      isa >= 2 ? attend_fns_avx512(group) : isa == 1 ? attend_fns_avx2(group) : attend_fns_generic(group);
+  const int64_t C = D / 16;
+  const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
+  // the slots row r sees, in position order: the prefix within the window, then the new tokens
+  // it sees (a chain: j <= r; a tree: its ancestors)
+  auto visible = [&](int64_t r, std::vector<int64_t>& slots) {
+    const int64_t p = pos[r];
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    slots.clear();
+    for (int64_t sl = lo; sl < std::min(start, p + 1); ++sl) slots.push_back(sl);
+    const size_t first_new = slots.size();
+    for (int64_t j = 0; j < n; ++j) {
+      const bool sees = is_tree ? tm[r * n + j] : j <= r;
+      if (sees && pos[j] >= lo) slots.push_back(start + j);
+    }
+    std::sort(slots.begin() + first_new, slots.end(),
+              [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; });
+  };
+  auto pointers = [&](int64_t t, const float** qs, float** outs) {
+    const int64_t kv = t / n, r = t % n;
+    for (int h = 0; h < group; ++h) {
+      qs[h] = qp + ((kv * group + h) * n + r) * D;
+      outs[h] = op + ((kv * group + h) * n + r) * D;
+    }
+  };
   // rows on all threads from about 64K multiply-adds on (a few microseconds of one core); at 1M
   // (before) a 13-row verification over 80 keys ran on one core: 2.0 -> 1.2 ms per forward of
   // the embedded model, 2 threads
-  const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
   at::parallel_for(0, KV * n, work > (1 << 16) ? 1 : KV * n, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> slots;
     std::vector<float> e, acc(size_t(group) * D);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t kv = t / n, r = t % n;
-      const int64_t p = pos[r];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      slots.clear();
-      for (int64_t sl = lo; sl < std::min(start, p + 1); ++sl) slots.push_back(sl);  // the prefix
-      // new tokens this row sees, in position order (a chain: j <= r; a tree: its ancestors)
-      const size_t first_new = slots.size();
-      for (int64_t j = 0; j < n; ++j) {
-        const bool sees = is_tree ? tm[r * n + j] : j <= r;
-        if (sees && pos[j] >= lo) slots.push_back(start + j);
-      }
-      std::sort(slots.begin() + first_new, slots.end(),
-                [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; });
+      visible(t % n, slots);
       const int64_t L = int64_t(slots.size());
       e.resize(size_t(group) * std::max<int64_t>(L, 1));
       const float* qs[8];
       float* outs[8];
-      for (int h = 0; h < group; ++h) {
-        qs[h] = qp + ((kv * group + h) * n + r) * D;
-        outs[h] = op + ((kv * group + h) * n + r) * D;
-      }
-      row_fn(qs, group, kp + kv * S * D, vp + kv * S * D, slots.data(), L, D, sc, cap, e.data(),
-             acc.data(), outs);
+      pointers(t, qs, outs);
+      const float* kb = kp + (t / n) * S * D;
+      const float* vb = vp + (t / n) * S * D;
+      scores_fn(qs, group, kb, slots.data(), L, D, sc, cap, e.data(), 0, L);
+      float denom[8];
+      attend_softmax(group, L, e.data(), denom);
+      values_fn(group, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs, 0, C);
     }
   });
   return out;
