@@ -125,6 +125,49 @@ def test_cost_model_probes_an_idle_drafter() -> None:
     assert [i for i, (name, _) in enumerate(picks) if name == "pld"] == [15, 31]
 
 
+def _copy_like_run(policy: CostModelPolicy, steps: int, seed: int = 0) -> list[int]:
+    """Steps of a drafter whose first token passes 77% of the time and every later one 95%
+    (a copied span matches on once it starts), on verification costs that grow steeply past two
+    rows (an AVX2 CPU's, measured); the budgets chosen."""
+    g = torch.Generator().manual_seed(seed)
+    budgets = []
+    for _ in range(steps):
+        name, n = policy.choose(["pld"])
+        budgets.append(n)
+        if name is None:
+            continue
+        p = torch.tensor([0.77] + [0.95] * (n - 1))
+        passed = (torch.rand(n, generator=g) < p).long()
+        policy.update("pld", n, int(passed.cumprod(0).sum()))
+    return budgets
+
+
+AVX2_COSTS = CostTable((1, 2, 3, 4, 6, 8, 12, 16, 17), (14.7, 15.4, 22.6, 26.1, 33.8, 43.1, 57.4, 74.1, 76.0))
+
+
+def test_cost_model_explores_deeper_drafts_and_learns_they_pay() -> None:
+    """With rates learnt only where it drafts, the policy would stay at one token a step: depth
+    2's prior (0.5) makes two tokens look worse. Exploring now and then, it finds that deeper
+    tokens pass and drafts 3 or more (the best rate here is at 5-11 tokens); with exploration
+    off (the planted bug) it never leaves one."""
+    stuck = _copy_like_run(CostModelPolicy(AVX2_COSTS, max_len=16, explore_every=0), 600)
+    assert set(stuck[50:]) == {1}
+    learns = _copy_like_run(CostModelPolicy(AVX2_COSTS, max_len=16), 600)
+    assert min(learns[400:]) >= 3
+    assert sorted(learns[400:])[100] >= 5  # the median budget of the last 200 steps
+    # deterministic: the same feed, the same choices
+    assert _copy_like_run(CostModelPolicy(AVX2_COSTS, max_len=16), 600) == learns
+
+
+def test_cost_model_does_not_explore_what_it_has_measured_often() -> None:
+    """Where deeper tokens do fail, exploring stays rare: after depth 2 has been seen 16 times,
+    one choice in 64 drafts deeper."""
+    policy = CostModelPolicy(AVX2_COSTS, max_len=16)
+    feed(policy, "pld", 0.3)
+    picks = [policy.choose(["pld"]) for _ in range(256)]
+    assert sum(1 for _, n in picks if n > 1) <= 256 // 64 + 2
+
+
 def test_cost_table_json_round_trip(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
     key = f"tiny-model|float32|cpu|{machine_key('cpu')}"
