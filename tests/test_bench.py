@@ -560,7 +560,7 @@ def test_bench_transformers_baselines_on_a_tiny_model(capsys, tiny_dir, qfile, t
 
 
 def test_transformers_baselines_run_in_the_dtype_fast_on_this_cpu(monkeypatch):
-    import genrefine.models.llamacpp_stock as stock
+    import genrefine.diskcache as stock
     from genrefine.bench.baselines import hf_dtype
 
     monkeypatch.setattr(stock, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))

@@ -34,7 +34,7 @@ def hf_dtype(dtype: str, device: str, override: str | None = None) -> str:
     AMD EPYC (AVX2), transformers' prompt lookup ran at 11.8 tokens/s in bfloat16 and 29.1 in
     float32 (plain ``generate`` 8.9 and 9.1), which would make that baseline look worse than it
     is."""
-    from ..models.llamacpp_stock import cpu_flags
+    from ..diskcache import cpu_flags
 
     if override:
         return override

@@ -904,18 +904,17 @@ inline __attribute__((always_inline)) v16 load16(const float* p) {
 }
 
 // One row of one key/value head against its visible slots, for the `group` query heads that
-// share that key/value head, in three steps: the scores (keys [k0, k1); each key is loaded once
-// for all heads), the maximum, exponentials and denominator (attend_softmax), and the weighted sum
-// of the values (16-wide slices [c0, c1) of the head), over the keys in order (acc: group * D
-// floats of scratch). G: the group size where it is known at compile time, else 0 and `group` at
+// share that key/value head, in three steps: the scores (each key is loaded once for all heads),
+// the maximum, exponentials and denominator (attend_softmax), and the weighted sum of the values
+// over the keys in order (acc: group * D floats of scratch). G: the group size where it is known at compile time, else 0 and `group` at
 // run time. D % 16 == 0.
 template <int G>
 inline __attribute__((always_inline)) void attend_scores_body(
     const float* const* qs, int group, const float* kb, const int64_t* slots, int64_t L, int64_t D,
-    float sc, float cap, float* e, int64_t k0, int64_t k1) {
+    float sc, float cap, float* e) {
   const int gs = G > 0 ? G : group;
   const int64_t C = D / 16;
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < L; ++k) {
     const float* kr = kb + slots[k] * D;
     v16 a[8];
     for (int h = 0; h < gs; ++h) a[h] = v16{};
@@ -934,12 +933,13 @@ inline __attribute__((always_inline)) void attend_scores_body(
 template <int G>
 inline __attribute__((always_inline)) void attend_values_body(
     int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, const float* e,
-    const float* denom, float* acc, float* const* outs, int64_t c0, int64_t c1) {
+    const float* denom, float* acc, float* const* outs) {
   const int gs = G > 0 ? G : group;
-  for (int h = 0; h < gs; ++h) std::fill(acc + h * D + 16 * c0, acc + h * D + 16 * c1, 0.0f);
+  const int64_t C = D / 16;
+  std::fill(acc, acc + gs * D, 0.0f);
   for (int64_t k = 0; k < L; ++k) {
     const float* vr = vb + slots[k] * D;
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       const v16 vv = load16(vr + 16 * c);
       for (int h = 0; h < gs; ++h) {
         v16 t = load16(acc + h * D + 16 * c) + vv * e[h * L + k];
@@ -948,7 +948,7 @@ inline __attribute__((always_inline)) void attend_values_body(
     }
   }
   for (int h = 0; h < gs; ++h)
-    for (int64_t d = 16 * c0; d < 16 * c1; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
 }
 
 // e: the scores of each head (rows of L) -> their exponentials; denom: their sums, in order
@@ -965,22 +965,20 @@ void attend_softmax(int group, int64_t L, float* e, float* denom) {
 }
 
 using ScoresFn = void (*)(const float* const*, int, const float*, const int64_t*, int64_t, int64_t, float, float,
-                          float*, int64_t, int64_t);
+                          float*);
 using ValuesFn = void (*)(int, const float*, const int64_t*, int64_t, int64_t, const float*, const float*,
-                          float*, float* const*, int64_t, int64_t);
+                          float*, float* const*);
 
 #define GENREFINE_ATTEND(SUFFIX, TARGET)                                                                       \
   template <int G>                                                                                             \
   TARGET void attend_scores_##SUFFIX(const float* const* qs, int group, const float* kb, const int64_t* slots, \
-                                     int64_t L, int64_t D, float sc, float cap, float* e, int64_t k0,        \
-                                     int64_t k1) {                                                           \
-    attend_scores_body<G>(qs, group, kb, slots, L, D, sc, cap, e, k0, k1);                                   \
+                                     int64_t L, int64_t D, float sc, float cap, float* e) {                  \
+    attend_scores_body<G>(qs, group, kb, slots, L, D, sc, cap, e);                                           \
   }                                                                                                          \
   template <int G>                                                                                             \
   TARGET void attend_values_##SUFFIX(int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, \
-                                     const float* e, const float* denom, float* acc, float* const* outs,     \
-                                     int64_t c0, int64_t c1) {                                               \
-    attend_values_body<G>(group, vb, slots, L, D, e, denom, acc, outs, c0, c1);                              \
+                                     const float* e, const float* denom, float* acc, float* const* outs) {   \
+    attend_values_body<G>(group, vb, slots, L, D, e, denom, acc, outs);                                      \
   }                                                                                                          \
   std::pair<ScoresFn, ValuesFn> attend_fns_##SUFFIX(int group) {                                               \
     switch (group) {                                                                                           \
@@ -1007,9 +1005,9 @@ __attribute__((target("avx2"))) inline float hsum16_avx2(__m256 lo, __m256 hi) {
 template <int G>
 __attribute__((target("avx2"))) void attend_scores_avx2(const float* const* qs, int group, const float* kb,
                                                         const int64_t* slots, int64_t L, int64_t D, float sc,
-                                                        float cap, float* e, int64_t k0, int64_t k1) {
+                                                        float cap, float* e) {
   const int gs = G > 0 ? G : group;
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < L; ++k) {
     const float* kr = kb + slots[k] * D;
     __m256 lo[8], hi[8];
     for (int h = 0; h < gs; ++h) lo[h] = hi[h] = _mm256_setzero_ps();
@@ -1031,12 +1029,12 @@ __attribute__((target("avx2"))) void attend_scores_avx2(const float* const* qs, 
 template <int G>
 __attribute__((target("avx2"))) void attend_values_avx2(int group, const float* vb, const int64_t* slots, int64_t L,
                                                         int64_t D, const float* e, const float* denom, float* acc,
-                                                        float* const* outs, int64_t c0, int64_t c1) {
+                                                        float* const* outs) {
   const int gs = G > 0 ? G : group;
-  for (int h = 0; h < gs; ++h) std::fill(acc + h * D + 16 * c0, acc + h * D + 16 * c1, 0.0f);
+  std::fill(acc, acc + gs * D, 0.0f);
   for (int64_t k = 0; k < L; ++k) {
     const float* vr = vb + slots[k] * D;
-    for (int64_t d = 16 * c0; d < 16 * c1; d += 8) {
+    for (int64_t d = 0; d < D; d += 8) {
       const __m256 vv = _mm256_loadu_ps(vr + d);
       for (int h = 0; h < gs; ++h) {
         float* ap = acc + h * D + d;
@@ -1045,7 +1043,7 @@ __attribute__((target("avx2"))) void attend_values_avx2(int group, const float* 
     }
   }
   for (int h = 0; h < gs; ++h)
-    for (int64_t d = 16 * c0; d < 16 * c1; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
 }
 
 std::pair<ScoresFn, ValuesFn> attend_fns_avx2(int group) {
@@ -1087,7 +1085,6 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t isa = best_isa();
   const auto [scores_fn, values_fn] =
       isa >= 2 ? attend_fns_avx512(group) : isa == 1 ? attend_fns_avx2(group) : attend_fns_generic(group);
-  const int64_t C = D / 16;
   const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
   // the slots row r sees, in position order: the prefix within the window, then the new tokens
   // it sees (a chain: j <= r; a tree: its ancestors)
@@ -1126,10 +1123,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
       pointers(t, qs, outs);
       const float* kb = kp + (t / n) * S * D;
       const float* vb = vp + (t / n) * S * D;
-      scores_fn(qs, group, kb, slots.data(), L, D, sc, cap, e.data(), 0, L);
+      scores_fn(qs, group, kb, slots.data(), L, D, sc, cap, e.data());
       float denom[8];
       attend_softmax(group, L, e.data(), denom);
-      values_fn(group, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs, 0, C);
+      values_fn(group, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs);
     }
   });
   return out;

@@ -41,6 +41,7 @@ rounding), for speed where bit-exactness does not matter.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -63,15 +64,32 @@ from ..types import ModelOutput
 # AVX-512 died with an illegal instruction on an AVX2-only AMD EPYC, and a GGML_NATIVE one on the
 # CI machines). GGML_LLAMAFILE=OFF keeps batched rows equal to one-token rows (see above);
 # LLAVA_BUILD=OFF skips the multimodal library genrefine does not use (a shorter build).
-CMAKE_ARGS = " ".join(
-    (
-        "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
-        *isa_args(cpu_flags()),
-        "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF",
-        "-DLLAVA_BUILD=OFF",
+@functools.lru_cache(maxsize=None)
+def cmake_args() -> str:
+    """The build flags (:data:`CMAKE_ARGS`), read from /proc/cpuinfo on first use, not at import."""
+    return " ".join(
+        (
+            "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
+            *isa_args(cpu_flags()),
+            "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF",
+            "-DLLAVA_BUILD=OFF",
+        )
     )
-)
-INSTALL_HINT = f"pip install 'genrefine[llamacpp]' (built from source: set CMAKE_ARGS=\"{CMAKE_ARGS}\")"
+
+
+def install_hint() -> str:
+    """How to install the backend (:data:`INSTALL_HINT`)."""
+    return f"pip install 'genrefine[llamacpp]' (built from source: set CMAKE_ARGS=\"{cmake_args()}\")"
+
+
+def __getattr__(name: str) -> str:
+    # CMAKE_ARGS and INSTALL_HINT as module constants, computed when first asked for
+    if name == "CMAKE_ARGS":
+        return cmake_args()
+    if name == "INSTALL_HINT":
+        return install_hint()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 TILED_ENV = "GGML_CPU_TILED_MM"
 MAX_BRANCHES = 64  # sequence ids per context: the widest draft tree (leaves) a forward takes
@@ -89,7 +107,7 @@ def import_llama_cpp():
     try:
         import llama_cpp
     except (ImportError, OSError, RuntimeError) as e:
-        raise BackendUnavailable(f"the llama.cpp backend needs llama-cpp-python: {INSTALL_HINT}") from e
+        raise BackendUnavailable(f"the llama.cpp backend needs llama-cpp-python: {install_hint()}") from e
     _check_runs_here()
     if not _LOG:
         _LOG.append(llama_cpp.llama_log_callback(_log_line))  # referenced, so never collected
@@ -114,7 +132,7 @@ def _check_runs_here() -> None:
                 why = (
                     "the installed llama-cpp-python was built for instruction sets this CPU lacks "
                     "(it died with an illegal instruction); rebuild it: CMAKE_ARGS="
-                    f'"{CMAKE_ARGS}" pip install --no-cache-dir --force-reinstall llama-cpp-python'
+                    f'"{cmake_args()}" pip install --no-cache-dir --force-reinstall llama-cpp-python'
                 )
         except (OSError, subprocess.TimeoutExpired):
             why = None  # no verdict: the import above worked, let the backend try
