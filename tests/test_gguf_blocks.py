@@ -285,3 +285,27 @@ def test_packed_cache_keeps_narrow_values_and_half_scales(tmp_path):
         assert torch.equal(qlinear(x, seg), qlinear(x, other))
     assert bits["q5_0"] == (5, torch.float16) and bits["q8_0"] == (8, torch.float16)
     assert bits["q4_k"][0] == 4 and bits["q6_k"][0] == 8
+
+
+def test_one_gguf_parse_shares_a_reader_per_file_and_restores_the_class(tmp_path):
+    """A first load parses the GGUF's metadata once, not once for each of transformers' config,
+    tokenizer and weights (genrefine.models.loading.one_gguf_parse)."""
+    import gguf
+
+    from genrefine.models.loading import one_gguf_parse
+
+    path = tmp_path / "a.gguf"
+    write_gguf(path, {"w": (np.ones((2, 32), np.float32), None)})
+    original = gguf.GGUFReader
+    with one_gguf_parse():
+        a = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is a  # the same file, as a str or a Path
+        with one_gguf_parse():  # nested: the outer block's readers
+            assert gguf.GGUFReader(str(path)) is a
+        assert gguf.GGUFReader(str(path), "c") is not a  # another mode is another reader
+        assert a.tensors[0].name == "w"
+    assert gguf.GGUFReader is original
+    with pytest.raises(RuntimeError), one_gguf_parse():
+        raise RuntimeError("a failed load")
+    assert gguf.GGUFReader is original  # restored after an error too
+    assert gguf.GGUFReader(str(path)) is not gguf.GGUFReader(str(path))

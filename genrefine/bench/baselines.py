@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ModelLoadError
 from ..models.llamacpp_stock import StockUnavailable
 from .backends import TurnResult
 from .llamacpp_worker import generate_plain
@@ -48,19 +47,10 @@ def hf_dtype(dtype: str, device: str, override: str | None = None) -> str:
 def load_hf_model(model: str | None, dtype: str, device: str):
     """The same weights through transformers (``AutoModelForCausalLM``), same dtype and device."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from ..models.loading import resolve_source
+    from ..models.loading import _load_hf, resolve_source
 
-    src = resolve_source(model)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            src.load_dir, dtype=getattr(torch, dtype), **src.hf_kwargs()
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"transformers could not load {src.display_name!r}: {first}") from e
-    return hf.to(device).eval()
+    return _load_hf(resolve_source(model), getattr(torch, dtype)).to(device).eval()
 
 
 class HFBackend:
