@@ -350,12 +350,19 @@ def test_shipped_bundle_files(shipped):
         assert meta["training"]["drafters"][kind]["greedy_same_as_ar"]
 
 
-@pytest.mark.parametrize("method", ["medusa", "eagle", "sps", "mc-sjd", "vadusa", "pcg"])
-def test_shipped_methods_speak_ar_codes_greedily(shipped, method):
+@pytest.fixture(scope="module")
+def shipped_ar(shipped):
+    """Two held-out sentences and the shipped model's greedy ``ar`` result on them, decoded once
+    for every method compared with it."""
     from genrefine.modalities.speech.bench import bench_texts
 
     texts = bench_texts(2, seed=5)
-    ref = shipped.generate(texts, method="ar", temperature=0, seed=0)
+    return texts, shipped.generate(texts, method="ar", temperature=0, seed=0)
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle", "sps", "mc-sjd", "vadusa", "pcg"])
+def test_shipped_methods_speak_ar_codes_greedily(shipped, shipped_ar, method):
+    texts, ref = shipped_ar
     got = shipped.generate(texts, method=method, temperature=0, seed=0)
     assert got.codes == ref.codes and all(ref.finished)
 
