@@ -46,13 +46,21 @@ def measure_verify_cost(
     warmup: int = 3,
     tolerance: float = 0.05,
     retries: int = 2,
+    max_ratio: float = 12.0,
+    min_seconds: float = 0.25,
 ) -> dict[int, float]:
     """Seconds per target forward of ``n`` new tokens, for each ``n`` in ``sizes``.
 
     Fills a fresh cache with ``context_len`` random tokens, then
 
-    1. warms up: ``warmup`` untimed forwards of every size (first calls of a shape pay for lazily
-       chosen kernels, allocations and thread start-up; a cold call must not end up in the table);
+    1. warms up: ``warmup`` forwards of every size (first calls of a shape pay for lazily
+       chosen kernels, allocations and thread start-up; a cold call must not end up in the table).
+       The first warm-up round runs the sizes in ascending order and stops at the first size
+       whose forward takes over ``min_seconds`` and over ``max_ratio`` times the smallest size's
+       (twice, the second call warm): the larger sizes are not measured, and the table extends
+       the slope of the last ones measured. A forward that costs that much more has stopped
+       sharing weight reads between rows (bfloat16 on a CPU without native bfloat16: about one
+       one-token forward per row), and timing every size up to 48 tokens there took 75 s;
     2. times ``repeats`` rounds, each one forward of every size (logits for every row, as
        verification asks) followed by ``cache.rollback(n)``; a size's time is the median of its
        rounds. The rounds interleave the sizes, so a passing slowdown touches every size a little
@@ -72,10 +80,12 @@ def measure_verify_cost(
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ConfigError(f"sizes must be positive token counts, got {sizes}")
-    if context_len < 1 or repeats < 1 or warmup < 0 or retries < 0 or tolerance < 0:
+    if (context_len < 1 or repeats < 1 or warmup < 0 or retries < 0 or tolerance < 0
+            or max_ratio <= 1 or min_seconds < 0):
         raise ConfigError(
-            "need context_len >= 1, repeats >= 1, warmup >= 0, retries >= 0 and tolerance >= 0, "
-            f"got {context_len}, {repeats}, {warmup}, {retries}, {tolerance}"
+            "need context_len >= 1, repeats >= 1, warmup >= 0, retries >= 0, tolerance >= 0, "
+            f"max_ratio > 1 and min_seconds >= 0, got {context_len}, {repeats}, {warmup}, "
+            f"{retries}, {tolerance}, {max_ratio}, {min_seconds}"
         )
     limit = getattr(model, "max_context", None)
     if limit:  # a short-context model: fewer sizes, a shorter context
@@ -102,7 +112,10 @@ def measure_verify_cost(
                     cache.rollback(n)
             return times
 
-        rounds(sizes, warmup, timed=False)
+        if warmup:
+            sizes = _affordable(sizes, lambda n: rounds([n], 1, timed=True)[n][0], max_ratio,
+                                min_seconds)
+            rounds(sizes, warmup - 1, timed=False)
         out = {n: statistics.median(t) for n, t in rounds(sizes, repeats, timed=True).items()}
         for _ in range(retries):
             suspect = _out_of_order(out, tolerance)
@@ -114,6 +127,19 @@ def measure_verify_cost(
     for n in sizes:  # what re-measuring did not settle: a running maximum
         run = out[n] = max(run, out[n])
     return out
+
+
+def _affordable(sizes: list[int], time_one, max_ratio: float, min_seconds: float) -> list[int]:
+    """The ascending ``sizes`` up to the first whose forward (``time_one(n)``: seconds, one call)
+    takes over ``min_seconds`` and over ``max_ratio`` times the smallest size's, twice in a row;
+    that size is kept, the larger ones dropped. Every size gets one forward until the stop (the
+    first warm-up round)."""
+    first = time_one(sizes[0])
+    for i, n in enumerate(sizes[1:], 1):
+        limit = max(min_seconds, max_ratio * first)
+        if time_one(n) > limit and time_one(n) > limit:  # the second call is a warm one
+            return sizes[: i + 1]
+    return sizes
 
 
 def _out_of_order(measured: dict[int, float], tolerance: float) -> list[int]:

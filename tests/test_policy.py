@@ -284,6 +284,31 @@ def test_measure_verify_cost_warms_up_every_size(clock) -> None:
     assert out == {n: pytest.approx(linear(n)) for n in (1, 2, 4, 8)}
 
 
+def test_measure_verify_cost_stops_where_rows_stop_sharing_weight_reads(clock) -> None:
+    # bfloat16 on a CPU without native bfloat16 (an AMD EPYC): about a one-token forward per row.
+    # The sizes past 12 times one token's cost are not timed; the table extends the line.
+    def per_row(n: int) -> float:
+        return 0.02 + 0.06 * n
+
+    model = TimedModel(clock, lambda n, k: per_row(n))
+    out = measure_verify_cost(model, sizes=(1, 2, 4, 8, 16, 32, 48), context_len=16, repeats=3)
+    assert sorted(out) == [1, 2, 4, 8, 16]  # T(16) = 0.98 s > 12 * T(1) = 0.96 s: the last one
+    assert 32 not in model.seen and 48 not in model.seen
+    table = CostTable.from_measurements(out)
+    assert table(48) == pytest.approx(per_row(48))
+    # a fast model is measured at every size, however many times dearer its large forwards are
+    model = TimedModel(clock, lambda n, k: 0.001 * n)
+    assert sorted(measure_verify_cost(model, sizes=(1, 16, 48), context_len=16)) == [1, 16, 48]
+
+
+def test_measure_verify_cost_does_not_stop_at_one_cold_forward(clock) -> None:
+    # The first forward of 4 tokens is slow (a kernel chosen on first use): measured again, warm,
+    # it is cheap, and the larger sizes are measured too.
+    model = TimedModel(clock, lambda n, k: linear(n) + (3.0 if n == 4 and k == 0 else 0.0))
+    out = measure_verify_cost(model, sizes=(1, 2, 4, 8), context_len=16)
+    assert out == {n: pytest.approx(linear(n)) for n in (1, 2, 4, 8)}
+
+
 def test_measure_verify_cost_remeasures_a_size_that_measured_slower_than_a_larger_one(clock) -> None:
     # One token was disturbed through the (default, 3 forwards) warm-up and the whole first
     # timing pass (the cached table of issue 17: T(1) = 356 ms, T(2) = 87 ms); measured again
