@@ -53,6 +53,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+#: /proc/cpuinfo flags of native bfloat16 arithmetic
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX-512 BF16 or AMX). Without it torch's
+    bfloat16 matmuls cost about a one-row matmul per row (an AMD EPYC, AVX2)."""
+    flags = cpu_flags()
+    return any(f in flags for f in BF16_FLAGS)
+
+
 def isa_args(flags: frozenset[str]) -> tuple[str, ...]:
     """The ggml options (``-DGGML_...=ON``) of :data:`ISA_OPTIONS` whose flags the CPU has."""
     return tuple(f"-D{opt}=ON" for opt, need in ISA_OPTIONS if all(f in flags for f in need))

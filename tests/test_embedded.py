@@ -20,8 +20,7 @@ import pytest
 import torch
 
 import genrefine
-from genrefine.bench.baselines import BF16_FLAGS
-from genrefine.diskcache import cpu_flags
+from genrefine.diskcache import native_bf16
 from genrefine.engine import prefill
 from genrefine.registry import METHODS
 from genrefine.methods.base import MethodOptions
@@ -235,7 +234,7 @@ def test_ar_equals_transformers_generate(gen32, hf32, tokenizer, name):
 # for a chain (pld) and a tree (eagle) only; every method still runs it in float32 and on the
 # quantized weights, and every method runs the short prompts in bfloat16. Where bfloat16 is native
 # (an Intel Xeon with AMX), all cases run.
-BF16_NATIVE = any(f in cpu_flags() for f in BF16_FLAGS)
+BF16_NATIVE = native_bf16()
 BF16_LONG_WHEN_EMULATED = ("pld", "eagle")
 
 

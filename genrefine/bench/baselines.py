@@ -21,10 +21,6 @@ WORKER = str(Path(__file__).with_name("llamacpp_worker.py"))  # run as a script 
 HF_PROMPT_LOOKUP_TOKENS = 10
 
 
-#: /proc/cpuinfo flags of native bfloat16 arithmetic
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
 def hf_dtype(dtype: str, device: str, override: str | None = None) -> str:
     """The transformers baselines' dtype: ``override`` (``--hf-dtype``) when given; genrefine's
     own dtype when that is a float one; where genrefine runs quantized (or chooses), bfloat16 on
@@ -33,7 +29,7 @@ def hf_dtype(dtype: str, device: str, override: str | None = None) -> str:
     AMD EPYC (AVX2), transformers' prompt lookup ran at 11.8 tokens/s in bfloat16 and 29.1 in
     float32 (plain ``generate`` 8.9 and 9.1), which would make that baseline look worse than it
     is."""
-    from ..diskcache import cpu_flags
+    from .. import diskcache
 
     if override:
         return override
@@ -41,7 +37,7 @@ def hf_dtype(dtype: str, device: str, override: str | None = None) -> str:
         return dtype
     if not device.startswith("cpu"):
         return "bfloat16"
-    return "bfloat16" if any(f in cpu_flags() for f in BF16_FLAGS) else "float32"
+    return "bfloat16" if diskcache.native_bf16() else "float32"
 
 
 def load_hf_model(model: str | None, dtype: str, device: str):
