@@ -175,6 +175,31 @@ def test_small_values_are_stored_narrow_and_give_the_same_bits() -> None:
             assert torch.equal(qlinear(x, p, path), qlinear(x, as_bytes, path)), (kind, path)
 
 
+@pytest.mark.parametrize("kind", ["q4_k", "q5_0", "q6_k", "top"])
+@pytest.mark.parametrize("group", [16, 32])
+def test_largest_values_against_largest_activations(kind: str, group: int) -> None:
+    """Every weight at its format's largest value against activations that quantize to +-127
+    in every place: the integer sums the vector paths add in 16 bits before widening (several
+    multiply pairs of narrow values) stay exact, so every path still gives the reference."""
+    vmax, _, zero, offsets = KINDS[kind]
+    k = 256
+    values = torch.full((37, k), vmax, dtype=torch.uint8)
+    values[5] = 0  # and the smallest, once
+    g = torch.Generator().manual_seed(23)
+    scale = torch.rand(37, k // group, generator=g) * 0.02
+    offset = torch.rand(37, k // group, generator=g) * 0.1 if offsets else None
+    p = pack(values, scale, offset, group, zero, kind)
+    x = torch.ones(6, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    x[3] = torch.where(torch.arange(k) % 3 == 0, 1.0, -1.0)
+    x[4:] = torch.randn(2, k, generator=g).sign()
+    ref = qlinear_reference(x, p)
+    for path in PATHS:
+        for m in (1, 6):
+            assert torch.equal(qlinear(x[:m], p, path), ref[:m]), (path, m)
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q5_0", "q4_k"])
 def test_float16_scales_are_kept_as_float16_and_give_the_same_bits(kind: str) -> None:
     """Scales that are exactly float16 (Q8_0's and Q5_0's in a GGUF file) are stored so; every

@@ -88,40 +88,6 @@ inline const uint8_t* block_ptr(const Args& p, int64_t g, int64_t j, uint8_t* sc
   return scratch;
 }
 
-// block_ptr with AVX2: nibbles split 32 bytes at a time; each fifth-bit byte spread over 8
-// bytes by a shuffle, a mask and a compare
-template <int G>
-__attribute__((target("avx2"))) inline const uint8_t* block_ptr_avx2(const Args& p, int64_t g, int64_t j,
-                                                                    uint8_t* scratch) {
-  constexpr int S = G / 4;
-  const uint8_t* src = p.w + (g * p.NB + j) * p.BB;
-  if (p.bits == 8) return src;
-  const __m256i m4 = _mm256_set1_epi8(15);
-  for (int h = 0; h < S / 2; ++h)
-    for (int q = 0; q < 2; ++q) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(src + h * 64 + q * 32));
-      _mm256_store_si256((__m256i*)(scratch + h * 64 + q * 32), _mm256_and_si256(v, m4));
-      _mm256_store_si256((__m256i*)(scratch + (h + S / 2) * 64 + q * 32),
-                         _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-    }
-  if (p.bits == 5) {
-    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-                                          3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bitm = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    for (int v = 0; v < S; ++v)
-      for (int q = 0; q < 2; ++q) {
-        int32_t word;
-        std::memcpy(&word, src + S * 32 + v * 8 + q * 4, 4);
-        __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(word), pick);
-        b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bitm), bitm);
-        __m256i* dst = (__m256i*)(scratch + v * 64 + q * 32);
-        _mm256_store_si256(dst, _mm256_or_si256(_mm256_load_si256(dst), _mm256_and_si256(b, sixteen)));
-      }
-  }
-  return scratch;
-}
-
 // float16 -> float32, exact (the scales of Q8_0 and Q5_0 are float16 in the file)
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
@@ -226,7 +192,6 @@ template <int G, bool SIGNED, bool HASC>
 __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   alignas(64) float acc[MCHUNK * LANES];
-  alignas(64) uint8_t scratch[S * 64];
   const int zz = SIGNED ? 0 : p.zero;
   const __m256i ones = _mm256_set1_epi16(1);
   // one or two rows stream the weights: a software prefetch two groups ahead (as the VNNI path
@@ -239,7 +204,7 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t
       std::fill(acc, acc + mc * LANES, 0.0f);
       for (int64_t j = 0; j < p.NB; ++j) {
         if (prefetch) prefetch_ahead(p, g, j);
-        const uint8_t* wp = block_ptr_avx2<G>(p, g, j, scratch);
+        const uint8_t* wp = p.w + (g * p.NB + j) * p.BB;  // the byte layout (narrow values: groups_avx2_narrow)
         __m256i wl[S], wh[S];  // lanes 0-7, lanes 8-15 (absolute values when SIGNED)
         __m256i sl[S], sh[S];  // the signs, when SIGNED
         for (int s = 0; s < S; ++s) {
@@ -287,6 +252,149 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t
             il = _mm256_add_epi32(il, _mm256_madd_epi16(pl, ones));
             ih = _mm256_add_epi32(ih, _mm256_madd_epi16(ph, ones));
           }
+          const int X = xsum(p, row, j, G);
+          if (zz) {
+            const __m256i zx = _mm256_set1_epi32(zz * X);
+            il = _mm256_sub_epi32(il, zx);
+            ih = _mm256_sub_epi32(ih, zx);
+          }
+          __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(il));
+          __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(ih));
+          if (HASC) {
+            const __m256 xf = _mm256_set1_ps(float(X));
+            tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
+            th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
+          }
+          const __m256 d = _mm256_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
+          float* ac = acc + m * LANES;
+          _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
+          _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+        }
+      }
+      store_lanes(p, acc, m0, mc, g);
+    }
+  }
+}
+
+// AVX2 for narrow values (4 or 5 bits: Q4_K, Q5_0), unpacked in registers rather than through
+// `scratch`, with the maddubs pairs of several vectors summed as int16 before widening: a pair
+// is at most 2 * 31 * 127 = 7874 (5 bits) or 2 * 15 * 127 = 3810 (4 bits), so 4 or 8 of them
+// stay under 32767 and the integer sums are the same numbers (the float part is unchanged).
+// One row builds each weight vector as it multiplies it; more rows build the sub-block once.
+template <int BITS>
+struct Avx2Narrow {
+  static constexpr int SUM = BITS == 4 ? 8 : 4;  // int16 pairs summed before widening
+};
+
+// vector s (of S) of the sub-block at src, half q: the low or high nibbles of a stored vector,
+// and the fifth bit from its 8 bytes (broadcast in `fifth`, for BITS == 5)
+template <int S, int BITS>
+__attribute__((target("avx2"), always_inline)) inline __m256i narrow_vec(const uint8_t* src, int s, int q,
+                                                                         __m256i fifth) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const int h = s < S / 2 ? s : s - S / 2;
+  const __m256i v = _mm256_loadu_si256((const __m256i*)(src + h * 64 + q * 32));
+  __m256i w = s < S / 2 ? _mm256_and_si256(v, m4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  if (BITS == 5) {
+    // byte t of this half takes bit t % 8 of fifth-bit byte 4 q + t / 8
+    const __m256i pick = q == 0 ? _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
+                                                   2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)
+                                : _mm256_setr_epi8(4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6,
+                                                   6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7);
+    const __m256i bitm = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+    __m256i b = _mm256_shuffle_epi8(fifth, pick);
+    b = _mm256_cmpeq_epi8(_mm256_and_si256(b, bitm), bitm);
+    w = _mm256_or_si256(w, _mm256_and_si256(b, _mm256_set1_epi8(16)));
+  }
+  return w;
+}
+
+template <int S, int BITS>
+__attribute__((target("avx2"), always_inline)) inline __m256i fifth_bits(const uint8_t* src, int s) {
+  if (BITS != 5) return _mm256_setzero_si256();
+  int64_t eight;
+  std::memcpy(&eight, src + S * 32 + s * 8, 8);
+  return _mm256_set1_epi64x(eight);
+}
+
+// The integer sums of one row (xp) against a sub-block: vectors built here from src (FLY) or
+// taken from wv, SUM maddubs pairs added as int16 before widening to int32.
+template <int S, int BITS, int SUM, bool FLY>
+__attribute__((target("avx2"), always_inline)) inline void narrow_row_sums(const uint8_t* src,
+                                                                           const __m256i (*wv)[2],
+                                                                           const int8_t* xp, __m256i& il,
+                                                                           __m256i& ih) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  il = _mm256_setzero_si256();
+  ih = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < S; s0 += SUM) {
+    __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256();
+    for (int s = s0; s < s0 + SUM; ++s) {
+      int32_t four;
+      std::memcpy(&four, xp + 4 * s, 4);
+      const __m256i xb = _mm256_set1_epi32(four);
+      __m256i w0, w1;
+      if (FLY) {
+        const __m256i fifth = fifth_bits<S, BITS>(src, s);
+        w0 = narrow_vec<S, BITS>(src, s, 0, fifth);
+        w1 = narrow_vec<S, BITS>(src, s, 1, fifth);
+      } else {
+        w0 = wv[s][0];
+        w1 = wv[s][1];
+      }
+      sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(w0, xb));
+      sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(w1, xb));
+    }
+    il = _mm256_add_epi32(il, _mm256_madd_epi16(sl, ones));
+    ih = _mm256_add_epi32(ih, _mm256_madd_epi16(sh, ones));
+  }
+}
+
+template <int G, int BITS, bool HASC>
+__attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, int64_t g0, int64_t g1) {
+  constexpr int S = G / 4;
+  constexpr int SUM = Avx2Narrow<BITS>::SUM < S ? Avx2Narrow<BITS>::SUM : S;
+  alignas(64) float acc[MCHUNK * LANES];
+  const int zz = p.zero;
+  const bool prefetch = p.M <= 2;  // as in groups_avx2
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
+      const int64_t mc = std::min<int64_t>(MCHUNK, p.M - m0);
+      std::fill(acc, acc + mc * LANES, 0.0f);
+      for (int64_t j = 0; j < p.NB; ++j) {
+        if (prefetch) prefetch_ahead(p, g, j);
+        const uint8_t* src = p.w + (g * p.NB + j) * p.BB;
+        __m256 al, ah;
+        if (p.ah) {
+          const uint16_t* hp = p.ah + (g * p.NB + j) * LANES;
+          al = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)hp));
+          ah = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hp + 8)));
+        } else {
+          const float* ap = p.a + (g * p.NB + j) * LANES;
+          al = _mm256_loadu_ps(ap);
+          ah = _mm256_loadu_ps(ap + 8);
+        }
+        __m256 cl = _mm256_setzero_ps(), ch = _mm256_setzero_ps();
+        if (HASC) {
+          const float* cp = p.c + (g * p.NB + j) * LANES;
+          cl = _mm256_loadu_ps(cp);
+          ch = _mm256_loadu_ps(cp + 8);
+        }
+        __m256i wv[S][2];
+        if (mc > 1)
+          for (int s = 0; s < S; ++s) {
+            const __m256i fifth = fifth_bits<S, BITS>(src, s);
+            wv[s][0] = narrow_vec<S, BITS>(src, s, 0, fifth);
+            wv[s][1] = narrow_vec<S, BITS>(src, s, 1, fifth);
+          }
+        for (int64_t m = 0; m < mc; ++m) {
+          const int64_t row = m0 + m;
+          const int8_t* xp = p.xq + row * p.K + j * G;
+          __m256i il, ih;
+          if (mc == 1)
+            narrow_row_sums<S, BITS, SUM, true>(src, wv, xp, il, ih);
+          else
+            narrow_row_sums<S, BITS, SUM, false>(src, wv, xp, il, ih);
           const int X = xsum(p, row, j, G);
           if (zz) {
             const __m256i zx = _mm256_set1_epi32(zz * X);
@@ -576,7 +684,14 @@ GroupFn pick_isa(int isa) {
   return groups_generic<G, SIGNED, HASC>;
 }
 
-GroupFn pick(int isa, int G, bool is_signed, bool hasc) {
+template <int G>
+GroupFn pick_avx2_narrow(int bits, bool hasc) {
+  if (bits == 4) return hasc ? groups_avx2_narrow<G, 4, true> : groups_avx2_narrow<G, 4, false>;
+  return hasc ? groups_avx2_narrow<G, 5, true> : groups_avx2_narrow<G, 5, false>;
+}
+
+GroupFn pick(int isa, int G, bool is_signed, bool hasc, int bits) {
+  if (isa == 1 && bits != 8) return G == 32 ? pick_avx2_narrow<32>(bits, hasc) : pick_avx2_narrow<16>(bits, hasc);
   if (G == 32) {
     if (is_signed) return hasc ? pick_isa<32, true, true>(isa) : pick_isa<32, true, false>(isa);
     return hasc ? pick_isa<32, false, true>(isa) : pick_isa<32, false, false>(isa);
@@ -797,7 +912,7 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
     p.xf = xfp;
     p.dj = djp;
   }
-  GroupFn fn = pick(int(isa), int(group), is_signed, hasc);
+  GroupFn fn = pick(int(isa), int(group), is_signed, hasc, int(bits));
   // about 64K multiply-adds per task: small weights stay on one thread
   const int64_t grain = std::max<int64_t>(1, 65536 / (LANES * K * std::min<int64_t>(M, MCHUNK)));
   at::parallel_for(0, NG, grain, [&](int64_t g0, int64_t g1) { fn(p, g0, g1); });
@@ -1083,8 +1198,6 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   int64_t most = 0;
   for (int64_t r = 0; r < n; ++r) most = std::max(most, pos[r] + 1);
   const int64_t isa = best_isa();
-  const auto [scores_fn, values_fn] =
-      isa >= 2 ? attend_fns_avx512(group) : isa == 1 ? attend_fns_avx2(group) : attend_fns_generic(group);
   const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
   // the slots row r sees, in position order: the prefix within the window, then the new tokens
   // it sees (a chain: j <= r; a tree: its ancestors)
@@ -1101,32 +1214,43 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
     std::sort(slots.begin() + first_new, slots.end(),
               [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; });
   };
+  // Fewer (key/value head, row) pairs than threads (one-token decoding with one key/value head):
+  // the query heads that share a key/value head split into `parts`, one task each. Every head's
+  // sums are its own and run in the same order however the heads are grouped, so the bits stay.
+  const int64_t threads = at::get_num_threads();
+  int parts = 1;
+  if (work > (1 << 16))
+    while (KV * n * parts < threads && group % (parts * 2) == 0) parts *= 2;
+  const int gp = group / parts;  // query heads per task
+  const auto [scores_part, values_part] =
+      isa >= 2 ? attend_fns_avx512(gp) : isa == 1 ? attend_fns_avx2(gp) : attend_fns_generic(gp);
   auto pointers = [&](int64_t t, const float** qs, float** outs) {
-    const int64_t kv = t / n, r = t % n;
-    for (int h = 0; h < group; ++h) {
-      qs[h] = qp + ((kv * group + h) * n + r) * D;
-      outs[h] = op + ((kv * group + h) * n + r) * D;
+    const int64_t kv = t / (n * parts), r = (t / parts) % n, h0 = (t % parts) * gp;
+    for (int h = 0; h < gp; ++h) {
+      qs[h] = qp + ((kv * group + h0 + h) * n + r) * D;
+      outs[h] = op + ((kv * group + h0 + h) * n + r) * D;
     }
   };
   // rows on all threads from about 64K multiply-adds on (a few microseconds of one core); at 1M
   // (before) a 13-row verification over 80 keys ran on one core: 2.0 -> 1.2 ms per forward of
   // the embedded model, 2 threads
-  at::parallel_for(0, KV * n, work > (1 << 16) ? 1 : KV * n, [&](int64_t t0, int64_t t1) {
+  const int64_t tasks = KV * n * parts;
+  at::parallel_for(0, tasks, work > (1 << 16) ? 1 : tasks, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> slots;
-    std::vector<float> e, acc(size_t(group) * D);
+    std::vector<float> e, acc(size_t(gp) * D);
     for (int64_t t = t0; t < t1; ++t) {
-      visible(t % n, slots);
+      visible((t / parts) % n, slots);
       const int64_t L = int64_t(slots.size());
-      e.resize(size_t(group) * std::max<int64_t>(L, 1));
+      e.resize(size_t(gp) * std::max<int64_t>(L, 1));
       const float* qs[8];
       float* outs[8];
       pointers(t, qs, outs);
-      const float* kb = kp + (t / n) * S * D;
-      const float* vb = vp + (t / n) * S * D;
-      scores_fn(qs, group, kb, slots.data(), L, D, sc, cap, e.data());
+      const float* kb = kp + (t / (n * parts)) * S * D;
+      const float* vb = vp + (t / (n * parts)) * S * D;
+      scores_part(qs, gp, kb, slots.data(), L, D, sc, cap, e.data());
       float denom[8];
-      attend_softmax(group, L, e.data(), denom);
-      values_fn(group, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs);
+      attend_softmax(gp, L, e.data(), denom);
+      values_part(gp, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs);
     }
   });
   return out;
