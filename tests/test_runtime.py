@@ -516,10 +516,12 @@ def test_quantized_rows_equal_one_token_decoding_bit_for_bit(family, tmp_path, m
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gemma2", "qwen2"])
 def test_one_call_layers_give_the_op_by_op_bits(family, tmp_path, monkeypatch) -> None:
-    """The fused C++ layer (kernels.fused_layer) against the runtime's op-by-op path on the same
-    quantized weights: prefill, a chain and a tree give the same logits and the same cache, bit
-    for bit, and the bench's phase timing still sees matmuls and attention. Models the C++
-    kernels do not cover keep the op-by-op path: biases (qwen2), heads of 8 (this llama)."""
+    """The fused C++ layers against the runtime's op-by-op path on the same quantized weights:
+    every layer in one call (kernels.run_layer_stack, a whole forward) and one call per layer
+    (kernels.fused_layer, when a forward returns a middle layer's hidden state): prefill, a
+    chain and a tree give the same logits and the same cache, bit for bit, and the bench's phase
+    timing still sees matmuls and attention. Models the C++ kernels do not cover keep the
+    op-by-op path: biases (qwen2), heads of 8 (this llama)."""
     monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
     m = quantized_native(tiny_hf_model(family))
     assert m.fused_layers == (family not in ("qwen2", "llama"))
@@ -531,24 +533,27 @@ def test_one_call_layers_give_the_op_by_op_bits(family, tmp_path, monkeypatch) -
     info = build_tree(torch.tensor([-1, 0, 0, 1, 2, 4]))
     tree_toks = torch.randint(3, 97, (6,), generator=g)
 
-    def run(fused: bool):
+    def run(fused: bool, per_layer: bool):
         m.fused_layers = fused
+        hidden = (1,) if per_layer else ()
         cache = m.new_cache(256)
         m.forward(prompt, cache, exact=False)
-        a = m.forward(chain[:1], cache).logits
-        b = m.forward(chain[1:], cache).logits
+        a = m.forward(chain[:1], cache, hidden_layers=hidden).logits
+        b = m.forward(chain[1:], cache, hidden_layers=hidden).logits
         pos = cache.length + info.depth
-        t = m.forward(tree_toks, cache, positions=pos, tree_mask=info.mask).logits
+        t = m.forward(tree_toks, cache, positions=pos, tree_mask=info.mask, hidden_layers=hidden).logits
         return a, b, t, torch.stack(cache.keys), torch.stack(cache.values)
 
-    fused, plain = run(True), run(False)
-    for x, y in zip(fused, plain):
-        assert torch.equal(x, y)
+    plain = run(False, False)
+    for fused in (run(True, False), run(True, True)):
+        for x, y in zip(fused, plain):
+            assert torch.equal(x, y)
     m.fused_layers = True
-    m.phase_seconds = {}
-    cache = m.new_cache(64)
-    m.forward(prompt[:3], cache)
-    assert m.phase_seconds["weights"] > 0 and m.phase_seconds["attention"] > 0
+    for hidden in ((), (1,)):
+        m.phase_seconds = {}
+        cache = m.new_cache(64)
+        m.forward(prompt[:3], cache, hidden_layers=hidden)
+        assert m.phase_seconds["weights"] > 0 and m.phase_seconds["attention"] > 0
     m.phase_seconds = None
 
 

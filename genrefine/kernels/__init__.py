@@ -38,6 +38,7 @@ import functools
 import hashlib
 import os
 import sys
+from collections.abc import Sequence
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,6 +453,53 @@ def fused_layer(
         *_attention_args(start, positions, tree, window, scale, softcap),
         cos, sin, int(heads), int(kv_heads), int(head_dim), bool(gelu),
         _NO_TIMING if timing is None else timing,
+    )
+
+
+def layer_stack(
+    layer_args: Sequence[tuple], heads: int, kv_heads: int, head_dim: int, gelu: bool, eps: float,
+    scale: float, softcap: float | None,
+):
+    """Every decoder layer of a quantized float32 model bound once (``layer_args``: one
+    :func:`layer_arguments` per layer), for :func:`run_layer_stack`: the same computation as
+    :func:`fused_layer` layer by layer, in one call per forward instead of one per layer."""
+    ws, a_s, cs, meta, norms = [], [], [], [], []
+    for w, a, c, m, nm in layer_args:
+        ws += w
+        a_s += a
+        cs += c
+        meta += m
+        norms += nm
+    return torch.classes.genrefine_q.LayerStack(
+        ws, a_s, cs, meta, norms, int(heads), int(kv_heads), int(head_dim), bool(gelu), float(eps),
+        float(scale), float(softcap or 0.0),
+    )
+
+
+def run_layer_stack(
+    stack,
+    x: Tensor,
+    first: int,
+    last: int,
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    start: int,
+    positions: Tensor,
+    tree: Tensor | None,
+    windows: Sequence[int],
+    ropes: Sequence[int],
+    cos: Sequence[Tensor],
+    sin: Sequence[Tensor],
+    timing: Tensor | None = None,
+) -> Tensor:
+    """``x`` through layers ``first .. last - 1`` of a :func:`layer_stack`: layer i writes its new
+    keys and values into ``keys[i]``/``values[i]`` at slots ``start ..``, attends within
+    ``windows[i]`` (0: all) and takes the rotary tables ``cos[ropes[i]]``/``sin[ropes[i]]``;
+    ``timing`` as in :func:`fused_layer`."""
+    return stack.run(
+        x, int(first), int(last), list(keys), list(values), int(start), positions.to("cpu", torch.long),
+        _NO_TREE if tree is None else tree.to("cpu", torch.bool), [int(w) for w in windows],
+        [int(r) for r in ropes], list(cos), list(sin), _NO_TIMING if timing is None else timing,
     )
 
 

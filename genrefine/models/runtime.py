@@ -22,7 +22,9 @@ from .attention import BLOCK, BlockPlan, blocked_attention, plan_blocks
 from .cache import KVCache
 from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
-from ..kernels import attend, fused_layer, layer_arguments, load_extension, rmsnorm, rope
+from ..kernels import (
+    attend, fused_layer, layer_arguments, layer_stack, load_extension, rmsnorm, rope, run_layer_stack,
+)
 from .quant import QuantWeight
 
 
@@ -127,6 +129,7 @@ class NativeModel:
         # and a test turns it off to compare with the op-by-op path
         self.fused_layers = False
         self._fused_args: dict[int, tuple] = {}
+        self._stack = None  # every layer bound once for one call per forward (see _fused_stack)
         # seconds spent in matmuls ("weights") and attention while ``phase_seconds`` is a dict
         # (the bench sets it; None: not measured)
         self.phase_seconds: dict[str, float] | None = None
@@ -389,10 +392,14 @@ class NativeModel:
         if 0 in want:
             hidden[0] = x
         run = range(c.num_layers) if layers is None else layers
-        for i in run:
-            x = self._layer(i, x, cache, start, total, rope[c.layer_rope[i]], masks[c.layer_windows[i]])
-            if (i + 1) in want and (i + 1) < c.num_layers:
-                hidden[i + 1] = x
+        whole = layers is None and not (want - {0, c.num_layers})
+        if whole and self.fused_layers and isinstance(masks[None], ExactRows):
+            x = self._fused_stack(x, cache, rope, masks[None])
+        else:
+            for i in run:
+                x = self._layer(i, x, cache, start, total, rope[c.layer_rope[i]], masks[c.layer_windows[i]])
+                if (i + 1) in want and (i + 1) < c.num_layers:
+                    hidden[i + 1] = x
         cache.length = total
         rows = x if logits_rows is None else x.index_select(0, logits_rows.to(self.device))
         logits = self.project(rows, vocab_subset) if rows.shape[0] else None
@@ -639,11 +646,35 @@ class NativeModel:
         att = self._attend(i, q, cache, total, mask)
         return self._finish_layer(i, x, att.transpose(0, 1).reshape(n, nh * hd).to(self.dtype))
 
-    def _fused_layer(
-        self, i: int, x: Tensor, cache: KVCache, start: int, rope: tuple[Tensor, Tensor], mask: ExactRows
+    def _fused_stack(
+        self, x: Tensor, cache: KVCache, rope: dict[str, tuple[Tensor, Tensor]], mask: ExactRows
     ) -> Tensor:
-        """Layer ``i`` in one C++ call (:func:`genrefine.kernels.layer`): the same kernels in the
-        same order as the op-by-op path below, so the same bits, without its Python overhead."""
+        """Every layer in one C++ call (:func:`genrefine.kernels.run_layer_stack`): what
+        :meth:`_fused_layer` does layer by layer, the same bits, without a call per layer."""
+        c = self.config
+        if self._stack is None:
+            args = [self._layer_args(i) for i in range(c.num_layers)]
+            self._stack = (
+                layer_stack(args, c.num_heads, c.num_kv_heads, c.head_dim, c.activation == "gelu_tanh",
+                            c.rms_norm_eps, c.attn_scale, c.attn_logit_softcap),
+                [int(w or 0) for w in c.layer_windows],
+                [self._rope_keys.index(r) for r in c.layer_rope],
+            )
+        stack, windows, ropes = self._stack
+        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
+        out = run_layer_stack(
+            stack, x, 0, c.num_layers, cache.keys, cache.values, mask.start, mask.positions, mask.tree,
+            windows, ropes, [rope[k][0] for k in self._rope_keys], [rope[k][1] for k in self._rope_keys],
+            timing,
+        )
+        if timing is not None:
+            ph = self.phase_seconds
+            ph["weights"] = ph.get("weights", 0.0) + float(timing[0])
+            ph["attention"] = ph.get("attention", 0.0) + float(timing[1])
+        return out
+
+    def _layer_args(self, i: int) -> tuple:
+        """:func:`genrefine.kernels.layer_arguments` of layer ``i``, built once."""
         args = self._fused_args.get(i)
         if args is None:
             lw = self.layers[i]
@@ -652,6 +683,14 @@ class NativeModel:
                 [lw.input_norm, lw.post_attn_norm, lw.pre_ffn_norm, lw.post_ffn_norm, lw.q_norm, lw.k_norm],
             )
             self._fused_args[i] = args
+        return args
+
+    def _fused_layer(
+        self, i: int, x: Tensor, cache: KVCache, start: int, rope: tuple[Tensor, Tensor], mask: ExactRows
+    ) -> Tensor:
+        """Layer ``i`` in one C++ call (:func:`genrefine.kernels.layer`): the same kernels in the
+        same order as the op-by-op path below, so the same bits, without its Python overhead."""
+        args = self._layer_args(i)
         c = self.config
         timing = None
         if self.phase_seconds is not None:
