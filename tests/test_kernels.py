@@ -224,6 +224,27 @@ def test_float16_scales_are_kept_as_float16_and_give_the_same_bits(kind: str) ->
     assert torch.equal(dequantize_rows(p, torch.arange(37)), dequantize_rows(wide, torch.arange(37)))
 
 
+@pytest.mark.skipif(not BUILT, reason="the C++ row lookup needs the extension")
+@pytest.mark.parametrize("kind", ["q8_0", "q6_k", "top", "q4_k"])
+def test_dequantized_rows_are_the_reference_bits(kind: str) -> None:
+    """An embedding lookup (kernels.dequantize_rows: C++ for 8-bit layouts) gives the PyTorch
+    arithmetic's bits for any rows, repeated and out of order, float16 or float32 scales, with
+    and without offsets; a row past the weight is an error, not a read past it."""
+    from genrefine.kernels import dequantize_rows_reference
+
+    p = random_packed(kind, 45, 128, seed=31)
+    rows = torch.tensor([44, 0, 17, 17, 31, 2])
+    got = dequantize_rows(p, rows)
+    assert got.dtype == torch.float32 and got.shape == (6, 128)
+    assert torch.equal(got, dequantize_rows_reference(p, rows))
+    half = Packed(p.w, p.a.half(), p.c, p.group, p.zero, p.signed, p.n, p.fmt, p.bits)
+    assert torch.equal(dequantize_rows(half, rows), dequantize_rows_reference(half, rows))
+    assert torch.equal(dequantize_rows(p, rows[:0]), dequantize_rows_reference(p, rows[:0]))
+    if p.bits == 8:
+        with pytest.raises(RuntimeError, match="out of range"):
+            dequantize_rows(p, torch.tensor([45]))
+
+
 def test_quant_weight_stacks_slices_and_selects_rows() -> None:
     g = torch.Generator().manual_seed(10)
     parts = [quantize_weight(torch.randn(n, 64, generator=g), f) for n, f in

@@ -183,7 +183,16 @@ def unpack_rows(p: Packed, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]
 
 
 def dequantize_rows(p: Packed, rows: Tensor) -> Tensor:
-    """The float32 weights ``a * (q - zero) - c`` of output rows ``rows`` ([r] long) -> [r, k]."""
+    """The float32 weights ``a * (q - zero) - c`` of output rows ``rows`` ([r] long) -> [r, k]
+    (8-bit layouts in C++ where the extension is loaded: the same arithmetic, the same bits;
+    it never builds the extension itself)."""
+    if p.bits == 8 and _state.get("ok") is True and rows.device.type == "cpu":
+        return torch.ops.genrefine_q.dequant_rows(p.w, p.a, p.c, rows, p.group, p.zero, p.signed, p.n)
+    return dequantize_rows_reference(p, rows)
+
+
+def dequantize_rows_reference(p: Packed, rows: Tensor) -> Tensor:
+    """:func:`dequantize_rows` in PyTorch."""
     v, a, c = unpack_rows(p, rows)
     w = a.repeat_interleave(p.group, dim=1) * v.to(torch.float32)
     if c is not None:

@@ -56,6 +56,8 @@ class QuantWeight:
     def rows(self, ids: Tensor) -> Tensor:
         """Dequantized float32 rows ``ids`` ([r] long) -> [r, k]."""
         ids = ids.to(torch.long).reshape(-1)
+        if len(self.segments) == 1:  # an embedding: no masks to build
+            return dequantize_rows(self.segments[0], ids)
         out = torch.empty(ids.shape[0], self.shape[1], dtype=torch.float32)
         start = 0
         for s in self.segments:
