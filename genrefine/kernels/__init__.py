@@ -38,8 +38,8 @@ import functools
 import hashlib
 import os
 import sys
-from collections.abc import Sequence
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
