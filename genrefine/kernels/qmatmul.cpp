@@ -351,12 +351,58 @@ __attribute__((target("avx2"), always_inline)) inline void narrow_row_sums(const
   }
 }
 
+// Two rows (xa, xb) against a sub-block's weight vectors wv, as narrow_row_sums
+template <int S, int SUM>
+__attribute__((target("avx2"), always_inline)) inline void narrow_pair_sums(const __m256i (*wv)[2], const int8_t* xa,
+                                                                            const int8_t* xb, __m256i& il0,
+                                                                            __m256i& ih0, __m256i& il1,
+                                                                            __m256i& ih1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  il0 = ih0 = il1 = ih1 = _mm256_setzero_si256();
+  for (int s0 = 0; s0 < S; s0 += SUM) {
+    __m256i sl0 = _mm256_setzero_si256(), sh0 = sl0, sl1 = sl0, sh1 = sl0;
+    for (int s = s0; s < s0 + SUM; ++s) {
+      int32_t fa, fb;
+      std::memcpy(&fa, xa + 4 * s, 4);
+      std::memcpy(&fb, xb + 4 * s, 4);
+      const __m256i ba = _mm256_set1_epi32(fa), bb = _mm256_set1_epi32(fb);
+      const __m256i w0 = wv[s][0], w1 = wv[s][1];
+      sl0 = _mm256_add_epi16(sl0, _mm256_maddubs_epi16(w0, ba));
+      sh0 = _mm256_add_epi16(sh0, _mm256_maddubs_epi16(w1, ba));
+      sl1 = _mm256_add_epi16(sl1, _mm256_maddubs_epi16(w0, bb));
+      sh1 = _mm256_add_epi16(sh1, _mm256_maddubs_epi16(w1, bb));
+    }
+    il0 = _mm256_add_epi32(il0, _mm256_madd_epi16(sl0, ones));
+    ih0 = _mm256_add_epi32(ih0, _mm256_madd_epi16(sh0, ones));
+    il1 = _mm256_add_epi32(il1, _mm256_madd_epi16(sl1, ones));
+    ih1 = _mm256_add_epi32(ih1, _mm256_madd_epi16(sh1, ones));
+  }
+}
+
+// One row's sub-block sums (il, ih: lanes 0-7, 8-15) added into its 16 accumulators ac:
+// ac + d * (a * (I - zero * X) - c * X), with the per-call terms of row and sub-block `at`
+template <bool HASC>
+__attribute__((target("avx2"), always_inline)) inline void finish_avx2(const Args& p, int64_t at, __m256i il,
+                                                                       __m256i ih, __m256 al, __m256 ah, __m256 cl,
+                                                                       __m256 ch, float* ac) {
+  const __m256i zx = _mm256_set1_epi32(p.zx[at]);  // zero * X (0 without a zero point)
+  __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(_mm256_sub_epi32(il, zx)));
+  __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(_mm256_sub_epi32(ih, zx)));
+  if (HASC) {
+    const __m256 xf = _mm256_set1_ps(p.xf[at]);
+    tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
+    th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
+  }
+  const __m256 d = _mm256_set1_ps(p.dj[at]);
+  _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
+  _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+}
+
 template <int G, int BITS, bool HASC>
 __attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   constexpr int SUM = Avx2Narrow<BITS>::SUM < S ? Avx2Narrow<BITS>::SUM : S;
   alignas(64) float acc[MCHUNK * LANES];
-  const int zz = p.zero;
   const bool prefetch = p.M <= 2;  // as in groups_avx2
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t m0 = 0; m0 < p.M; m0 += MCHUNK) {
@@ -388,7 +434,17 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, 
             wv[s][0] = narrow_vec<S, BITS>(src, s, 0, fifth);
             wv[s][1] = narrow_vec<S, BITS>(src, s, 1, fifth);
           }
-        for (int64_t m = 0; m < mc; ++m) {
+        int64_t m = 0;
+        // two rows at a time share each weight vector's load
+        for (; m + 1 < mc; m += 2) {
+          const int64_t row = m0 + m;
+          const int8_t* xp = p.xq + row * p.K + j * G;
+          __m256i il0, ih0, il1, ih1;
+          narrow_pair_sums<S, SUM>(wv, xp, xp + p.K, il0, ih0, il1, ih1);
+          finish_avx2<HASC>(p, row * p.NB + j, il0, ih0, al, ah, cl, ch, acc + m * LANES);
+          finish_avx2<HASC>(p, (row + 1) * p.NB + j, il1, ih1, al, ah, cl, ch, acc + (m + 1) * LANES);
+        }
+        for (; m < mc; ++m) {
           const int64_t row = m0 + m;
           const int8_t* xp = p.xq + row * p.K + j * G;
           __m256i il, ih;
@@ -396,23 +452,7 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, 
             narrow_row_sums<S, BITS, SUM, true>(src, wv, xp, il, ih);
           else
             narrow_row_sums<S, BITS, SUM, false>(src, wv, xp, il, ih);
-          const int X = xsum(p, row, j, G);
-          if (zz) {
-            const __m256i zx = _mm256_set1_epi32(zz * X);
-            il = _mm256_sub_epi32(il, zx);
-            ih = _mm256_sub_epi32(ih, zx);
-          }
-          __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(il));
-          __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(ih));
-          if (HASC) {
-            const __m256 xf = _mm256_set1_ps(float(X));
-            tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
-            th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
-          }
-          const __m256 d = _mm256_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
-          float* ac = acc + m * LANES;
-          _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
-          _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+          finish_avx2<HASC>(p, row * p.NB + j, il, ih, al, ah, cl, ch, acc + m * LANES);
         }
       }
       store_lanes(p, acc, m0, mc, g);
