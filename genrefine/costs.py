@@ -19,6 +19,7 @@ import json
 import math
 import re
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -266,6 +267,13 @@ def load_or_measure(model, key: str, **measure_kwargs) -> CostTable:
     if table is not None:
         return table
     context_len = int(measure_kwargs.get("context_len", 128))
+    if sys.stderr.isatty():  # 15-45 s for the embedded model on 2 cores: say what the wait is
+        print(
+            "genrefine: timing this model's forwards on this CPU for drafting decisions "
+            "(once per machine, cached) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     measured = measure_verify_cost(model, **measure_kwargs)
     table = CostTable.from_measurements(measured, key, context_len)
     table.save()

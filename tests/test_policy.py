@@ -357,6 +357,30 @@ def test_load_or_measure_caches(tmp_path, monkeypatch) -> None:
     assert len(model.calls) == calls and t1 == t2 and t1.context_len == 8
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_load_or_measure_says_what_the_wait_is_on_a_terminal(tmp_path, monkeypatch, tty) -> None:
+    """A person at a terminal learns why a first run pauses (one line, only when a table is
+    measured); logs and pipes stay as they were."""
+    import io
+    import sys
+
+    class Err(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    err = Err()
+    monkeypatch.setattr(sys, "stderr", err)
+    model = FakeModel(per_token=1e-5)
+    load_or_measure(model, "fake|cpu", sizes=(1, 2), context_len=8, repeats=1)
+    load_or_measure(model, "fake|cpu", sizes=(1, 2), context_len=8, repeats=1)  # cached: silent
+    lines = err.getvalue().splitlines()
+    if tty:
+        assert len(lines) == 1 and "timing this model's forwards" in lines[0] and "cached" in lines[0]
+    else:
+        assert lines == []
+
+
 # --------------------------------------------------------------------------- chain cut
 def steep(n: float) -> float:
     """llama.cpp-like forward times: each extra row costs 70% of a one-token step."""
