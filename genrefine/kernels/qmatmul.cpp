@@ -189,11 +189,53 @@ inline __attribute__((always_inline)) void prefetch_ahead(const Args& p, int64_t
 }
 
 // ---------------------------------------------------------------- AVX2 (maddubs; values <= 128)
+// The 16 scales (and offsets) of (group, sub-block) `at`, lanes 0-7 and 8-15, float16 ones widened
+template <bool HASC>
+__attribute__((target("avx2,f16c"), always_inline)) inline void scales_avx2(const Args& p, int64_t at, __m256& al,
+                                                                           __m256& ah, __m256& cl, __m256& ch) {
+  if (p.ah) {
+    const uint16_t* hp = p.ah + at * LANES;
+    al = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)hp));
+    ah = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hp + 8)));
+  } else {
+    al = _mm256_loadu_ps(p.a + at * LANES);
+    ah = _mm256_loadu_ps(p.a + at * LANES + 8);
+  }
+  cl = ch = _mm256_setzero_ps();
+  if (HASC) {
+    cl = _mm256_loadu_ps(p.c + at * LANES);
+    ch = _mm256_loadu_ps(p.c + at * LANES + 8);
+  }
+}
+
+// One row's sub-block sums (il, ih: lanes 0-7, 8-15) added into its 16 accumulators ac:
+// ac + d * (a * (I - zero * X) - c * X), with the per-call terms of row and sub-block `at`
+// (SUBZ: unsigned values, whose zero point comes off; signed ones are multiplied as they are)
+template <bool HASC, bool SUBZ = true>
+__attribute__((target("avx2"), always_inline)) inline void finish_avx2(const Args& p, int64_t at, __m256i il,
+                                                                       __m256i ih, __m256 al, __m256 ah, __m256 cl,
+                                                                       __m256 ch, float* ac) {
+  if (SUBZ) {
+    const __m256i zx = _mm256_set1_epi32(p.zx[at]);  // zero * X (0 without a zero point)
+    il = _mm256_sub_epi32(il, zx);
+    ih = _mm256_sub_epi32(ih, zx);
+  }
+  __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(il));
+  __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(ih));
+  if (HASC) {
+    const __m256 xf = _mm256_set1_ps(p.xf[at]);
+    tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
+    th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
+  }
+  const __m256 d = _mm256_set1_ps(p.dj[at]);
+  _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
+  _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+}
+
 template <int G, bool SIGNED, bool HASC>
 __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
   alignas(64) float acc[MCHUNK * LANES];
-  const int zz = SIGNED ? 0 : p.zero;
   const __m256i ones = _mm256_set1_epi16(1);
   // one or two rows stream the weights: a software prefetch two groups ahead (as the VNNI path
   // does) took the output layer from 18-20 to 25-26 GB/s on a 2-core AMD EPYC (Zen 3), about the
@@ -218,22 +260,8 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t
             wh[s] = _mm256_sign_epi8(wh[s], wh[s]);
           }
         }
-        __m256 al, ah;
-        if (p.ah) {
-          const uint16_t* hp = p.ah + (g * p.NB + j) * LANES;
-          al = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)hp));
-          ah = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hp + 8)));
-        } else {
-          const float* ap = p.a + (g * p.NB + j) * LANES;
-          al = _mm256_loadu_ps(ap);
-          ah = _mm256_loadu_ps(ap + 8);
-        }
-        __m256 cl = _mm256_setzero_ps(), ch = _mm256_setzero_ps();
-        if (HASC) {
-          const float* cp = p.c + (g * p.NB + j) * LANES;
-          cl = _mm256_loadu_ps(cp);
-          ch = _mm256_loadu_ps(cp + 8);
-        }
+        __m256 al, ah, cl, ch;
+        scales_avx2<HASC>(p, g * p.NB + j, al, ah, cl, ch);
         for (int64_t m = 0; m < mc; ++m) {
           const int64_t row = m0 + m;
           const int8_t* xp = p.xq + row * p.K + j * G;
@@ -253,23 +281,7 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2(const Args& p, int64_t
             il = _mm256_add_epi32(il, _mm256_madd_epi16(pl, ones));
             ih = _mm256_add_epi32(ih, _mm256_madd_epi16(ph, ones));
           }
-          const int X = xsum(p, row, j, G);
-          if (zz) {
-            const __m256i zx = _mm256_set1_epi32(zz * X);
-            il = _mm256_sub_epi32(il, zx);
-            ih = _mm256_sub_epi32(ih, zx);
-          }
-          __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(il));
-          __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(ih));
-          if (HASC) {
-            const __m256 xf = _mm256_set1_ps(float(X));
-            tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
-            th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
-          }
-          const __m256 d = _mm256_set1_ps(p.dx[row * (p.K / XBLOCK) + (j * G) / XBLOCK]);
-          float* ac = acc + m * LANES;
-          _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
-          _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
+          finish_avx2<HASC, !SIGNED>(p, row * p.NB + j, il, ih, al, ah, cl, ch, acc + m * LANES);
         }
       }
       store_lanes(p, acc, m0, mc, g);
@@ -379,25 +391,6 @@ __attribute__((target("avx2"), always_inline)) inline void narrow_pair_sums(cons
   }
 }
 
-// One row's sub-block sums (il, ih: lanes 0-7, 8-15) added into its 16 accumulators ac:
-// ac + d * (a * (I - zero * X) - c * X), with the per-call terms of row and sub-block `at`
-template <bool HASC>
-__attribute__((target("avx2"), always_inline)) inline void finish_avx2(const Args& p, int64_t at, __m256i il,
-                                                                       __m256i ih, __m256 al, __m256 ah, __m256 cl,
-                                                                       __m256 ch, float* ac) {
-  const __m256i zx = _mm256_set1_epi32(p.zx[at]);  // zero * X (0 without a zero point)
-  __m256 tl = _mm256_mul_ps(al, _mm256_cvtepi32_ps(_mm256_sub_epi32(il, zx)));
-  __m256 th = _mm256_mul_ps(ah, _mm256_cvtepi32_ps(_mm256_sub_epi32(ih, zx)));
-  if (HASC) {
-    const __m256 xf = _mm256_set1_ps(p.xf[at]);
-    tl = _mm256_sub_ps(tl, _mm256_mul_ps(cl, xf));
-    th = _mm256_sub_ps(th, _mm256_mul_ps(ch, xf));
-  }
-  const __m256 d = _mm256_set1_ps(p.dj[at]);
-  _mm256_store_ps(ac, _mm256_add_ps(_mm256_load_ps(ac), _mm256_mul_ps(d, tl)));
-  _mm256_store_ps(ac + 8, _mm256_add_ps(_mm256_load_ps(ac + 8), _mm256_mul_ps(d, th)));
-}
-
 template <int G, int BITS, bool HASC>
 __attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, int64_t g0, int64_t g1) {
   constexpr int S = G / 4;
@@ -411,22 +404,8 @@ __attribute__((target("avx2,fma,f16c"))) void groups_avx2_narrow(const Args& p, 
       for (int64_t j = 0; j < p.NB; ++j) {
         if (prefetch) prefetch_ahead(p, g, j);
         const uint8_t* src = p.w + (g * p.NB + j) * p.BB;
-        __m256 al, ah;
-        if (p.ah) {
-          const uint16_t* hp = p.ah + (g * p.NB + j) * LANES;
-          al = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)hp));
-          ah = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(hp + 8)));
-        } else {
-          const float* ap = p.a + (g * p.NB + j) * LANES;
-          al = _mm256_loadu_ps(ap);
-          ah = _mm256_loadu_ps(ap + 8);
-        }
-        __m256 cl = _mm256_setzero_ps(), ch = _mm256_setzero_ps();
-        if (HASC) {
-          const float* cp = p.c + (g * p.NB + j) * LANES;
-          cl = _mm256_loadu_ps(cp);
-          ch = _mm256_loadu_ps(cp + 8);
-        }
+        __m256 al, ah, cl, ch;
+        scales_avx2<HASC>(p, g * p.NB + j, al, ah, cl, ch);
         __m256i wv[S][2];
         if (mc > 1)
           for (int s = 0; s < S; ++s) {
