@@ -298,13 +298,16 @@ def test_rope_is_the_pytorch_expression_bit_for_bit() -> None:
 
 @pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
-def test_exact_attention_matches_float64_softmax(window, softcap) -> None:
+@pytest.mark.parametrize("H,KV", [(4, 2), (6, 2), (8, 1)])
+def test_exact_attention_matches_float64_softmax(window, softcap, H, KV) -> None:
     """kernels.attend against plain softmax attention in float64 over the keys each row sees:
-    the prefix (within the window) and, in a tree, its ancestors."""
+    the prefix (within the window) and, in a tree, its ancestors. Query heads per key/value head:
+    2, 3 and 8 (the kernels take heads four at a time); up to 30 keys per row (they take keys in
+    chunks of 16)."""
     from genrefine.kernels import attend
 
     g = torch.Generator().manual_seed(13)
-    H, KV, D, S, start = 4, 2, 32, 40, 9
+    D, S, start = 32, 40, 25
     keys, values = torch.randn(KV, S, D, generator=g), torch.randn(KV, S, D, generator=g)
     parents = [-1, 0, 0, 1, 3]  # a tree of 5 new tokens
     depth, tree = [], torch.zeros(5, 5, dtype=torch.bool)
@@ -322,11 +325,11 @@ def test_exact_attention_matches_float64_softmax(window, softcap) -> None:
             lo = 0 if window is None else max(0, int(pos[r]) - window + 1)
             slots = [s for s in range(lo, start)] + [start + j for j in range(5)
                                                       if tree[r, j] and int(pos[j]) >= lo]
-            k = keys[h // 2, slots].double()
+            k = keys[h // (H // KV), slots].double()
             s = (k @ q[h, r].double()) * D**-0.5
             if softcap:
                 s = torch.tanh(s / softcap) * softcap
-            want = torch.softmax(s, 0) @ values[h // 2, slots].double()
+            want = torch.softmax(s, 0) @ values[h // (H // KV), slots].double()
             assert torch.allclose(out[h, r].double(), want, atol=1e-5), (h, r)
 
 
@@ -352,6 +355,27 @@ def test_a_row_attended_alone_equals_that_row_among_others(window, softcap) -> N
     finally:
         torch.set_num_threads(before)
     assert torch.equal(alone[:, 0], chain[:, -1])
+
+
+@pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
+def test_keys_whose_weight_would_be_subnormal_weigh_nothing() -> None:
+    """A key scored 100 below the best has exp(-100), a subnormal float: attend counts it as 0
+    (subnormal arithmetic is slow on x86), so a value lane that is 0 for the best key and 1 for
+    the others comes out exactly 0, not ~1e-44."""
+    from genrefine.kernels import attend
+
+    D, S = 16, 9
+    keys = torch.zeros(1, S, D)
+    keys[0, 0, 0] = 100.0  # the query below scores key 0 at 100, the others at 0
+    values = torch.ones(1, S, D)
+    values[0, 0] = 0.0
+    q = torch.zeros(1, 1, D)
+    q[0, 0, 0] = 1.0
+    out = attend(q, keys, values, S - 1, torch.tensor([S - 1]), None, None, 1.0)
+    assert torch.equal(out, torch.zeros(1, 1, D))
+    keys[0, 0, 0] = 80.0  # exp(-80) is a normal float: its weight is kept
+    out = attend(q, keys, values, S - 1, torch.tensor([S - 1]), None, None, 1.0)
+    assert bool((out > 0).all()) and float(out.max()) < 1e-33
 
 
 def test_argmax_is_torchs_on_ties_nans_and_odd_sizes() -> None:

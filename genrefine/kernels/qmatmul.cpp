@@ -17,6 +17,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1017,7 +1018,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // committed prefix, then its ancestors, whose keys and values equal those sequential decoding
 // would have put in the following slots). float32 throughout, no fused multiply-adds:
 //   s_k = dot(q, k_k) * scale (16 lanes in order, then pairwise), soft-capped if asked;
-//   e_k = exp(s_k - max s); out = (sum_k e_k v_k, in order) / (sum_k e_k, in order).
+//   e_k = exp(s_k - max s), 0 where that is subnormal (under FLT_MIN);
+//   out = (sum_k e_k v_k, in order) / (sum_k e_k, in order).
 typedef float v16 __attribute__((vector_size(64)));
 
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -1065,35 +1067,48 @@ inline __attribute__((always_inline)) void attend_scores_body(
   }
 }
 
+// The keys in chunks of KEY_CHUNK: a chunk's values stay in L1 while every 16-wide block of the
+// accumulators goes through it in registers (with the keys outermost, each key's products were
+// added to accumulators loaded from and stored back to memory: the stores bounded the loop).
+// Each output lane still sums over the keys in order. acc: group * D floats of scratch.
+constexpr int64_t KEY_CHUNK = 16;
+
 template <int G>
 inline __attribute__((always_inline)) void attend_values_body(
     int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, const float* e,
     const float* denom, float* acc, float* const* outs) {
   const int gs = G > 0 ? G : group;
-  const int64_t C = D / 16;
-  std::fill(acc, acc + gs * D, 0.0f);
-  for (int64_t k = 0; k < L; ++k) {
-    const float* vr = vb + slots[k] * D;
-    for (int64_t c = 0; c < C; ++c) {
-      const v16 vv = load16(vr + 16 * c);
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(L, 1); k0 += KEY_CHUNK) {
+    const int64_t k1 = std::min(L, k0 + KEY_CHUNK);
+    for (int64_t c = 0; c < D; c += 16) {
+      v16 a[8];
+      for (int h = 0; h < gs; ++h) a[h] = k0 == 0 ? v16{} : load16(acc + h * D + c);
+      for (int64_t k = k0; k < k1; ++k) {
+        const v16 vv = load16(vb + slots[k] * D + c);
+        for (int h = 0; h < gs; ++h) a[h] = a[h] + vv * e[h * L + k];
+      }
       for (int h = 0; h < gs; ++h) {
-        v16 t = load16(acc + h * D + 16 * c) + vv * e[h * L + k];
-        std::memcpy(acc + h * D + 16 * c, &t, sizeof(t));
+        const v16 o = k1 < L ? a[h] : a[h] / denom[h];
+        std::memcpy((k1 < L ? acc + h * D : outs[h]) + c, &o, sizeof(o));
       }
     }
   }
-  for (int h = 0; h < gs; ++h)
-    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
 }
 
-// e: the scores of each head (rows of L) -> their exponentials; denom: their sums, in order
+// e: the scores of each head (rows of L) -> their exponentials; denom: their sums, in order.
+// An exponential under the smallest normal float is 0: a subnormal one weighs nothing next to
+// the largest (1), but every multiply that meets a subnormal takes a slow microcode path on x86
+// (peaked attention of a real model ran 1.5x slower). exp(x) < FLT_MIN for every x < -88, so
+// those are not computed.
 void attend_softmax(int group, int64_t L, float* e, float* denom) {
   for (int h = 0; h < group; ++h) {
     float mx = -INFINITY;
     for (int64_t k = 0; k < L; ++k) mx = std::max(mx, e[h * L + k]);
     denom[h] = 0.0f;
     for (int64_t k = 0; k < L; ++k) {
-      e[h * L + k] = std::exp(e[h * L + k] - mx);
+      const float x = e[h * L + k] - mx;
+      const float ex = x < -88.0f ? 0.0f : std::exp(x);
+      e[h * L + k] = ex < FLT_MIN ? 0.0f : ex;
       denom[h] = denom[h] + e[h * L + k];
     }
   }
@@ -1161,24 +1176,64 @@ __attribute__((target("avx2"))) void attend_scores_avx2(const float* const* qs, 
   }
 }
 
+// Four heads (h0 on; past the last head, the last one again, its output written twice with the
+// same numbers) as attend_values_body, each 16-lane block in two halves: written out, since GCC
+// stored the arrays of accumulators back to the stack on every key.
+__attribute__((target("avx2"))) void attend_values4_avx2(int gs, int h0, const float* vb, const int64_t* slots,
+                                                        int64_t L, int64_t D, const float* e, const float* denom,
+                                                        float* acc, float* const* outs) {
+  const int h1 = std::min(h0 + 1, gs - 1), h2 = std::min(h0 + 2, gs - 1), h3 = std::min(h0 + 3, gs - 1);
+  const float *e0 = e + h0 * L, *e1 = e + h1 * L, *e2 = e + h2 * L, *e3 = e + h3 * L;
+  float *a0 = acc, *a1 = acc + D, *a2 = acc + 2 * D, *a3 = acc + 3 * D;
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(L, 1); k0 += KEY_CHUNK) {
+    const int64_t k1 = std::min(L, k0 + KEY_CHUNK);
+    for (int64_t c = 0; c < D; c += 16) {
+      __m256 l0, g0, l1, g1, l2, g2, l3, g3;
+      if (k0 == 0) {
+        l0 = g0 = l1 = g1 = l2 = g2 = l3 = g3 = _mm256_setzero_ps();
+      } else {
+        l0 = _mm256_loadu_ps(a0 + c), g0 = _mm256_loadu_ps(a0 + c + 8);
+        l1 = _mm256_loadu_ps(a1 + c), g1 = _mm256_loadu_ps(a1 + c + 8);
+        l2 = _mm256_loadu_ps(a2 + c), g2 = _mm256_loadu_ps(a2 + c + 8);
+        l3 = _mm256_loadu_ps(a3 + c), g3 = _mm256_loadu_ps(a3 + c + 8);
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* vr = vb + slots[k] * D + c;
+        const __m256 vl = _mm256_loadu_ps(vr), vh = _mm256_loadu_ps(vr + 8);
+        __m256 w = _mm256_broadcast_ss(e0 + k);
+        l0 = _mm256_add_ps(l0, _mm256_mul_ps(vl, w)), g0 = _mm256_add_ps(g0, _mm256_mul_ps(vh, w));
+        w = _mm256_broadcast_ss(e1 + k);
+        l1 = _mm256_add_ps(l1, _mm256_mul_ps(vl, w)), g1 = _mm256_add_ps(g1, _mm256_mul_ps(vh, w));
+        w = _mm256_broadcast_ss(e2 + k);
+        l2 = _mm256_add_ps(l2, _mm256_mul_ps(vl, w)), g2 = _mm256_add_ps(g2, _mm256_mul_ps(vh, w));
+        w = _mm256_broadcast_ss(e3 + k);
+        l3 = _mm256_add_ps(l3, _mm256_mul_ps(vl, w)), g3 = _mm256_add_ps(g3, _mm256_mul_ps(vh, w));
+      }
+      if (k1 < L) {
+        _mm256_storeu_ps(a0 + c, l0), _mm256_storeu_ps(a0 + c + 8, g0);
+        _mm256_storeu_ps(a1 + c, l1), _mm256_storeu_ps(a1 + c + 8, g1);
+        _mm256_storeu_ps(a2 + c, l2), _mm256_storeu_ps(a2 + c + 8, g2);
+        _mm256_storeu_ps(a3 + c, l3), _mm256_storeu_ps(a3 + c + 8, g3);
+      } else {
+        __m256 dn = _mm256_set1_ps(denom[h0]);
+        _mm256_storeu_ps(outs[h0] + c, _mm256_div_ps(l0, dn)), _mm256_storeu_ps(outs[h0] + c + 8, _mm256_div_ps(g0, dn));
+        dn = _mm256_set1_ps(denom[h1]);
+        _mm256_storeu_ps(outs[h1] + c, _mm256_div_ps(l1, dn)), _mm256_storeu_ps(outs[h1] + c + 8, _mm256_div_ps(g1, dn));
+        dn = _mm256_set1_ps(denom[h2]);
+        _mm256_storeu_ps(outs[h2] + c, _mm256_div_ps(l2, dn)), _mm256_storeu_ps(outs[h2] + c + 8, _mm256_div_ps(g2, dn));
+        dn = _mm256_set1_ps(denom[h3]);
+        _mm256_storeu_ps(outs[h3] + c, _mm256_div_ps(l3, dn)), _mm256_storeu_ps(outs[h3] + c + 8, _mm256_div_ps(g3, dn));
+      }
+    }
+  }
+}
+
 template <int G>
 __attribute__((target("avx2"))) void attend_values_avx2(int group, const float* vb, const int64_t* slots, int64_t L,
                                                         int64_t D, const float* e, const float* denom, float* acc,
                                                         float* const* outs) {
   const int gs = G > 0 ? G : group;
-  std::fill(acc, acc + gs * D, 0.0f);
-  for (int64_t k = 0; k < L; ++k) {
-    const float* vr = vb + slots[k] * D;
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 vv = _mm256_loadu_ps(vr + d);
-      for (int h = 0; h < gs; ++h) {
-        float* ap = acc + h * D + d;
-        _mm256_storeu_ps(ap, _mm256_add_ps(_mm256_loadu_ps(ap), _mm256_mul_ps(vv, _mm256_set1_ps(e[h * L + k]))));
-      }
-    }
-  }
-  for (int h = 0; h < gs; ++h)
-    for (int64_t d = 0; d < D; ++d) outs[h][d] = acc[h * D + d] / denom[h];
+  for (int h0 = 0; h0 < gs; h0 += 4) attend_values4_avx2(gs, h0, vb, slots, L, D, e, denom, acc, outs);
 }
 
 std::pair<ScoresFn, ValuesFn> attend_fns_avx2(int group) {
@@ -1231,8 +1286,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
       const bool sees = is_tree ? tm[r * n + j] : j <= r;
       if (sees && pos[j] >= lo) slots.push_back(start + j);
     }
-    std::sort(slots.begin() + first_new, slots.end(),
-              [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; });
+    auto earlier = [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; };
+    if (!std::is_sorted(slots.begin() + first_new, slots.end(), earlier))  // a chain is in order
+      std::sort(slots.begin() + first_new, slots.end(), earlier);
   };
   // Fewer (key/value head, row) pairs than threads (one-token decoding with one key/value head):
   // the query heads that share a key/value head split into `parts`, one task each. Every head's
@@ -1244,8 +1300,15 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int gp = group / parts;  // query heads per task
   const auto [scores_part, values_part] =
       isa >= 2 ? attend_fns_avx512(gp) : isa == 1 ? attend_fns_avx2(gp) : attend_fns_generic(gp);
+  // Task t's row: rows taken from both ends in turn (0, n-1, 1, n-2, ...), so that the threads'
+  // contiguous shares of tasks hold as many keys each (in a chain, row r sees r + 1 of them: in
+  // order, the last thread got most of the work and the first waited).
+  auto row_of = [&](int64_t t) {
+    const int64_t i = (t / parts) % n;
+    return i % 2 == 0 ? i / 2 : n - 1 - i / 2;
+  };
   auto pointers = [&](int64_t t, const float** qs, float** outs) {
-    const int64_t kv = t / (n * parts), r = (t / parts) % n, h0 = (t % parts) * gp;
+    const int64_t kv = t / (n * parts), r = row_of(t), h0 = (t % parts) * gp;
     for (int h = 0; h < gp; ++h) {
       qs[h] = qp + ((kv * group + h0 + h) * n + r) * D;
       outs[h] = op + ((kv * group + h0 + h) * n + r) * D;
@@ -1257,9 +1320,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t tasks = KV * n * parts;
   at::parallel_for(0, tasks, work > (1 << 16) ? 1 : tasks, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> slots;
-    std::vector<float> e, acc(size_t(gp) * D);
+    std::vector<float> e, acc(size_t(std::max(gp, 4)) * D);
     for (int64_t t = t0; t < t1; ++t) {
-      visible((t / parts) % n, slots);
+      visible(row_of(t), slots);
       const int64_t L = int64_t(slots.size());
       e.resize(size_t(gp) * std::max<int64_t>(L, 1));
       const float* qs[8];
