@@ -19,7 +19,7 @@ from genrefine.models.batched import BatchItem, batches_rows, forward_batch, pla
 from genrefine.models.runtime import NativeModel
 from genrefine.types import SamplingParams
 from genrefine.verify import build_tree
-from tiny import FAMILIES, tiny_hf_model, without_exact_rows
+from tiny import FAMILIES, quantized_native, tiny_hf_model, without_exact_rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,6 +94,27 @@ def test_batched_forward_gives_each_sequence_its_own_forward(family, dtype, monk
     and cache writes are the runtime's."""
     m = native(family, dtype)
     monkeypatch.setattr(m, "_linear", _row_by_row(m))
+    _compare(m, exact=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "gemma2"])
+def test_one_call_batch_gives_each_sequence_its_own_forward(family, tmp_path, monkeypatch) -> None:
+    """Quantized weights with the C++ kernels: the batched forward runs every layer of every
+    sequence in one call (kernels.run_layer_stack_batch, not the layer-by-layer path), and each
+    sequence's logits and cache are bitwise its own forward's (a one-token step, a chain, a tree
+    and a longer chain over prefixes of different lengths)."""
+    from genrefine.kernels import load_extension
+
+    if not load_extension():
+        pytest.skip("no C++ extension on this machine: the batched forward runs layer by layer")
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    m = quantized_native(tiny_hf_model(family))
+    assert m.fused_layers and batches_rows(m)
+
+    def layer_by_layer(*args, **kwargs):
+        raise AssertionError("the batched forward went layer by layer")
+
+    monkeypatch.setattr(m, "_batched_layer", layer_by_layer)
     _compare(m, exact=True)
 
 

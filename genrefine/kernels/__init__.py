@@ -512,6 +512,37 @@ def run_layer_stack(
     )
 
 
+def run_layer_stack_batch(
+    stack,
+    x: Tensor,
+    keys: Sequence[Sequence[Tensor]],
+    values: Sequence[Sequence[Tensor]],
+    starts: Sequence[int],
+    positions: Sequence[Tensor],
+    trees: Sequence[Tensor | None],
+    sizes: Sequence[int],
+    windows: Sequence[int],
+    ropes: Sequence[int],
+    cos: Sequence[Tensor],
+    sin: Sequence[Tensor],
+    timing: Tensor | None = None,
+) -> Tensor:
+    """Every layer of a :func:`layer_stack` for the rows of several sequences in one call: ``x``
+    holds sequence b's ``sizes[b]`` rows after those of the sequences before it; everything but
+    attention runs on all rows at once, and sequence b writes and attends over its own cache
+    (``keys[b][i]``/``values[b][i]`` for layer i) at slots ``starts[b] ..`` with ``positions[b]``
+    and ``trees[b]`` (None: a chain), as :func:`run_layer_stack` does for one. ``cos``/``sin``:
+    every row's rotary tables, in the rows' order. Each sequence's rows get the bits its own
+    :func:`run_layer_stack` gives them, since every kernel is row-invariant."""
+    return stack.run_batch(
+        x, [t for per in keys for t in per], [t for per in values for t in per],
+        [int(s) for s in starts], [p.to("cpu", torch.long) for p in positions],
+        [_NO_TREE if t is None else t.to("cpu", torch.bool) for t in trees], [int(n) for n in sizes],
+        [int(w) for w in windows], [int(r) for r in ropes], list(cos), list(sin),
+        _NO_TIMING if timing is None else timing,
+    )
+
+
 def argmax(logits: Tensor) -> Tensor:
     """``logits.argmax(dim=-1)`` with the same answer (the first largest value; a NaN counts as
     largest), from the C++ kernel for float32 CPU logits: a vector max and a search per chunk of

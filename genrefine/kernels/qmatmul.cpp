@@ -1396,12 +1396,24 @@ LayerWeightSet parse_weights(at::TensorList ws, at::TensorList as, at::TensorLis
   return weights;
 }
 
-// One decoder layer; norms: six tensors (input, post-attention, pre-FFN, post-FFN, q, k)
+// One sequence's part of a layer's attention: its rows (n of them, after those of the sequences
+// before it), its cache tensors [KV, S, D] and where its new tokens go and see (as attend takes).
+struct SeqAttention {
+  const at::Tensor* keys;
+  const at::Tensor* values;
+  int64_t start;
+  const at::Tensor* positions;
+  const at::Tensor* tree;
+  int64_t n;
+};
+
+// One decoder layer; norms: six tensors (input, post-attention, pre-FFN, post-FFN, q, k). The rows
+// of x belong to the sequences `seqs` in order: everything but attention runs on all rows at
+// once (each weight read once), attention per sequence against its own cache.
 at::Tensor layer_body(const at::Tensor& x, const LayerWeightSet& weights, const at::Tensor* norms, double eps,
-                      const at::Tensor& keys, const at::Tensor& values, int64_t start, const at::Tensor& positions,
-                      const at::Tensor& tree, int64_t window, double scale, double softcap, const at::Tensor& cos,
-                      const at::Tensor& sin, int64_t nh, int64_t nkv, int64_t hd, bool gelu, double& t_weights,
-                      double& t_attention) {
+                      const std::vector<SeqAttention>& seqs, int64_t window, double scale, double softcap,
+                      const at::Tensor& cos, const at::Tensor& sin, int64_t nh, int64_t nkv, int64_t hd, bool gelu,
+                      double& t_weights, double& t_attention) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat, "layer: x must be [n, hidden] float32");
   const int64_t n = x.size(0);
   const at::Tensor &input_norm = norms[0], &post_attn = norms[1], &pre_ffn = norms[2], &post_ffn = norms[3],
@@ -1416,11 +1428,32 @@ at::Tensor layer_body(const at::Tensor& x, const LayerWeightSet& weights, const 
   q = rope(q, cos, sin);
   if (k_norm.numel()) k = rmsnorm(k, k_norm, eps);
   k = rope(k, cos, sin);
-  keys.narrow(1, start, n).copy_(k);
-  values.narrow(1, start, n).copy_(v);
-  const auto t0 = Clock::now();
-  at::Tensor att = attend(q, keys, values, start, positions, tree, window, scale, softcap);
-  t_attention += since(t0);
+  at::Tensor att;
+  if (seqs.size() == 1) {
+    const SeqAttention& sq = seqs[0];
+    check(sq.n == n, "layer: the sequence's rows must be x's");
+    sq.keys->narrow(1, sq.start, n).copy_(k);
+    sq.values->narrow(1, sq.start, n).copy_(v);
+    const auto t0 = Clock::now();
+    att = attend(q, *sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, window, scale, softcap);
+    t_attention += since(t0);
+  } else {
+    std::vector<at::Tensor> parts_att;
+    parts_att.reserve(seqs.size());
+    int64_t r0 = 0;
+    for (const SeqAttention& sq : seqs) {
+      check(sq.n >= 1 && r0 + sq.n <= n, "layer: the sequences' rows must add up to x's");
+      sq.keys->narrow(1, sq.start, sq.n).copy_(k.narrow(1, r0, sq.n));
+      sq.values->narrow(1, sq.start, sq.n).copy_(v.narrow(1, r0, sq.n));
+      const auto t0 = Clock::now();
+      parts_att.push_back(attend(q.narrow(1, r0, sq.n), *sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree,
+                                 window, scale, softcap));
+      t_attention += since(t0);
+      r0 += sq.n;
+    }
+    check(r0 == n, "layer: the sequences' rows must add up to x's");
+    att = at::cat(parts_att, 1);
+  }
   at::Tensor a = qlin(att.transpose(0, 1).reshape({n, nh * hd}), weights[1], t_weights);
   at::Tensor xr;
   if (pre_ffn.numel()) {
@@ -1455,8 +1488,9 @@ at::Tensor layer(const at::Tensor& x, at::TensorList ws, at::TensorList as, at::
   size_t at_meta = 0, at_seg = 0;
   const LayerWeightSet weights = parse_weights(ws, as, cs, meta, &at_meta, &at_seg);
   double t_weights = 0.0, t_attention = 0.0;
-  at::Tensor out = layer_body(x, weights, norms.data(), eps, keys, values, start, positions, tree, window, scale,
-                              softcap, cos, sin, nh, nkv, hd, gelu, t_weights, t_attention);
+  const std::vector<SeqAttention> seqs{SeqAttention{&keys, &values, start, &positions, &tree, x.size(0)}};
+  at::Tensor out = layer_body(x, weights, norms.data(), eps, seqs, window, scale, softcap, cos, sin, nh, nkv, hd,
+                              gelu, t_weights, t_attention);
   add_timing(timing, t_weights, t_attention);
   return out;
 }
@@ -1499,8 +1533,40 @@ struct LayerStack : torch::CustomClassHolder {
     for (int64_t i = first; i < last; ++i) {
       const int64_t r = ropes[i];
       check(0 <= r && r < int64_t(cos.size()) && cos.size() == sin.size(), "LayerStack.run: rotary index");
-      x = layer_body(x, weights[i], norms.data() + 6 * i, eps, keys[i], values[i], start, positions, tree,
-                     windows[i], scale, softcap, cos[r], sin[r], nh, nkv, hd, gelu, t_weights, t_attention);
+      const std::vector<SeqAttention> seqs{SeqAttention{&keys[i], &values[i], start, &positions, &tree, x.size(0)}};
+      x = layer_body(x, weights[i], norms.data() + 6 * i, eps, seqs, windows[i], scale, softcap, cos[r], sin[r], nh,
+                     nkv, hd, gelu, t_weights, t_attention);
+    }
+    add_timing(timing, t_weights, t_attention);
+    return x;
+  }
+
+  // Every layer for the rows of several sequences at once (a server step): x holds sequence 0's
+  // sizes[0] rows, then sequence 1's, ...; sequence b's cache tensors of layer i are keys[b * L + i]
+  // / values[b * L + i], its new tokens go to slots starts[b] .. with positions[b] and trees[b]
+  // (empty: a chain); cos / sin hold every row's rotary tables, in the same row order.
+  at::Tensor run_batch(at::Tensor x, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
+                       std::vector<int64_t> starts, std::vector<at::Tensor> positions, std::vector<at::Tensor> trees,
+                       std::vector<int64_t> sizes, std::vector<int64_t> windows, std::vector<int64_t> ropes,
+                       std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor timing) {
+    const int64_t L = int64_t(weights.size());
+    const size_t B = sizes.size();
+    check(B >= 1 && starts.size() == B && positions.size() == B && trees.size() == B,
+          "LayerStack.run_batch: a start, positions, tree and size per sequence");
+    check(keys.size() == B * size_t(L) && values.size() == B * size_t(L),
+          "LayerStack.run_batch: one cache tensor per sequence and layer");
+    check(int64_t(windows.size()) == L && int64_t(ropes.size()) == L, "LayerStack.run_batch: a window and rotary index per layer");
+    std::vector<at::Tensor> pos(B);
+    for (size_t b = 0; b < B; ++b) pos[b] = positions[b].to(at::kLong).contiguous();
+    double t_weights = 0.0, t_attention = 0.0;
+    std::vector<SeqAttention> seqs(B);
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t r = ropes[i];
+      check(0 <= r && r < int64_t(cos.size()) && cos.size() == sin.size(), "LayerStack.run_batch: rotary index");
+      for (size_t b = 0; b < B; ++b)
+        seqs[b] = SeqAttention{&keys[b * L + i], &values[b * L + i], starts[b], &pos[b], &trees[b], sizes[b]};
+      x = layer_body(x, weights[i], norms.data() + 6 * i, eps, seqs, windows[i], scale, softcap, cos[r], sin[r], nh,
+                     nkv, hd, gelu, t_weights, t_attention);
     }
     add_timing(timing, t_weights, t_attention);
     return x;
@@ -1647,7 +1713,8 @@ TORCH_LIBRARY(genrefine_q, m) {
   m.class_<LayerStack>("LayerStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<at::Tensor>, int64_t, int64_t, int64_t, bool, double, double, double>())
-      .def("run", &LayerStack::run);
+      .def("run", &LayerStack::run)
+      .def("run_batch", &LayerStack::run_batch);
   m.def("qlinear(Tensor x, Tensor w, Tensor a, Tensor c, int group, int zero, bool is_signed, int n, int bits, int isa) -> Tensor");
   m.def("quantize(Tensor x, int path=-1) -> (Tensor, Tensor, Tensor)");
   m.def("best_isa() -> int");

@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .invariance import probe_attention, probe_splits, split_linear
 from ..kernels import (
     attend, fused_layer, layer_arguments, layer_stack, load_extension, rmsnorm, rope, run_layer_stack,
+    run_layer_stack_batch,
 )
 from .quant import QuantWeight
 
@@ -442,12 +443,32 @@ class NativeModel:
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)
-        for i in range(c.num_layers):
-            x = self._batched_layer(i, x, seqs, offsets, rope[c.layer_rope[i]])
+        if self.fused_layers and all(isinstance(m[None], ExactRows) for *_, m in seqs):
+            x = self._fused_stack_batch(x, seqs, sizes, rope)
+        else:
+            for i in range(c.num_layers):
+                x = self._batched_layer(i, x, seqs, offsets, rope[c.layer_rope[i]])
         for cache, _, total, _ in seqs:
             cache.length = total
         logits = self.project(x)  # [N, V] float32
         return [logits[offsets[j] : offsets[j + 1]] for j in range(len(items))]
+
+    def _fused_stack_batch(self, x: Tensor, seqs, sizes: list[int], rope) -> Tensor:
+        """Every layer in one C++ call for the concatenated rows of several sequences
+        (:func:`genrefine.kernels.run_layer_stack_batch`): what :meth:`_batched_layer` does layer
+        by layer, with :meth:`_fused_stack`'s kernels, so each sequence's rows are those of its
+        own forward."""
+        stack, windows, ropes = self._layer_stack()
+        masks = [m[None] for *_, m in seqs]
+        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
+        out = run_layer_stack_batch(
+            stack, x, [cache.keys for cache, *_ in seqs], [cache.values for cache, *_ in seqs],
+            [m.start for m in masks], [m.positions for m in masks], [m.tree for m in masks], sizes,
+            windows, ropes, [rope[k][0] for k in self._rope_keys], [rope[k][1] for k in self._rope_keys],
+            timing,
+        )
+        self._add_timing(timing)
+        return out
 
     def _batched_layer(self, i: int, x: Tensor, seqs, offsets: list[int], rope) -> Tensor:
         """Layer ``i`` on the concatenated rows ``x`` [N, hidden]: projections and MLP over all
@@ -651,6 +672,19 @@ class NativeModel:
     ) -> Tensor:
         """Every layer in one C++ call (:func:`genrefine.kernels.run_layer_stack`): what
         :meth:`_fused_layer` does layer by layer, the same bits, without a call per layer."""
+        stack, windows, ropes = self._layer_stack()
+        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
+        out = run_layer_stack(
+            stack, x, 0, self.config.num_layers, cache.keys, cache.values, mask.start, mask.positions,
+            mask.tree, windows, ropes, [rope[k][0] for k in self._rope_keys],
+            [rope[k][1] for k in self._rope_keys], timing,
+        )
+        self._add_timing(timing)
+        return out
+
+    def _layer_stack(self) -> tuple:
+        """(:func:`genrefine.kernels.layer_stack` of every layer, each layer's window (0: all),
+        each layer's index into ``_rope_keys``), built once."""
         c = self.config
         if self._stack is None:
             args = [self._layer_args(i) for i in range(c.num_layers)]
@@ -660,18 +694,14 @@ class NativeModel:
                 [int(w or 0) for w in c.layer_windows],
                 [self._rope_keys.index(r) for r in c.layer_rope],
             )
-        stack, windows, ropes = self._stack
-        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
-        out = run_layer_stack(
-            stack, x, 0, c.num_layers, cache.keys, cache.values, mask.start, mask.positions, mask.tree,
-            windows, ropes, [rope[k][0] for k in self._rope_keys], [rope[k][1] for k in self._rope_keys],
-            timing,
-        )
+        return self._stack
+
+    def _add_timing(self, timing: Tensor | None) -> None:
+        """Seconds the C++ layers measured (float64 [matmuls, attention]) into ``phase_seconds``."""
         if timing is not None:
             ph = self.phase_seconds
             ph["weights"] = ph.get("weights", 0.0) + float(timing[0])
             ph["attention"] = ph.get("attention", 0.0) + float(timing[1])
-        return out
 
     def _layer_args(self, i: int) -> tuple:
         """:func:`genrefine.kernels.layer_arguments` of layer ``i``, built once."""
@@ -701,10 +731,7 @@ class NativeModel:
             mask.tree, mask.window, c.attn_scale, c.attn_logit_softcap, cos, sin, c.num_heads,
             c.num_kv_heads, c.head_dim, c.activation == "gelu_tanh", timing,
         )
-        if timing is not None:
-            ph = self.phase_seconds
-            ph["weights"] = ph.get("weights", 0.0) + float(timing[0])
-            ph["attention"] = ph.get("attention", 0.0) + float(timing[1])
+        self._add_timing(timing)
         return out
 
     def _attend(self, i: int, q: Tensor, cache: KVCache, total: int, mask) -> Tensor:
