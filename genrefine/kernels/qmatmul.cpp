@@ -1245,45 +1245,60 @@ std::pair<ScoresFn, ValuesFn> attend_fns_avx2(int group) {
   }
 }
 
-at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
-                  const at::Tensor& positions, const at::Tensor& tree, int64_t window, double scale,
-                  double softcap) {
-  check(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat,
-        "attend wants float32 queries, keys and values");
-  check(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "attend: q [H, n, D], keys/values [KV, S, D]");
-  const int64_t H = q.size(0), n = q.size(1), D = q.size(2), KV = keys.size(0), S = keys.size(1);
-  check(keys.size(2) == D && values.size(2) == D && H % KV == 0 && H / KV <= 8 && D % 16 == 0,
-        "attend: shapes (head size a multiple of 16, at most 8 query heads per key/value head)");
+// One sequence's rows in an attention call: rows r0 .. r0 + n - 1 of the call's queries and
+// outputs ([H, rows, D]) against its own cache (k / v: [KV, S, D]), its new tokens at slots
+// start .. with positions pos and tree mask tree ([n, n]; nullptr: a chain).
+struct AttnSeq {
+  const float* k;
+  const float* v;
+  int64_t S, start;
+  const int64_t* pos;
+  const bool* tree;
+  int64_t r0, n;
+};
+
+// The checks of one sequence's attention arguments; pos_out / tree_out keep the converted
+// tensors alive while the AttnSeq points into them.
+AttnSeq attn_seq(const at::Tensor& keys, const at::Tensor& values, int64_t start, const at::Tensor& positions,
+                 const at::Tensor& tree, int64_t r0, int64_t n, int64_t KV, int64_t D, at::Tensor& pos_out,
+                 at::Tensor& tree_out) {
+  check(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat, "attend wants float32 keys and values");
+  check(keys.dim() == 3 && values.dim() == 3 && keys.sizes() == values.sizes(), "attend: keys/values [KV, S, D]");
+  check(keys.size(0) == KV && keys.size(2) == D, "attend: keys/values must have the queries' key/value heads and head size");
   check(keys.is_contiguous() && values.is_contiguous(), "attend: keys and values must be contiguous");
-  check(positions.numel() == n && start + n <= S, "attend: positions / slots");
+  const int64_t S = keys.size(1);
+  check(positions.numel() == n && start >= 0 && start + n <= S, "attend: positions / slots");
   const bool is_tree = tree.numel() != 0;
   if (is_tree) check(tree.scalar_type() == at::kBool && tree.numel() == n * n, "attend: tree mask [n, n] bool");
-  auto qc = q.contiguous();
-  auto pos_t = positions.to(at::kLong).contiguous();
-  auto tree_t = is_tree ? tree.contiguous() : tree;
-  auto out = at::empty({H, n, D}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
-  const int64_t* pos = pos_t.data_ptr<int64_t>();
-  const bool* tm = is_tree ? tree_t.data_ptr<bool>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const float sc = float(scale), cap = float(softcap);
+  pos_out = positions.to(at::kLong).contiguous();
+  tree_out = is_tree ? tree.contiguous() : tree;
+  return AttnSeq{keys.data_ptr<float>(), values.data_ptr<float>(), S, start, pos_out.data_ptr<int64_t>(),
+                 is_tree ? tree_out.data_ptr<bool>() : nullptr, r0, n};
+}
+
+// Attention of the query rows qp ([H, rows, D], contiguous) into op (the same shape): each
+// sequence's rows against its own cache, all in one parallel loop.
+void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV, int64_t D,
+                 const std::vector<AttnSeq>& seqs, int64_t window, float sc, float cap) {
   const int group = int(H / KV);
-  int64_t most = 0;
-  for (int64_t r = 0; r < n; ++r) most = std::max(most, pos[r] + 1);
+  int64_t work = 0;
+  for (const AttnSeq& sq : seqs) {
+    int64_t most = 0;
+    for (int64_t r = 0; r < sq.n; ++r) most = std::max(most, sq.pos[r] + 1);
+    work += H * sq.n * std::max<int64_t>(most, 1) * D;
+  }
   const int64_t isa = best_isa();
-  const int64_t work = H * n * std::max<int64_t>(most, 1) * D;
-  // the slots row r sees, in position order: the prefix within the window, then the new tokens
-  // it sees (a chain: j <= r; a tree: its ancestors)
-  auto visible = [&](int64_t r, std::vector<int64_t>& slots) {
-    const int64_t p = pos[r];
+  // the slots row r of sq sees, in position order: the prefix within the window, then the new
+  // tokens it sees (a chain: j <= r; a tree: its ancestors)
+  auto visible = [&](const AttnSeq& sq, int64_t r, std::vector<int64_t>& slots) {
+    const int64_t* pos = sq.pos;
+    const int64_t p = pos[r], start = sq.start;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
     slots.clear();
     for (int64_t sl = lo; sl < std::min(start, p + 1); ++sl) slots.push_back(sl);
     const size_t first_new = slots.size();
-    for (int64_t j = 0; j < n; ++j) {
-      const bool sees = is_tree ? tm[r * n + j] : j <= r;
+    for (int64_t j = 0; j < sq.n; ++j) {
+      const bool sees = sq.tree ? sq.tree[r * sq.n + j] : j <= r;
       if (sees && pos[j] >= lo) slots.push_back(start + j);
     }
     auto earlier = [&](int64_t a, int64_t b) { return pos[a - start] < pos[b - start]; };
@@ -1296,46 +1311,70 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t threads = at::get_num_threads();
   int parts = 1;
   if (work > (1 << 16))
-    while (KV * n * parts < threads && group % (parts * 2) == 0) parts *= 2;
+    while (KV * rows * parts < threads && group % (parts * 2) == 0) parts *= 2;
   const int gp = group / parts;  // query heads per task
   const auto [scores_part, values_part] =
       isa >= 2 ? attend_fns_avx512(gp) : isa == 1 ? attend_fns_avx2(gp) : attend_fns_generic(gp);
-  // Task t's row: rows taken from both ends in turn (0, n-1, 1, n-2, ...), so that the threads'
-  // contiguous shares of tasks hold as many keys each (in a chain, row r sees r + 1 of them: in
-  // order, the last thread got most of the work and the first waited).
-  auto row_of = [&](int64_t t) {
-    const int64_t i = (t / parts) % n;
-    return i % 2 == 0 ? i / 2 : n - 1 - i / 2;
-  };
-  auto pointers = [&](int64_t t, const float** qs, float** outs) {
-    const int64_t kv = t / (n * parts), r = row_of(t), h0 = (t % parts) * gp;
-    for (int h = 0; h < gp; ++h) {
-      qs[h] = qp + ((kv * group + h0 + h) * n + r) * D;
-      outs[h] = op + ((kv * group + h0 + h) * n + r) * D;
-    }
-  };
+  // the tasks of sequence b: first[b] .. first[b + 1] - 1, KV * n * parts of them
+  std::vector<int64_t> first(seqs.size() + 1, 0);
+  for (size_t b = 0; b < seqs.size(); ++b) first[b + 1] = first[b] + KV * seqs[b].n * parts;
   // rows on all threads from about 64K multiply-adds on (a few microseconds of one core); at 1M
   // (before) a 13-row verification over 80 keys ran on one core: 2.0 -> 1.2 ms per forward of
   // the embedded model, 2 threads
-  const int64_t tasks = KV * n * parts;
+  const int64_t tasks = first.back();
   at::parallel_for(0, tasks, work > (1 << 16) ? 1 : tasks, [&](int64_t t0, int64_t t1) {
     std::vector<int64_t> slots;
     std::vector<float> e, acc(size_t(std::max(gp, 4)) * D);
+    size_t b = 0;
     for (int64_t t = t0; t < t1; ++t) {
-      visible(row_of(t), slots);
+      while (first[b + 1] <= t) ++b;
+      const AttnSeq& sq = seqs[b];
+      const int64_t u = t - first[b], n = sq.n;
+      // the row: rows taken from both ends in turn (0, n-1, 1, n-2, ...), so that the threads'
+      // contiguous shares of tasks hold as many keys each (in a chain, row r sees r + 1 of them:
+      // in order, the last thread got most of the work and the first waited)
+      const int64_t i = (u / parts) % n;
+      const int64_t r = i % 2 == 0 ? i / 2 : n - 1 - i / 2;
+      const int64_t kv = u / (n * parts), h0 = (u % parts) * gp;
+      visible(sq, r, slots);
       const int64_t L = int64_t(slots.size());
       e.resize(size_t(gp) * std::max<int64_t>(L, 1));
       const float* qs[8];
       float* outs[8];
-      pointers(t, qs, outs);
-      const float* kb = kp + (t / (n * parts)) * S * D;
-      const float* vb = vp + (t / (n * parts)) * S * D;
+      for (int h = 0; h < gp; ++h) {
+        qs[h] = qp + ((kv * group + h0 + h) * rows + sq.r0 + r) * D;
+        outs[h] = op + ((kv * group + h0 + h) * rows + sq.r0 + r) * D;
+      }
+      const float* kb = sq.k + kv * sq.S * D;
+      const float* vb = sq.v + kv * sq.S * D;
       scores_part(qs, gp, kb, slots.data(), L, D, sc, cap, e.data());
       float denom[8];
       attend_softmax(gp, L, e.data(), denom);
       values_part(gp, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs);
     }
   });
+}
+
+void check_queries(const at::Tensor& q, int64_t KV) {
+  check(q.scalar_type() == at::kFloat, "attend wants float32 queries, keys and values");
+  check(q.dim() == 3, "attend: q [H, n, D], keys/values [KV, S, D]");
+  const int64_t H = q.size(0), D = q.size(2);
+  check(KV > 0 && H % KV == 0 && H / KV <= 8 && D % 16 == 0,
+        "attend: shapes (head size a multiple of 16, at most 8 query heads per key/value head)");
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
+                  const at::Tensor& positions, const at::Tensor& tree, int64_t window, double scale,
+                  double softcap) {
+  check(keys.dim() == 3, "attend: q [H, n, D], keys/values [KV, S, D]");
+  const int64_t KV = keys.size(0);
+  check_queries(q, KV);
+  const int64_t H = q.size(0), n = q.size(1), D = q.size(2);
+  at::Tensor pos_t, tree_t;
+  const std::vector<AttnSeq> seqs{attn_seq(keys, values, start, positions, tree, 0, n, KV, D, pos_t, tree_t)};
+  auto qc = q.contiguous();
+  auto out = at::empty({H, n, D}, q.options());
+  attend_rows(qc.data_ptr<float>(), out.data_ptr<float>(), n, H, KV, D, seqs, window, float(scale), float(softcap));
   return out;
 }
 
@@ -1438,21 +1477,27 @@ at::Tensor layer_body(const at::Tensor& x, const LayerWeightSet& weights, const 
     att = attend(q, *sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, window, scale, softcap);
     t_attention += since(t0);
   } else {
-    std::vector<at::Tensor> parts_att;
-    parts_att.reserve(seqs.size());
+    // every sequence's attention in one parallel loop
+    std::vector<AttnSeq> rows(seqs.size());
+    std::vector<at::Tensor> held(2 * seqs.size());
     int64_t r0 = 0;
-    for (const SeqAttention& sq : seqs) {
+    for (size_t b = 0; b < seqs.size(); ++b) {
+      const SeqAttention& sq = seqs[b];
       check(sq.n >= 1 && r0 + sq.n <= n, "layer: the sequences' rows must add up to x's");
       sq.keys->narrow(1, sq.start, sq.n).copy_(k.narrow(1, r0, sq.n));
       sq.values->narrow(1, sq.start, sq.n).copy_(v.narrow(1, r0, sq.n));
-      const auto t0 = Clock::now();
-      parts_att.push_back(attend(q.narrow(1, r0, sq.n), *sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree,
-                                 window, scale, softcap));
-      t_attention += since(t0);
+      rows[b] = attn_seq(*sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, r0, sq.n, nkv, hd, held[2 * b],
+                         held[2 * b + 1]);
       r0 += sq.n;
     }
     check(r0 == n, "layer: the sequences' rows must add up to x's");
-    att = at::cat(parts_att, 1);
+    check_queries(q, nkv);
+    const auto t0 = Clock::now();
+    auto qc = q.contiguous();
+    att = at::empty({nh, n, hd}, q.options());
+    attend_rows(qc.data_ptr<float>(), att.data_ptr<float>(), n, nh, nkv, hd, rows, window, float(scale),
+                float(softcap));
+    t_attention += since(t0);
   }
   at::Tensor a = qlin(att.transpose(0, 1).reshape({n, nh * hd}), weights[1], t_weights);
   at::Tensor xr;
