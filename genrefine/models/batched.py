@@ -18,8 +18,9 @@ greedy output stays exactly what each request gets alone. ``mode="always"`` batc
 (faster, equal only up to rounding).
 
 The concatenated forward itself is :meth:`NativeModel.forward_batch` (its layer body is
-``NativeModel._layer``'s, made of the same pieces); this module decides when rows are batched
-and in which groups. The tests check bit for bit that a batched forward gives every sequence what
+``NativeModel._layer``'s, made of the same pieces; with quantized weights and the C++ kernels,
+every layer of every sequence in one call); this module decides when rows are batched and in
+which groups. The tests check bit for bit that a batched forward gives every sequence what
 ``model.forward`` gives it.
 """
 

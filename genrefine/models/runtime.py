@@ -460,7 +460,7 @@ class NativeModel:
         own forward."""
         stack, windows, ropes = self._layer_stack()
         masks = [m[None] for *_, m in seqs]
-        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
+        timing = self._new_timing()
         out = run_layer_stack_batch(
             stack, x, [cache.keys for cache, *_ in seqs], [cache.values for cache, *_ in seqs],
             [m.start for m in masks], [m.positions for m in masks], [m.tree for m in masks], sizes,
@@ -673,7 +673,7 @@ class NativeModel:
         """Every layer in one C++ call (:func:`genrefine.kernels.run_layer_stack`): what
         :meth:`_fused_layer` does layer by layer, the same bits, without a call per layer."""
         stack, windows, ropes = self._layer_stack()
-        timing = torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
+        timing = self._new_timing()
         out = run_layer_stack(
             stack, x, 0, self.config.num_layers, cache.keys, cache.values, mask.start, mask.positions,
             mask.tree, windows, ropes, [rope[k][0] for k in self._rope_keys],
@@ -695,6 +695,11 @@ class NativeModel:
                 [self._rope_keys.index(r) for r in c.layer_rope],
             )
         return self._stack
+
+    def _new_timing(self) -> Tensor | None:
+        """What the C++ layers add their seconds to (float64 [matmuls, attention]) while
+        ``phase_seconds`` is measured, else None."""
+        return torch.zeros(2, dtype=torch.float64) if self.phase_seconds is not None else None
 
     def _add_timing(self, timing: Tensor | None) -> None:
         """Seconds the C++ layers measured (float64 [matmuls, attention]) into ``phase_seconds``."""
@@ -722,9 +727,7 @@ class NativeModel:
         same order as the op-by-op path below, so the same bits, without its Python overhead."""
         args = self._layer_args(i)
         c = self.config
-        timing = None
-        if self.phase_seconds is not None:
-            timing = torch.zeros(2, dtype=torch.float64)
+        timing = self._new_timing()
         cos, sin = rope
         out = fused_layer(
             x, args, c.rms_norm_eps, cache.keys[i], cache.values[i], mask.start, mask.positions,
