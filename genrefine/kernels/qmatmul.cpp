@@ -1467,38 +1467,27 @@ at::Tensor layer_body(const at::Tensor& x, const LayerWeightSet& weights, const 
   q = rope(q, cos, sin);
   if (k_norm.numel()) k = rmsnorm(k, k_norm, eps);
   k = rope(k, cos, sin);
-  at::Tensor att;
-  if (seqs.size() == 1) {
-    const SeqAttention& sq = seqs[0];
-    check(sq.n == n, "layer: the sequence's rows must be x's");
-    sq.keys->narrow(1, sq.start, n).copy_(k);
-    sq.values->narrow(1, sq.start, n).copy_(v);
-    const auto t0 = Clock::now();
-    att = attend(q, *sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, window, scale, softcap);
-    t_attention += since(t0);
-  } else {
-    // every sequence's attention in one parallel loop
-    std::vector<AttnSeq> rows(seqs.size());
-    std::vector<at::Tensor> held(2 * seqs.size());
-    int64_t r0 = 0;
-    for (size_t b = 0; b < seqs.size(); ++b) {
-      const SeqAttention& sq = seqs[b];
-      check(sq.n >= 1 && r0 + sq.n <= n, "layer: the sequences' rows must add up to x's");
-      sq.keys->narrow(1, sq.start, sq.n).copy_(k.narrow(1, r0, sq.n));
-      sq.values->narrow(1, sq.start, sq.n).copy_(v.narrow(1, r0, sq.n));
-      rows[b] = attn_seq(*sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, r0, sq.n, nkv, hd, held[2 * b],
-                         held[2 * b + 1]);
-      r0 += sq.n;
-    }
-    check(r0 == n, "layer: the sequences' rows must add up to x's");
-    check_queries(q, nkv);
-    const auto t0 = Clock::now();
-    auto qc = q.contiguous();
-    att = at::empty({nh, n, hd}, q.options());
-    attend_rows(qc.data_ptr<float>(), att.data_ptr<float>(), n, nh, nkv, hd, rows, window, float(scale),
-                float(softcap));
-    t_attention += since(t0);
+  // the new keys and values into each sequence's cache; every sequence's attention in one loop
+  std::vector<AttnSeq> rows(seqs.size());
+  std::vector<at::Tensor> held(2 * seqs.size());
+  int64_t r0 = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const SeqAttention& sq = seqs[b];
+    check(sq.n >= 1 && r0 + sq.n <= n, "layer: the sequences' rows must add up to x's");
+    sq.keys->narrow(1, sq.start, sq.n).copy_(k.narrow(1, r0, sq.n));
+    sq.values->narrow(1, sq.start, sq.n).copy_(v.narrow(1, r0, sq.n));
+    rows[b] = attn_seq(*sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, r0, sq.n, nkv, hd, held[2 * b],
+                       held[2 * b + 1]);
+    r0 += sq.n;
   }
+  check(r0 == n, "layer: the sequences' rows must add up to x's");
+  check_queries(q, nkv);
+  const auto t0 = Clock::now();
+  auto qc = q.contiguous();
+  at::Tensor att = at::empty({nh, n, hd}, q.options());
+  attend_rows(qc.data_ptr<float>(), att.data_ptr<float>(), n, nh, nkv, hd, rows, window, float(scale),
+              float(softcap));
+  t_attention += since(t0);
   at::Tensor a = qlin(att.transpose(0, 1).reshape({n, nh * hd}), weights[1], t_weights);
   at::Tensor xr;
   if (pre_ffn.numel()) {
@@ -1571,19 +1560,9 @@ struct LayerStack : torch::CustomClassHolder {
                  std::vector<at::Tensor> sin, at::Tensor timing) {
     const int64_t L = int64_t(weights.size());
     check(0 <= first && first <= last && last <= L, "LayerStack.run: layers out of range");
-    check(int64_t(keys.size()) == L && int64_t(values.size()) == L && int64_t(windows.size()) == L &&
-              int64_t(ropes.size()) == L,
-          "LayerStack.run: one cache tensor, window and rotary index per layer");
-    double t_weights = 0.0, t_attention = 0.0;
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t r = ropes[i];
-      check(0 <= r && r < int64_t(cos.size()) && cos.size() == sin.size(), "LayerStack.run: rotary index");
-      const std::vector<SeqAttention> seqs{SeqAttention{&keys[i], &values[i], start, &positions, &tree, x.size(0)}};
-      x = layer_body(x, weights[i], norms.data() + 6 * i, eps, seqs, windows[i], scale, softcap, cos[r], sin[r], nh,
-                     nkv, hd, gelu, t_weights, t_attention);
-    }
-    add_timing(timing, t_weights, t_attention);
-    return x;
+    check(int64_t(keys.size()) == L && int64_t(values.size()) == L, "LayerStack.run: one cache tensor per layer");
+    return layers(x, first, last, keys, values, {start}, {positions}, {tree}, {x.size(0)}, windows, ropes, cos, sin,
+                  timing);
   }
 
   // Every layer for the rows of several sequences at once (a server step): x holds sequence 0's
@@ -1595,19 +1574,32 @@ struct LayerStack : torch::CustomClassHolder {
                        std::vector<int64_t> sizes, std::vector<int64_t> windows, std::vector<int64_t> ropes,
                        std::vector<at::Tensor> cos, std::vector<at::Tensor> sin, at::Tensor timing) {
     const int64_t L = int64_t(weights.size());
+    check(keys.size() == sizes.size() * size_t(L) && values.size() == sizes.size() * size_t(L),
+          "LayerStack.run_batch: one cache tensor per sequence and layer");
+    return layers(x, 0, L, keys, values, starts, positions, trees, sizes, windows, ropes, cos, sin, timing);
+  }
+
+ private:
+  // layers first .. last - 1 for the sequences of run_batch (run: one sequence); sequence b's
+  // cache tensors of layer i are keys[b * L + i] / values[b * L + i]
+  at::Tensor layers(at::Tensor x, int64_t first, int64_t last, const std::vector<at::Tensor>& keys,
+                    const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
+                    const std::vector<at::Tensor>& positions, const std::vector<at::Tensor>& trees,
+                    const std::vector<int64_t>& sizes, const std::vector<int64_t>& windows,
+                    const std::vector<int64_t>& ropes, const std::vector<at::Tensor>& cos,
+                    const std::vector<at::Tensor>& sin, const at::Tensor& timing) {
+    const int64_t L = int64_t(weights.size());
     const size_t B = sizes.size();
     check(B >= 1 && starts.size() == B && positions.size() == B && trees.size() == B,
-          "LayerStack.run_batch: a start, positions, tree and size per sequence");
-    check(keys.size() == B * size_t(L) && values.size() == B * size_t(L),
-          "LayerStack.run_batch: one cache tensor per sequence and layer");
-    check(int64_t(windows.size()) == L && int64_t(ropes.size()) == L, "LayerStack.run_batch: a window and rotary index per layer");
+          "LayerStack: a start, positions, tree and size per sequence");
+    check(int64_t(windows.size()) == L && int64_t(ropes.size()) == L, "LayerStack: a window and rotary index per layer");
     std::vector<at::Tensor> pos(B);
     for (size_t b = 0; b < B; ++b) pos[b] = positions[b].to(at::kLong).contiguous();
     double t_weights = 0.0, t_attention = 0.0;
     std::vector<SeqAttention> seqs(B);
-    for (int64_t i = 0; i < L; ++i) {
+    for (int64_t i = first; i < last; ++i) {
       const int64_t r = ropes[i];
-      check(0 <= r && r < int64_t(cos.size()) && cos.size() == sin.size(), "LayerStack.run_batch: rotary index");
+      check(0 <= r && r < int64_t(cos.size()) && cos.size() == sin.size(), "LayerStack: rotary index");
       for (size_t b = 0; b < B; ++b)
         seqs[b] = SeqAttention{&keys[b * L + i], &values[b * L + i], starts[b], &pos[b], &trees[b], sizes[b]};
       x = layer_body(x, weights[i], norms.data() + 6 * i, eps, seqs, windows[i], scale, softcap, cos[r], sin[r], nh,
