@@ -378,13 +378,23 @@ def test_keys_whose_weight_would_be_subnormal_weigh_nothing() -> None:
     assert bool((out > 0).all()) and float(out.max()) < 1e-33
 
 
-def test_argmax_is_torchs_on_ties_nans_and_odd_sizes() -> None:
+@pytest.mark.parametrize("path", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
+def test_argmax_is_torchs_on_ties_nans_and_odd_sizes(path: int) -> None:
     """kernels.argmax gives torch.argmax's answer: the first largest value, a NaN as the largest
-    (the first NaN), rows of -inf, sizes that are not multiples of the vector or chunk width."""
-    from genrefine.kernels import argmax
+    (the first NaN), rows of -inf, sizes that are not multiples of the vector or chunk width;
+    on each of the C++ kernel's paths (scalar, AVX2, AVX-512) this CPU can run."""
+    from genrefine.kernels import argmax as best_argmax
 
     if not BUILT:
         pytest.skip("no C++ extension on this machine")
+    if path > min(int(torch.ops.genrefine_q.best_isa()), 2):
+        pytest.skip(f"this CPU has no {['', 'AVX2', 'AVX-512 VNNI'][path]}")
+
+    def argmax(x):  # this path's answer; kernels.argmax (the best path) must agree with it
+        out = torch.ops.genrefine_q.argmax_rows(x.reshape(-1, x.shape[-1]), path).reshape(x.shape[:-1])
+        assert torch.equal(best_argmax(x), out)
+        return out
+
     g = torch.Generator().manual_seed(16)
     for trial in range(60):
         m, v = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 40000, (1,), generator=g))
