@@ -8,6 +8,12 @@ of Spec-Bench questions, one per category first) and measures
 * throughput: completion tokens of all requests / wall time from the first send to the last reply;
 * median latency: per request, from its send to its complete reply.
 
+The methods run level by level (all methods at one level, then the next level), each level's
+order rotated from the last, so a slow drift of the host's speed does not fall on one method.
+``--rounds N`` runs every level N times, each round in another order, and reports the median
+round per method and level with the range beside it: on a shared 2-core host one run of the
+same method at 16 clients varies by 10-15%, more than the differences being measured.
+
 By default ``ar`` batching (plain decoding, one forward per step for the whole batch), ``pld``
 and ``auto`` (which weighs the batch: it drafts less, or not at all, when the shared forward is
 full) are compared; ``--methods best`` compares ``ar`` with the best of ``--candidates`` instead,
@@ -19,6 +25,7 @@ method per level and ``auto`` against the best of the others.
     python benchmarks/bench_server.py                        # 1, 2, 4, 8, 16 clients; ar, pld, auto
     python benchmarks/bench_server.py --quick                # smoke test: 1, 2 clients, short
     python benchmarks/bench_server.py --methods ar,pld --json out/server.json
+    python benchmarks/bench_server.py --clients 16 --rounds 3     # medians of 3 rounds
 
 Figures on a shared CPU are noisy; run it on an idle machine for numbers worth quoting.
 """
@@ -59,6 +66,7 @@ class Level:
     steps: int = 0  # target forwards after the prefills, summed over the requests (usage)
     drafted: int = 0  # draft tokens sent to verification, summed (usage.speculative)
     decoded: float = 0.0  # tokens those steps emitted (tokens per step x steps), summed
+    round: int = 0  # which of --rounds (0-based)
 
 
 def prompts(n: int) -> list[str]:
@@ -133,13 +141,26 @@ def run_level(s: LiveServer, method: str, clients: int, reqs: list[str], max_tok
                  sum((x.get("tokens_per_step") or 0.0) * x.get("steps", 0) for x in spec)), texts
 
 
+def run_order(methods: list[str], level_index: int, round_index: int) -> list[str]:
+    """The methods' order at one level of one round: rotated by one per level and per round,
+    so that each method runs early and late alike (the first level of the first round keeps
+    ``methods``' order: its first method's replies are the reference texts)."""
+    k = (level_index + round_index) % len(methods)
+    return methods[k:] + methods[:k]
+
+
 def summarize(rows: list[Level], methods: list[str], levels: list[int]) -> list[dict]:
-    """Per level: tokens/s of each method and, when ``auto`` ran beside others, ``auto`` over the
-    fastest of the others (``auto_vs_best``, 1.0 = as fast)."""
-    rate = {(r.method, r.clients): r.tokens_per_s for r in rows}
+    """Per level: the median over rounds of each method's tokens/s (``tokens_per_s``), their
+    range (``range``: [min, max]) and, when ``auto`` ran beside others, ``auto``'s median over
+    the fastest of the others' (``auto_vs_best``, 1.0 = as fast)."""
+    runs: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        runs.setdefault((r.method, r.clients), []).append(r.tokens_per_s)
     out = []
     for c in levels:
-        row: dict = {"clients": c, "tokens_per_s": {m: rate[m, c] for m in methods if (m, c) in rate}}
+        row: dict = {"clients": c,
+                     "tokens_per_s": {m: statistics.median(runs[m, c]) for m in methods if (m, c) in runs},
+                     "range": {m: [min(runs[m, c]), max(runs[m, c])] for m in methods if (m, c) in runs}}
         others = [v for m, v in row["tokens_per_s"].items() if m != "auto"]
         if "auto" in row["tokens_per_s"] and others:
             row["auto_vs_best"] = row["tokens_per_s"]["auto"] / max(others)
@@ -150,12 +171,23 @@ def summarize(rows: list[Level], methods: list[str], levels: list[int]) -> list[
 def summary_table(summary: list[dict], methods: list[str]) -> str:
     """The Markdown table of :func:`summarize`: one row per level, one column per method."""
     vs = any("auto_vs_best" in row for row in summary)
+    rounds = any(lo != hi for row in summary for lo, hi in row.get("range", {}).values())
     others = " / ".join(f"`{m}`" for m in methods if m != "auto")
     head = "| clients | " + " | ".join(f"`{m}` tokens/s" for m in methods)
     head += f" | `auto` vs best of {others} |" if vs else " |"
     lines = [head, "| ---: |" + " ---: |" * (len(methods) + vs)]
+
+    def cell(row, m):
+        if m not in row["tokens_per_s"]:
+            return "-"
+        text = f"{row['tokens_per_s'][m]:.1f}"
+        if rounds and m in row.get("range", {}):
+            lo, hi = row["range"][m]
+            text += f" ({lo:.1f}-{hi:.1f})"
+        return text
+
     for row in summary:
-        cells = [f"{row['tokens_per_s'][m]:.1f}" if m in row["tokens_per_s"] else "-" for m in methods]
+        cells = [cell(row, m) for m in methods]
         if vs:
             cells.append(f"{row['auto_vs_best']:.2f}x" if "auto_vs_best" in row else "-")
         lines.append(f"| {row['clients']} | " + " | ".join(cells) + " |")
@@ -178,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --methods best: speculative methods to pick the best from (one "
                         "client, 4 requests)")
     p.add_argument("--batching", default="auto", choices=["auto", "always", "never"])
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every level this many times, in rotated method orders, and report "
+                        "medians with their range (default 1)")
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--quick", action="store_true", help="smoke test: 1, 2 clients, 4 requests, 24 tokens")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.requests, args.max_tokens = "1,2", 4, 24
     levels = [int(c) for c in args.clients.split(",")]
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
 
     import torch
 
@@ -218,29 +255,35 @@ def main(argv: list[str] | None = None) -> int:
             methods = ["ar", max(picks, key=picks.get)]
         rows: list[Level] = []
         reference = None
-        for m in methods:
-            for c in levels:
-                lvl, texts = run_level(s, m, c, reqs, args.max_tokens, reference)
-                if reference is None:  # ar (or the first method) with the fewest clients
-                    reference = texts
-                    lvl.same_as_ar = lvl.requests
-                rows.append(lvl)
-                print(f"  {m} x{c}: {lvl.tokens_per_s:.1f} tokens/s, median latency "
-                      f"{lvl.median_latency_s:.2f} s", file=sys.stderr)
+        for i, c in enumerate(levels):
+            for r in range(args.rounds):
+                for m in run_order(methods, i, r):
+                    lvl, texts = run_level(s, m, c, reqs, args.max_tokens, reference)
+                    lvl.round = r
+                    if reference is None:  # the first method at the first level
+                        reference = texts
+                        lvl.same_as_ar = lvl.requests
+                    rows.append(lvl)
+                    tag = f" (round {r + 1})" if args.rounds > 1 else ""
+                    print(f"  {m} x{c}{tag}: {lvl.tokens_per_s:.1f} tokens/s, median latency "
+                          f"{lvl.median_latency_s:.2f} s", file=sys.stderr)
     finally:
         s.close()
 
     print(f"\nmodel {gen.name}, {str(gen.model.dtype).replace('torch.', '')}, {gen.model.device}; "
-          f"CPU {cpu}; {args.requests} requests per level, {args.max_tokens} tokens each, greedy")
+          f"CPU {cpu}; {args.requests} requests per level, {args.max_tokens} tokens each, greedy"
+          + (f"; median of {args.rounds} rounds (range)" if args.rounds > 1 else ""))
     summary = summarize(rows, methods, levels)
     print()
     print(summary_table(summary, methods))
-    print(f"\n| method | clients | requests | tokens | tokens/s | median latency (s) | tokens/step | "
-          f"drafted/step | same text as {methods[0]} x{levels[0]} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows.sort(key=lambda r: (methods.index(r.method), levels.index(r.clients), r.round))
+    rnd = args.rounds > 1
+    print(f"\n| method | clients |{' round |' if rnd else ''} requests | tokens | tokens/s | median latency (s) | "
+          f"tokens/step | drafted/step | same text as {methods[0]} x{levels[0]} |")
+    print("| --- | ---: |" + (" ---: |" if rnd else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         per = (lambda x: f"{x / r.steps:.2f}") if r.steps else (lambda x: "-")
-        print(f"| {r.method} | {r.clients} | {r.requests} | {r.tokens} | {r.tokens_per_s:.1f} | "
+        print(f"| {r.method} | {r.clients} |{f' {r.round + 1} |' if rnd else ''} {r.requests} | {r.tokens} | {r.tokens_per_s:.1f} | "
               f"{r.median_latency_s:.2f} | {per(r.decoded)} | {per(r.drafted)} | {r.same_as_ar}/{r.requests} |")
     if "auto" in methods and len(methods) > 1:
         ok = all(row["auto_vs_best"] >= 1.0 for row in summary)
@@ -250,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"command": "python benchmarks/bench_server.py " + " ".join(argv or sys.argv[1:]),
                "model": gen.name, "dtype": str(gen.model.dtype), "device": str(gen.model.device),
                "cpu": cpu_model(), "threads": torch.get_num_threads(),
-               "requests": args.requests, "max_tokens": args.max_tokens,
+               "requests": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
                "summary": summary, "levels": [asdict(r) for r in rows]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
