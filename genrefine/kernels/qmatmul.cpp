@@ -1669,6 +1669,29 @@ struct Best {
   bool nan;
 };
 
+// what the vector paths leave to scalar code: the largest of m and x[i .. n) that is not a NaN
+// (nan becomes true on a NaN), the first NaN's index, and the first index from i with x == m
+// (0 when there is none: only for an empty chunk)
+inline float rest_max(const float* x, int64_t i, int64_t n, float m, bool& nan) {
+  for (int64_t t = i; t < n; ++t) {
+    if (x[t] != x[t]) nan = true;
+    else if (x[t] > m) m = x[t];
+  }
+  return m;
+}
+
+inline int64_t first_nan(const float* x, int64_t n) {
+  for (int64_t t = 0; t < n; ++t)
+    if (x[t] != x[t]) return t;
+  return 0;
+}
+
+inline int64_t first_equal(const float* x, int64_t i, int64_t n, float m) {
+  for (int64_t t = i; t < n; ++t)
+    if (x[t] == m) return t;
+  return 0;
+}
+
 __attribute__((target("avx512f"))) Best chunk_best_avx512(const float* x, int64_t n) {
   __m512 vm = _mm512_set1_ps(-INFINITY);
   __mmask16 unord = 0;
@@ -1678,24 +1701,15 @@ __attribute__((target("avx512f"))) Best chunk_best_avx512(const float* x, int64_
     unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     vm = _mm512_max_ps(vm, v);
   }
-  float m = _mm512_reduce_max_ps(vm);
   bool nan = unord != 0;
-  for (int64_t t = i; t < n; ++t) {
-    if (x[t] != x[t]) nan = true;
-    else if (x[t] > m) m = x[t];
-  }
-  if (nan) {
-    for (int64_t t = 0; t < n; ++t)
-      if (x[t] != x[t]) return Best{NAN, t, true};
-  }
+  const float m = rest_max(x, i, n, _mm512_reduce_max_ps(vm), nan);
+  if (nan) return Best{NAN, first_nan(x, n), true};
   const __m512 mv = _mm512_set1_ps(m);
   for (i = 0; i + 16 <= n; i += 16) {
     const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), mv, _CMP_EQ_OQ);
     if (eq) return Best{m, i + __builtin_ctz(unsigned(eq)), false};
   }
-  for (int64_t t = i; t < n; ++t)
-    if (x[t] == m) return Best{m, t, false};
-  return Best{m, 0, false};  // only when n == 0
+  return Best{m, first_equal(x, i, n, m), false};
 }
 
 // the same with 8 lanes (AVX2): the AMD EPYC (Zen 3) here has no AVX-512, and the scalar loop
@@ -1712,26 +1726,15 @@ __attribute__((target("avx2"))) Best chunk_best_avx2(const float* x, int64_t n) 
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_max_ps(vm0, vm1));
-  float m = -INFINITY;
-  for (int l = 0; l < 8; ++l)
-    if (lanes[l] > m) m = lanes[l];
   bool nan = _mm256_movemask_ps(unord) != 0;
-  for (int64_t t = i; t < n; ++t) {
-    if (x[t] != x[t]) nan = true;
-    else if (x[t] > m) m = x[t];
-  }
-  if (nan) {
-    for (int64_t t = 0; t < n; ++t)
-      if (x[t] != x[t]) return Best{NAN, t, true};
-  }
+  const float m = rest_max(lanes, 0, 8, rest_max(x, i, n, -INFINITY, nan), nan);
+  if (nan) return Best{NAN, first_nan(x, n), true};
   const __m256 mv = _mm256_set1_ps(m);
   for (i = 0; i + 8 <= n; i += 8) {
     const int eq = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mv, _CMP_EQ_OQ));
     if (eq) return Best{m, i + __builtin_ctz(unsigned(eq)), false};
   }
-  for (int64_t t = i; t < n; ++t)
-    if (x[t] == m) return Best{m, t, false};
-  return Best{m, 0, false};  // only when n == 0
+  return Best{m, first_equal(x, i, n, m), false};
 }
 
 Best chunk_best_generic(const float* x, int64_t n) {
