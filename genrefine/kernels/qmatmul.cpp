@@ -857,22 +857,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int
 }
 
 // x quantized once (the int8 rows, their block scales and 16-wide sums): every weight that
-// multiplies the same x can share it, with the same bits as quantizing it again
+// multiplies the same x can share it, with the same bits as quantizing it again. The arrays are
+// the calling thread's scratch (see Scratch), valid until its next prepare.
 struct XPrep {
-  at::Tensor xq, dx, xs;
+  const int8_t* xq;
+  const float* dx;
+  const int32_t* xs;
   int64_t M, K;
 };
+
+// Per-thread arrays reused from call to call: a one-token layer step made ~7 tensors per matmul
+// (the quantized x and the per-sub-block terms), about 5 us of its ~60 in allocation and setup.
+struct Scratch {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, xf, dj;
+  std::vector<int32_t> xs, zx;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
 
 XPrep prepare(const at::Tensor& x) {
   auto xc = x.to(at::kFloat).contiguous();
   check(xc.dim() == 2, "x must be [M, K]");
-  const int64_t M = xc.size(0);
+  const int64_t M = xc.size(0), K = xc.size(1);
+  check(K % XBLOCK == 0, "K must be a multiple of 32");
   // where the AMX path may run a padded last tile (AMX_PARTIAL_MIN or more rows past a multiple
   // of 16), xq has rows up to the next multiple of 16: that tile load reads 16 rows and the rows
   // past M are discarded
   const int64_t padded = M % 16 >= AMX_PARTIAL_MIN ? (M + 15) / 16 * 16 : M;
-  auto [xq, dx, xs] = quantize(xc, -1, padded);
-  return XPrep{xq, dx, xs, M, xc.size(1)};
+  Scratch& sc = scratch();
+  sc.xq.resize(size_t(std::max<int64_t>(padded * K, 1)));
+  sc.dx.resize(size_t(std::max<int64_t>(M * (K / XBLOCK), 1)));
+  sc.xs.resize(size_t(std::max<int64_t>(M * (K / 16), 1)));
+  std::memset(sc.xq.data() + M * K, 0, size_t((padded - M) * K));
+  quantize_rows(xc.data_ptr<float>(), M, K, sc.xq.data(), sc.dx.data(), sc.xs.data());
+  return XPrep{sc.xq.data(), sc.dx.data(), sc.xs.data(), M, K};
 }
 
 int64_t block_bytes(int64_t group, int64_t bits) {
@@ -900,26 +922,27 @@ at::Tensor qlinear_prepared(const XPrep& xp, const at::Tensor& w, const at::Tens
   const bool hasc = c.numel() != 0;
   if (hasc) check(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == NG * NB * LANES, "c must be float32 [NG, NB, 16] or empty");
   const int64_t M = xp.M;
-  auto out = at::empty({M, n}, xp.dx.options());
+  auto out = at::empty({M, n}, at::TensorOptions().dtype(at::kFloat));
   if (M == 0) return out;
   if (isa < 0) isa = best_isa();
   if (isa == 3 && !amx_permitted()) isa = 2;
-  Args p{xp.xq.data_ptr<int8_t>(), xp.dx.data_ptr<float>(), xp.xs.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
+  Args p{xp.xq, xp.dx, xp.xs, w.data_ptr<uint8_t>(),
          half ? nullptr : a.data_ptr<float>(), hasc ? c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, K,
          n, NB, int(zero)};
   if (half) p.ah = reinterpret_cast<const uint16_t*>(a.data_ptr<at::Half>());
   p.bits = int(bits);
   p.BB = block_bytes(group, bits);
   // the per-row, per-sub-block terms every path needs
-  auto zx = at::empty({M, NB}, xp.dx.options().dtype(at::kInt));
-  auto xf = at::empty({M, NB}, xp.dx.options());
-  auto dj = at::empty({M, NB}, xp.dx.options());
+  Scratch& sc = scratch();
+  sc.zx.resize(size_t(M * NB));
+  sc.xf.resize(size_t(M * NB));
+  sc.dj.resize(size_t(M * NB));
   {
-    const int32_t* xs = xp.xs.data_ptr<int32_t>();
-    const float* dxp = xp.dx.data_ptr<float>();
-    int32_t* zxp = zx.data_ptr<int32_t>();
-    float* xfp = xf.data_ptr<float>();
-    float* djp = dj.data_ptr<float>();
+    const int32_t* xs = xp.xs;
+    const float* dxp = xp.dx;
+    int32_t* zxp = sc.zx.data();
+    float* xfp = sc.xf.data();
+    float* djp = sc.dj.data();
     const int zzv = is_signed ? 128 : int(zero);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < NB; ++j) {
@@ -1446,6 +1469,23 @@ struct SeqAttention {
   int64_t n;
 };
 
+// Rows r0 .. r0 + n - 1 of src ([KV, rows, D] float32, any strides but the last 1) into slots
+// start .. start + n - 1 of a cache tensor ([KV, S, D], contiguous: attn_seq checks it): plain
+// copies, as copy_ made them, without its ~3 us of setup per call (two per layer and token).
+void write_rows(const at::Tensor& cache, const at::Tensor& src, int64_t start, int64_t r0, int64_t n) {
+  check(src.scalar_type() == at::kFloat && src.dim() == 3 && src.stride(2) == 1, "layer: keys/values rows");
+  check(cache.scalar_type() == at::kFloat && cache.is_contiguous() && cache.dim() == 3 &&
+            cache.size(0) == src.size(0) && cache.size(2) == src.size(2) && start + n <= cache.size(1),
+        "layer: cache tensors must be [KV, S, D] float32 with room for the new rows");
+  const int64_t KV = src.size(0), D = src.size(2), S = cache.size(1);
+  const float* sp = src.data_ptr<float>();
+  float* cp = cache.data_ptr<float>();
+  for (int64_t h = 0; h < KV; ++h)
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(cp + (h * S + start + r) * D, sp + h * src.stride(0) + (r0 + r) * src.stride(1),
+                  size_t(D) * sizeof(float));
+}
+
 // One decoder layer; norms: six tensors (input, post-attention, pre-FFN, post-FFN, q, k). The rows
 // of x belong to the sequences `seqs` in order: everything but attention runs on all rows at
 // once (each weight read once), attention per sequence against its own cache.
@@ -1474,8 +1514,8 @@ at::Tensor layer_body(const at::Tensor& x, const LayerWeightSet& weights, const 
   for (size_t b = 0; b < seqs.size(); ++b) {
     const SeqAttention& sq = seqs[b];
     check(sq.n >= 1 && r0 + sq.n <= n, "layer: the sequences' rows must add up to x's");
-    sq.keys->narrow(1, sq.start, sq.n).copy_(k.narrow(1, r0, sq.n));
-    sq.values->narrow(1, sq.start, sq.n).copy_(v.narrow(1, r0, sq.n));
+    write_rows(*sq.keys, k, sq.start, r0, sq.n);
+    write_rows(*sq.values, v, sq.start, r0, sq.n);
     rows[b] = attn_seq(*sq.keys, *sq.values, sq.start, *sq.positions, *sq.tree, r0, sq.n, nkv, hd, held[2 * b],
                        held[2 * b + 1]);
     r0 += sq.n;
