@@ -840,15 +840,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
 
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, "genrefine qlinear: ", msg); }
 
-// xq gets `padded` rows (at least M), zeros past M: room for a tile load of 16 rows
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t path = -1,
-                                                        int64_t padded = 0) {
+// x [M, K] float32 contiguous -> (xq, dx, xs) as tensors (the `quantize` op, for tests and the
+// PyTorch path); the matmuls quantize into per-thread scratch instead (prepare)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t path = -1) {
   check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be [M, K] float32 contiguous");
   const int64_t M = x.size(0), K = x.size(1);
   check(K % XBLOCK == 0, "K must be a multiple of 32");
-  padded = std::max(padded, M);
-  auto xq = at::empty({padded, K}, x.options().dtype(at::kChar));
-  std::memset(xq.data_ptr<int8_t>() + M * K, 0, size_t((padded - M) * K));
+  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
   auto dx = at::empty({M, K / XBLOCK}, x.options());
   auto xs = at::empty({M, K / 16}, x.options().dtype(at::kInt));
   quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<int32_t>(),
