@@ -358,6 +358,35 @@ def test_a_row_attended_alone_equals_that_row_among_others(window, softcap) -> N
 
 
 @pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
+@pytest.mark.parametrize("H,KV,D,window,softcap", [(4, 1, 256, 0, 0.0), (4, 1, 64, 100, 0.0),
+                                                    (8, 1, 64, 0, 30.0), (3, 1, 96, 0, 0.0), (4, 2, 32, 0, 0.0)])
+def test_one_token_attention_split_over_keys_keeps_the_bits(H, KV, D, window, softcap) -> None:
+    """One-token decoding splits a row's keys (scores, exponentials) and value columns over the
+    threads instead of its query heads: the same bits as the split over heads, and as a row among
+    others (which never splits its keys), on 1 and 2 threads; group sizes 4, 8, 3 (no
+    compile-time kernel) and 2, a window and a soft cap. Over ~700 keys, so every thread gets a
+    share of each phase."""
+    g = torch.Generator().manual_seed(23)
+    S, start = 720, 700
+    keys, values = torch.randn(KV, S, D, generator=g) * 2, torch.randn(KV, S, D, generator=g)
+    q = torch.randn(H, 3, D, generator=g)
+    pos = torch.arange(start, start + 3)
+    op = torch.ops.genrefine_q.attend
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            chain = op(q, keys, values, start, pos, torch.empty(0, dtype=torch.bool), window, D**-0.5, softcap, 0)
+            last = q[:, -1:].contiguous()
+            outs = [op(last, keys, values, start + 2, pos[-1:], torch.empty(0, dtype=torch.bool), window, D**-0.5,
+                       softcap, split) for split in (0, 1, -1)]
+            for out in outs:
+                assert torch.equal(out[:, 0], chain[:, -1]), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not BUILT, reason="the exact attention is C++ only (the runtime falls back)")
 def test_keys_whose_weight_would_be_subnormal_weigh_nothing() -> None:
     """A key scored 100 below the best has exp(-100), a subnormal float: attend counts it as 0
     (subnormal arithmetic is slow on x86), so a value lane that is 0 for the best key and 1 for

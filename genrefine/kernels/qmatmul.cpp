@@ -1096,7 +1096,7 @@ constexpr int64_t KEY_CHUNK = 16;
 
 template <int G>
 inline __attribute__((always_inline)) void attend_values_body(
-    int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, const float* e,
+    int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, int64_t ld, const float* e,
     const float* denom, float* acc, float* const* outs) {
   const int gs = G > 0 ? G : group;
   for (int64_t k0 = 0; k0 < std::max<int64_t>(L, 1); k0 += KEY_CHUNK) {
@@ -1105,7 +1105,7 @@ inline __attribute__((always_inline)) void attend_values_body(
       v16 a[8];
       for (int h = 0; h < gs; ++h) a[h] = k0 == 0 ? v16{} : load16(acc + h * D + c);
       for (int64_t k = k0; k < k1; ++k) {
-        const v16 vv = load16(vb + slots[k] * D + c);
+        const v16 vv = load16(vb + slots[k] * ld + c);
         for (int h = 0; h < gs; ++h) a[h] = a[h] + vv * e[h * L + k];
       }
       for (int h = 0; h < gs; ++h) {
@@ -1121,15 +1121,19 @@ inline __attribute__((always_inline)) void attend_values_body(
 // the largest (1), but every multiply that meets a subnormal takes a slow microcode path on x86
 // (peaked attention of a real model ran 1.5x slower). exp(x) < FLT_MIN for every x < -88, so
 // those are not computed.
+inline float softmax_weight(float score, float mx) {
+  const float x = score - mx;
+  const float ex = x < -88.0f ? 0.0f : std::exp(x);
+  return ex < FLT_MIN ? 0.0f : ex;
+}
+
 void attend_softmax(int group, int64_t L, float* e, float* denom) {
   for (int h = 0; h < group; ++h) {
     float mx = -INFINITY;
     for (int64_t k = 0; k < L; ++k) mx = std::max(mx, e[h * L + k]);
     denom[h] = 0.0f;
     for (int64_t k = 0; k < L; ++k) {
-      const float x = e[h * L + k] - mx;
-      const float ex = x < -88.0f ? 0.0f : std::exp(x);
-      e[h * L + k] = ex < FLT_MIN ? 0.0f : ex;
+      e[h * L + k] = softmax_weight(e[h * L + k], mx);
       denom[h] = denom[h] + e[h * L + k];
     }
   }
@@ -1137,7 +1141,7 @@ void attend_softmax(int group, int64_t L, float* e, float* denom) {
 
 using ScoresFn = void (*)(const float* const*, int, const float*, const int64_t*, int64_t, int64_t, float, float,
                           float*);
-using ValuesFn = void (*)(int, const float*, const int64_t*, int64_t, int64_t, const float*, const float*,
+using ValuesFn = void (*)(int, const float*, const int64_t*, int64_t, int64_t, int64_t, const float*, const float*,
                           float*, float* const*);
 
 #define GENREFINE_ATTEND(SUFFIX, TARGET)                                                                       \
@@ -1148,8 +1152,9 @@ using ValuesFn = void (*)(int, const float*, const int64_t*, int64_t, int64_t, c
   }                                                                                                          \
   template <int G>                                                                                             \
   TARGET void attend_values_##SUFFIX(int group, const float* vb, const int64_t* slots, int64_t L, int64_t D, \
-                                     const float* e, const float* denom, float* acc, float* const* outs) {   \
-    attend_values_body<G>(group, vb, slots, L, D, e, denom, acc, outs);                                      \
+                                     int64_t ld, const float* e, const float* denom, float* acc,             \
+                                     float* const* outs) {                                                   \
+    attend_values_body<G>(group, vb, slots, L, D, ld, e, denom, acc, outs);                                  \
   }                                                                                                          \
   std::pair<ScoresFn, ValuesFn> attend_fns_##SUFFIX(int group) {                                               \
     switch (group) {                                                                                           \
@@ -1201,7 +1206,7 @@ __attribute__((target("avx2"))) void attend_scores_avx2(const float* const* qs, 
 // same numbers) as attend_values_body, each 16-lane block in two halves: written out, since GCC
 // stored the arrays of accumulators back to the stack on every key.
 __attribute__((target("avx2"))) void attend_values4_avx2(int gs, int h0, const float* vb, const int64_t* slots,
-                                                        int64_t L, int64_t D, const float* e, const float* denom,
+                                                        int64_t L, int64_t D, int64_t ld, const float* e, const float* denom,
                                                         float* acc, float* const* outs) {
   const int h1 = std::min(h0 + 1, gs - 1), h2 = std::min(h0 + 2, gs - 1), h3 = std::min(h0 + 3, gs - 1);
   const float *e0 = e + h0 * L, *e1 = e + h1 * L, *e2 = e + h2 * L, *e3 = e + h3 * L;
@@ -1219,7 +1224,7 @@ __attribute__((target("avx2"))) void attend_values4_avx2(int gs, int h0, const f
         l3 = _mm256_loadu_ps(a3 + c), g3 = _mm256_loadu_ps(a3 + c + 8);
       }
       for (int64_t k = k0; k < k1; ++k) {
-        const float* vr = vb + slots[k] * D + c;
+        const float* vr = vb + slots[k] * ld + c;
         const __m256 vl = _mm256_loadu_ps(vr), vh = _mm256_loadu_ps(vr + 8);
         __m256 w = _mm256_broadcast_ss(e0 + k);
         l0 = _mm256_add_ps(l0, _mm256_mul_ps(vl, w)), g0 = _mm256_add_ps(g0, _mm256_mul_ps(vh, w));
@@ -1251,10 +1256,10 @@ __attribute__((target("avx2"))) void attend_values4_avx2(int gs, int h0, const f
 
 template <int G>
 __attribute__((target("avx2"))) void attend_values_avx2(int group, const float* vb, const int64_t* slots, int64_t L,
-                                                        int64_t D, const float* e, const float* denom, float* acc,
-                                                        float* const* outs) {
+                                                        int64_t D, int64_t ld, const float* e, const float* denom,
+                                                        float* acc, float* const* outs) {
   const int gs = G > 0 ? G : group;
-  for (int h0 = 0; h0 < gs; h0 += 4) attend_values4_avx2(gs, h0, vb, slots, L, D, e, denom, acc, outs);
+  for (int h0 = 0; h0 < gs; h0 += 4) attend_values4_avx2(gs, h0, vb, slots, L, D, ld, e, denom, acc, outs);
 }
 
 std::pair<ScoresFn, ValuesFn> attend_fns_avx2(int group) {
@@ -1299,8 +1304,9 @@ AttnSeq attn_seq(const at::Tensor& keys, const at::Tensor& values, int64_t start
 
 // Attention of the query rows qp ([H, rows, D], contiguous) into op (the same shape): each
 // sequence's rows against its own cache, all in one parallel loop.
+// split: -1 as it pays (below), 0 never split a row's keys, 1 whenever it can (tests and benchmarks)
 void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV, int64_t D,
-                 const std::vector<AttnSeq>& seqs, int64_t window, float sc, float cap) {
+                 const std::vector<AttnSeq>& seqs, int64_t window, float sc, float cap, int64_t split = -1) {
   const int group = int(H / KV);
   int64_t work = 0;
   for (const AttnSeq& sq : seqs) {
@@ -1326,10 +1332,66 @@ void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV
     if (!std::is_sorted(slots.begin() + first_new, slots.end(), earlier))  // a chain is in order
       std::sort(slots.begin() + first_new, slots.end(), earlier);
   };
-  // Fewer (key/value head, row) pairs than threads (one-token decoding with one key/value head):
-  // the query heads that share a key/value head split into `parts`, one task each. Every head's
-  // sums are its own and run in the same order however the heads are grouped, so the bits stay.
   const int64_t threads = at::get_num_threads();
+  int64_t pairs = 0;  // (row, key/value head) pairs
+  for (const AttnSeq& sq : seqs) pairs += KV * sq.n;
+  // Fewer pairs than threads with much to do (one-token decoding, one key/value head): each pair
+  // on all threads in turn, the threads splitting its keys for the scores and exponentials and
+  // the value columns for the sums. Each thread then reads a share of the keys and values
+  // instead of all of them (they come from the L3 cache or memory: the split over query heads
+  // below read every key and value once per thread). The same arithmetic per key and per
+  // output lane, in the same order (denominators summed in key order), so the same bits.
+  if (split != 0 && (split > 0 || (threads > 1 && pairs < threads && work > (1 << 16))) && D % 16 == 0) {
+    const auto [scores_fn, values_fn] =
+        isa >= 2 ? attend_fns_avx512(group) : isa == 1 ? attend_fns_avx2(group) : attend_fns_generic(group);
+    std::vector<int64_t> slots;
+    std::vector<float> e;
+    for (const AttnSeq& sq : seqs)
+      for (int64_t r = 0; r < sq.n; ++r)
+        for (int64_t kv = 0; kv < KV; ++kv) {
+          visible(sq, r, slots);
+          const int64_t L = int64_t(slots.size());
+          e.assign(size_t(group) * std::max<int64_t>(L, 1), 0.0f);
+          const float* qs[8];
+          float* outs[8];
+          for (int h = 0; h < group; ++h) {
+            qs[h] = qp + ((kv * group + h) * rows + sq.r0 + r) * D;
+            outs[h] = op + ((kv * group + h) * rows + sq.r0 + r) * D;
+          }
+          const float* kb = sq.k + kv * sq.S * D;
+          const float* vb = sq.v + kv * sq.S * D;
+          at::parallel_for(0, L, 16, [&](int64_t k0, int64_t k1) {
+            std::vector<float> part(size_t(group) * (k1 - k0));
+            scores_fn(qs, group, kb, slots.data() + k0, k1 - k0, D, sc, cap, part.data());
+            for (int h = 0; h < group; ++h)
+              std::memcpy(e.data() + h * L + k0, part.data() + h * (k1 - k0), size_t(k1 - k0) * sizeof(float));
+          });
+          float mx[8], denom[8];
+          for (int h = 0; h < group; ++h) {
+            mx[h] = -INFINITY;
+            for (int64_t k = 0; k < L; ++k) mx[h] = std::max(mx[h], e[h * L + k]);
+          }
+          at::parallel_for(0, L, 64, [&](int64_t k0, int64_t k1) {
+            for (int h = 0; h < group; ++h)
+              for (int64_t k = k0; k < k1; ++k) e[h * L + k] = softmax_weight(e[h * L + k], mx[h]);
+          });
+          for (int h = 0; h < group; ++h) {
+            denom[h] = 0.0f;
+            for (int64_t k = 0; k < L; ++k) denom[h] = denom[h] + e[h * L + k];
+          }
+          at::parallel_for(0, D / 16, 1, [&](int64_t c0, int64_t c1) {
+            const int64_t width = (c1 - c0) * 16;
+            std::vector<float> acc(size_t(std::max(group, 4)) * width);
+            float* part_outs[8];
+            for (int h = 0; h < group; ++h) part_outs[h] = outs[h] + 16 * c0;
+            values_fn(group, vb + 16 * c0, slots.data(), L, width, D, e.data(), denom, acc.data(), part_outs);
+          });
+        }
+    return;
+  }
+  // Otherwise, with fewer pairs than threads, the query heads that share a key/value head split
+  // into `parts`, one task each. Every head's sums are its own and run in the same order however
+  // the heads are grouped, so the bits stay.
   int parts = 1;
   if (work > (1 << 16))
     while (KV * rows * parts < threads && group % (parts * 2) == 0) parts *= 2;
@@ -1371,7 +1433,7 @@ void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV
       scores_part(qs, gp, kb, slots.data(), L, D, sc, cap, e.data());
       float denom[8];
       attend_softmax(gp, L, e.data(), denom);
-      values_part(gp, vb, slots.data(), L, D, e.data(), denom, acc.data(), outs);
+      values_part(gp, vb, slots.data(), L, D, D, e.data(), denom, acc.data(), outs);
     }
   });
 }
@@ -1386,7 +1448,7 @@ void check_queries(const at::Tensor& q, int64_t KV) {
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t start,
                   const at::Tensor& positions, const at::Tensor& tree, int64_t window, double scale,
-                  double softcap) {
+                  double softcap, int64_t split) {
   check(keys.dim() == 3, "attend: q [H, n, D], keys/values [KV, S, D]");
   const int64_t KV = keys.size(0);
   check_queries(q, KV);
@@ -1395,7 +1457,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const std::vector<AttnSeq> seqs{attn_seq(keys, values, start, positions, tree, 0, n, KV, D, pos_t, tree_t)};
   auto qc = q.contiguous();
   auto out = at::empty({H, n, D}, q.options());
-  attend_rows(qc.data_ptr<float>(), out.data_ptr<float>(), n, H, KV, D, seqs, window, float(scale), float(softcap));
+  attend_rows(qc.data_ptr<float>(), out.data_ptr<float>(), n, H, KV, D, seqs, window, float(scale), float(softcap),
+              split);
   return out;
 }
 
@@ -1841,7 +1904,7 @@ TORCH_LIBRARY(genrefine_q, m) {
   m.def("layer(Tensor x, Tensor[] ws, Tensor[] as_, Tensor[] cs, int[] meta, Tensor[] norms, float eps, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap, Tensor cos, Tensor sin, int nh, int nkv, int hd, bool gelu, Tensor timing) -> Tensor");
   m.def("argmax_rows(Tensor x, int path=-1) -> Tensor");
   m.def("dequant_rows(Tensor w, Tensor a, Tensor c, Tensor rows, int group, int zero, bool is_signed, int n) -> Tensor");
-  m.def("attend(Tensor q, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap) -> Tensor");
+  m.def("attend(Tensor q, Tensor keys, Tensor values, int start, Tensor positions, Tensor tree, int window, float scale, float softcap, int split=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genrefine_q, CPU, m) {
