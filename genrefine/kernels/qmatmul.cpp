@@ -1389,9 +1389,9 @@ void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV
         }
     return;
   }
-  // Otherwise, with fewer pairs than threads, the query heads that share a key/value head split
-  // into `parts`, one task each. Every head's sums are its own and run in the same order however
-  // the heads are grouped, so the bits stay.
+  // Otherwise (split 0), with fewer pairs than threads, the query heads that share a key/value
+  // head split into `parts`, one task each. Every head's sums are its own and run in the same
+  // order however the heads are grouped, so the bits stay.
   int parts = 1;
   if (work > (1 << 16))
     while (KV * rows * parts < threads && group % (parts * 2) == 0) parts *= 2;
