@@ -1127,15 +1127,25 @@ inline float softmax_weight(float score, float mx) {
   return ex < FLT_MIN ? 0.0f : ex;
 }
 
+inline float row_max(const float* e, int64_t L) {
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < L; ++k) mx = std::max(mx, e[k]);
+  return mx;
+}
+
+// the weights' sum in key order (the denominator)
+inline float row_sum(const float* e, int64_t L) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < L; ++k) sum = sum + e[k];
+  return sum;
+}
+
 void attend_softmax(int group, int64_t L, float* e, float* denom) {
   for (int h = 0; h < group; ++h) {
-    float mx = -INFINITY;
-    for (int64_t k = 0; k < L; ++k) mx = std::max(mx, e[h * L + k]);
-    denom[h] = 0.0f;
-    for (int64_t k = 0; k < L; ++k) {
-      e[h * L + k] = softmax_weight(e[h * L + k], mx);
-      denom[h] = denom[h] + e[h * L + k];
-    }
+    float* eh = e + h * L;
+    const float mx = row_max(eh, L);
+    for (int64_t k = 0; k < L; ++k) eh[k] = softmax_weight(eh[k], mx);
+    denom[h] = row_sum(eh, L);
   }
 }
 
@@ -1302,6 +1312,37 @@ AttnSeq attn_seq(const at::Tensor& keys, const at::Tensor& values, int64_t start
                  is_tree ? tree_out.data_ptr<bool>() : nullptr, r0, n};
 }
 
+// One row of one key/value head (its `group` query heads qs, outputs outs) against the visible
+// slots of kb / vb, on all threads: their keys split for the scores and exponentials, the value
+// columns for the sums; the maximum and the denominators (key order) on this thread. The same
+// calls as a task of attend_rows's loop makes for the whole row, so the same bits. e: scratch.
+void attend_split(ScoresFn scores_fn, ValuesFn values_fn, int group, const float* const* qs, float* const* outs,
+                  const float* kb, const float* vb, const std::vector<int64_t>& slots, int64_t D, float sc,
+                  float cap, std::vector<float>& e) {
+  const int64_t L = int64_t(slots.size());
+  e.resize(size_t(group) * std::max<int64_t>(L, 1));
+  at::parallel_for(0, L, 16, [&](int64_t k0, int64_t k1) {
+    std::vector<float> part(size_t(group) * (k1 - k0));
+    scores_fn(qs, group, kb, slots.data() + k0, k1 - k0, D, sc, cap, part.data());
+    for (int h = 0; h < group; ++h)
+      std::memcpy(e.data() + h * L + k0, part.data() + h * (k1 - k0), size_t(k1 - k0) * sizeof(float));
+  });
+  float mx[8], denom[8];
+  for (int h = 0; h < group; ++h) mx[h] = row_max(e.data() + h * L, L);
+  at::parallel_for(0, L, 64, [&](int64_t k0, int64_t k1) {
+    for (int h = 0; h < group; ++h)
+      for (int64_t k = k0; k < k1; ++k) e[h * L + k] = softmax_weight(e[h * L + k], mx[h]);
+  });
+  for (int h = 0; h < group; ++h) denom[h] = row_sum(e.data() + h * L, L);
+  at::parallel_for(0, D / 16, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t width = (c1 - c0) * 16;
+    std::vector<float> acc(size_t(std::max(group, 4)) * width);
+    float* part_outs[8];
+    for (int h = 0; h < group; ++h) part_outs[h] = outs[h] + 16 * c0;
+    values_fn(group, vb + 16 * c0, slots.data(), L, width, D, e.data(), denom, acc.data(), part_outs);
+  });
+}
+
 // Attention of the query rows qp ([H, rows, D], contiguous) into op (the same shape): each
 // sequence's rows against its own cache, all in one parallel loop.
 // split: -1 as it pays (below), 0 never split a row's keys, 1 whenever it can (tests and benchmarks)
@@ -1341,7 +1382,7 @@ void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV
   // instead of all of them (they come from the L3 cache or memory: the split over query heads
   // below read every key and value once per thread). The same arithmetic per key and per
   // output lane, in the same order (denominators summed in key order), so the same bits.
-  if (split != 0 && (split > 0 || (threads > 1 && pairs < threads && work > (1 << 16))) && D % 16 == 0) {
+  if (split != 0 && (split > 0 || (threads > 1 && pairs < threads && work > (1 << 16)))) {
     const auto [scores_fn, values_fn] =
         isa >= 2 ? attend_fns_avx512(group) : isa == 1 ? attend_fns_avx2(group) : attend_fns_generic(group);
     std::vector<int64_t> slots;
@@ -1350,42 +1391,14 @@ void attend_rows(const float* qp, float* op, int64_t rows, int64_t H, int64_t KV
       for (int64_t r = 0; r < sq.n; ++r)
         for (int64_t kv = 0; kv < KV; ++kv) {
           visible(sq, r, slots);
-          const int64_t L = int64_t(slots.size());
-          e.assign(size_t(group) * std::max<int64_t>(L, 1), 0.0f);
           const float* qs[8];
           float* outs[8];
           for (int h = 0; h < group; ++h) {
             qs[h] = qp + ((kv * group + h) * rows + sq.r0 + r) * D;
             outs[h] = op + ((kv * group + h) * rows + sq.r0 + r) * D;
           }
-          const float* kb = sq.k + kv * sq.S * D;
-          const float* vb = sq.v + kv * sq.S * D;
-          at::parallel_for(0, L, 16, [&](int64_t k0, int64_t k1) {
-            std::vector<float> part(size_t(group) * (k1 - k0));
-            scores_fn(qs, group, kb, slots.data() + k0, k1 - k0, D, sc, cap, part.data());
-            for (int h = 0; h < group; ++h)
-              std::memcpy(e.data() + h * L + k0, part.data() + h * (k1 - k0), size_t(k1 - k0) * sizeof(float));
-          });
-          float mx[8], denom[8];
-          for (int h = 0; h < group; ++h) {
-            mx[h] = -INFINITY;
-            for (int64_t k = 0; k < L; ++k) mx[h] = std::max(mx[h], e[h * L + k]);
-          }
-          at::parallel_for(0, L, 64, [&](int64_t k0, int64_t k1) {
-            for (int h = 0; h < group; ++h)
-              for (int64_t k = k0; k < k1; ++k) e[h * L + k] = softmax_weight(e[h * L + k], mx[h]);
-          });
-          for (int h = 0; h < group; ++h) {
-            denom[h] = 0.0f;
-            for (int64_t k = 0; k < L; ++k) denom[h] = denom[h] + e[h * L + k];
-          }
-          at::parallel_for(0, D / 16, 1, [&](int64_t c0, int64_t c1) {
-            const int64_t width = (c1 - c0) * 16;
-            std::vector<float> acc(size_t(std::max(group, 4)) * width);
-            float* part_outs[8];
-            for (int h = 0; h < group; ++h) part_outs[h] = outs[h] + 16 * c0;
-            values_fn(group, vb + 16 * c0, slots.data(), L, width, D, e.data(), denom, acc.data(), part_outs);
-          });
+          attend_split(scores_fn, values_fn, group, qs, outs, sq.k + kv * sq.S * D, sq.v + kv * sq.S * D, slots,
+                       D, sc, cap, e);
         }
     return;
   }
