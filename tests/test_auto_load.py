@@ -157,3 +157,37 @@ def test_the_batched_forward_cost_is_measured_once_and_cached(gen16) -> None:
     table = batch_costs(gen16.model, measure=True, sizes=(1, 2), context_len=8, repeats=1)
     assert table.sizes == (1, 2)
     assert batch_costs(gen16.model) == table  # read back from the cache, not measured again
+
+
+def test_cached_choices_equal_choices_made_afresh() -> None:
+    """``choose`` keeps each drafter's best draft size until its rates, its drafting cost or the
+    load change; every choice must equal one computed from scratch (a missed invalidation, say an
+    update that leaves the cached size in place, makes them differ)."""
+    g = torch.Generator().manual_seed(3)
+    kept = CostModelPolicy(roofline(), max_len=8, batch_cost=cheap_batch(), probe_every=5)
+    fresh = CostModelPolicy(roofline(), max_len=8, batch_cost=cheap_batch(), probe_every=5)
+    names = ["pld", "jacobi"]
+    differed_from_last = 0
+    last = None
+    for step in range(600):
+        event = int(torch.randint(0, 6, (), generator=g))
+        name = names[int(torch.randint(0, 2, (), generator=g))]
+        if event == 0:
+            load = int(torch.randint(1, 17, (), generator=g))
+            kept.set_load(load)
+            fresh.set_load(load)
+        elif event == 1:
+            drafted = int(torch.randint(1, 9, (), generator=g))
+            accepted = int(torch.randint(0, drafted + 1, (), generator=g))
+            kept.update(name, drafted, accepted)
+            fresh.update(name, drafted, accepted)
+        elif event == 2:
+            seconds = float(torch.rand((), generator=g)) * 0.05
+            kept.update_draft_cost(name, seconds, 4)
+            fresh.update_draft_cost(name, seconds, 4)
+        fresh._best_cache.clear()
+        choice = kept.choose(names)
+        assert choice == fresh.choose(names), step
+        differed_from_last += choice != last
+        last = choice
+    assert differed_from_last > 20  # the events did move the choice
