@@ -24,9 +24,7 @@ computes what an uninterrupted one would have.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,8 @@ from ..modalities.image.data import CLASSES, IMAGE_SIZE, MAX_ROTATION, font_path
 from ..modalities.image.quality import feature_stats, frechet_distance
 from ..modalities.image.vq import DOWNSAMPLE, VQTokenizer, kmeans
 from .loop import TrainConfig, train
+from ..diskcache import cpu_model
+from .modality import figure, run_trainer, say_for, step_generator
 
 CHECKPOINTS = "checkpoints"
 DEFAULTS_SLACK = 0.02  # accuracy within this of the best counts as as good (see step 5)
@@ -118,10 +118,6 @@ def as_input(images: Tensor) -> Tensor:
     return images.float()[:, None] / 255.0
 
 
-def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
-
-
 def vq_loss_fn(vq: VQTokenizer, images: Tensor, spec: ImageTrainSpec, seed: int):
     """``loss_fn(idx, step)`` of the VQ stage; restarts unused codes first on restart steps."""
     last_restart = int(spec.vq_steps * 0.8)
@@ -134,7 +130,7 @@ def vq_loss_fn(vq: VQTokenizer, images: Tensor, spec: ImageTrainSpec, seed: int)
                 used = torch.bincount(vq.nearest(z), minlength=vq.codebook_size) > 0
                 dead = (~used).nonzero().flatten()
                 if dead.numel():
-                    g = _step_generator(seed, 1, step)
+                    g = step_generator(seed, 1, step)
                     pick = torch.randint(z.shape[0], (dead.numel(),), generator=g)
                     vq.codebook.data[dead] = z[pick]
         return vq.loss(x)
@@ -177,7 +173,7 @@ def transformer_loss_fn(model, codes: Tensor, labels: Tensor, spec: ImageTrainSp
 
     def loss_fn(idx: Tensor, step: int):
         inp, tgt = sequences(codes[idx], labels[idx], C)
-        drop = torch.rand(len(idx), generator=_step_generator(seed, 3, step)) < spec.p_uncond
+        drop = torch.rand(len(idx), generator=step_generator(seed, 3, step)) < spec.p_uncond
         inp[:, 0] = torch.where(drop, torch.full_like(inp[:, 0], null), inp[:, 0])
         logits = model(input_ids=inp).logits  # [b, T, V]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)), {}
@@ -276,20 +272,10 @@ def train_image(
     both. ``resume``: continue from ``out/checkpoints`` when present (else start over).
     ``stop_after``: stop the transformer stage after that many steps (as an interruption would;
     no bundle is written). ``threads``: torch threads during the run (None: unchanged)."""
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed!r}")
     spec = spec or (TINY if tiny else REAL)
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: give a folder for the image model")
     t0 = time.perf_counter()
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run(out, spec, seed, resume, progress, stop_after, t0)
-    finally:
-        torch.set_num_threads(before)
+    return run_trainer(out, seed, "image", threads,
+                       lambda out: _run(out, spec, seed, resume, progress, stop_after, t0))
 
 
 def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: bool, stop_after, t0) -> ImageTrainResult:
@@ -298,7 +284,7 @@ def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: boo
     ckdir = out / CHECKPOINTS
     if not resume:
         shutil.rmtree(ckdir, ignore_errors=True)
-    say = (lambda m: print(f"genrefine: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    say = say_for(progress)
     n_cls = len(CLASSES)
     train_seed, heldout_seed = seed * 1000 + 1, seed * 1000 + 2
     say(f"rendering {spec.n_per_class * n_cls} training and {spec.heldout_per_class * n_cls} held-out images")
@@ -312,7 +298,7 @@ def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: boo
     vq = VQTokenizer(spec.codebook_size, spec.vq_dim, spec.vq_channels)
     with torch.no_grad():
         z = vq.latents(as_input(x[:2048])).reshape(-1, spec.vq_dim)
-        vq.codebook.data.copy_(kmeans(z, spec.codebook_size, 10, _step_generator(seed, 0, 0)))
+        vq.codebook.data.copy_(kmeans(z, spec.codebook_size, 10, step_generator(seed, 0, 0)))
     vq_logs = _stage(vq, vq_loss_fn(vq, x, spec, seed), len(x), spec.vq_steps, spec.vq_batch, spec.vq_lr,
                      spec, seed, ckdir, "vq", resume, progress, None, 1)
     vq.eval()
@@ -375,7 +361,7 @@ def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: boo
             "codebook_usage": round(float((counts > 0).float().mean()), 4),
             "code_perplexity": round(perplexity, 2), "heldout_recon_mse": round(recon_mse, 5),
             "heldout_recon_classifier_accuracy": round(recon_acc, 4),
-            "last_logs": {k: _num(v) for k, v in vq_logs.items()}},
+            "last_logs": {k: figure(v) for k, v in vq_logs.items()}},
         classifier={**clf.config(), "steps": spec.clf_steps, "batch": spec.clf_batch, "lr": spec.clf_lr,
                     "heldout_accuracy": round(clf_acc, 4), "feature_layer": "penultimate (after ReLU)"},
         data={"source": "digits 0-9 rendered with Pillow from matplotlib's bundled TrueType fonts",
@@ -388,7 +374,7 @@ def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: boo
                                                 "intermediate": spec.intermediate, "steps": spec.tf_steps,
                                                 "batch": spec.tf_batch, "lr": spec.tf_lr, "p_uncond": spec.p_uncond,
                                                 "heldout_code_nll": round(held_nll, 4),
-                                                "last_loss": _num(tf_logs.get("loss"))},
+                                                "last_loss": figure(tf_logs.get("loss"))},
                   "defaults_search": {"samples_per_point": len(classes), "sampler": "plain sampling "
                                       "(genrefine.train.image.sample_codes), guided logits u + cfg*(c-u) "
                                       "over the codes, then temperature, then top-k",
@@ -397,7 +383,7 @@ def _run(out: Path, spec: ImageTrainSpec, seed: int, resume: bool, progress: boo
                   "sample_accuracy_at_defaults": chosen["accuracy"],
                   "sample_frechet_distance_at_defaults": chosen["frechet_distance"],
                   "wall_seconds": {k: round(v, 1) for k, v in times.items()},
-                  "cpu": _cpu(), "torch": torch.__version__, "tiny": spec == TINY},
+                  "cpu": cpu_model(), "torch": torch.__version__, "tiny": spec == TINY},
     )
     save_bundle(out, meta, vq, clf, real_mu, real_sigma, len(hx), model)
     seconds = time.perf_counter() - t0
@@ -425,17 +411,6 @@ def _defaults_search(model, vq, clf, spec, seed, classes, real_mu, real_sigma, s
                            "frechet_distance": round(fd, 3)})
             say(f"sampling top_k={top_k} cfg={cfg}: classifier accuracy {acc:.3f}, Frechet distance {fd:.2f}")
     return search
-
-
-def _num(v) -> float | None:
-    """A figure for image.json: rounded, None for a missing one (a resumed finished stage)."""
-    return None if v is None or v != v else round(float(v), 4)
-
-
-def _cpu() -> str:
-    from ..diskcache import cpu_model
-
-    return cpu_model() or platform.processor() or "unknown"
 
 
 __all__ = ["ImageTrainSpec", "REAL", "TINY", "train_image", "sample_codes"]

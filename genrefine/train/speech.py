@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +42,9 @@ from ..errors import ConfigError
 from ..modalities.speech import codec as codec_mod
 from ..modalities.speech.data import RATES, VOICES, split_sentences, synthesize_corpus
 from ..modalities.speech.tokens import TokenLayout, layout_for
-from .image import _cpu, _num  # the same figures' rounding and CPU name as image.json
 from .loop import TrainConfig, train
+from ..diskcache import cpu_model
+from .modality import figure, run_trainer, say_for, step_generator
 
 CHECKPOINTS = "checkpoints"
 
@@ -90,10 +90,6 @@ TINY = SpeechTrainSpec(n_utterances=24, heldout=4, codebook_size=16, kmeans_fram
                        intermediate=64, tf_steps=3, tf_batch=4, num_heads=2, heads_steps=3, heads_batch=4,
                        drafter_seq_len=32, drafter_tokens=4000, temperature_grid=(1.0,), defaults_texts=2,
                        checkpoint_every=2)
-
-
-def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
 
 
 # ------------------------------------------------------------------------------ data
@@ -195,7 +191,7 @@ def codec_loss_fn(codec: codec_mod.Codec, feats: Tensor, offsets: Tensor, n_trai
     lens = (offsets[1:] - offsets[:-1])[:n_train]
 
     def loss_fn(idx: Tensor, step: int):
-        g = _step_generator(seed, 1, step)
+        g = step_generator(seed, 1, step)
         rows = []
         for i in idx.tolist():
             L = int(lens[i])
@@ -284,20 +280,10 @@ def train_speech(
     ``resume``: continue from ``out/checkpoints`` when present (else start over). ``stop_after``:
     stop the transformer stage after that many steps (as an interruption would; no bundle is
     written). ``threads``: torch threads during the run (None: unchanged)."""
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed!r}")
     spec = spec or (TINY if tiny else REAL)
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: give a folder for the speech model")
     t0 = time.perf_counter()
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run(out, spec, seed, resume, progress, stop_after, t0)
-    finally:
-        torch.set_num_threads(before)
+    return run_trainer(out, seed, "speech", threads,
+                       lambda out: _run(out, spec, seed, resume, progress, stop_after, t0))
 
 
 def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bool, stop_after, t0) -> SpeechTrainResult:
@@ -306,7 +292,7 @@ def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bo
     ckdir = out / CHECKPOINTS
     if not resume:
         shutil.rmtree(ckdir, ignore_errors=True)
-    say = (lambda m: print(f"genrefine: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    say = say_for(progress)
     times = {}
     t = time.perf_counter()
     data = load_or_make_data(ckdir, spec, seed, progress, say)
@@ -350,8 +336,8 @@ def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bo
                  "width": spec.dec_width, "layers": spec.dec_layers, "kmeans_frames": spec.kmeans_frames,
                  "kmeans_iters": spec.kmeans_iters, "decoder_steps": spec.dec_steps,
                  "codebook_usage": round(float((counts > 0).float().mean()), 4),
-                 "code_perplexity": round(perplexity, 2), "heldout_logmel_mse": _num(recon_mse),
-                 "griffin_lim_iters": codec_mod.GL_ITERS, "last_logs": {k: _num(v) for k, v in codec_logs.items()}}
+                 "code_perplexity": round(perplexity, 2), "heldout_logmel_mse": figure(recon_mse),
+                 "griffin_lim_iters": codec_mod.GL_ITERS, "last_logs": {k: figure(v) for k, v in codec_logs.items()}}
     data_meta = {"source": "sentences of 3-9 plain words from the Python standard library's docstrings "
                            "and language reference (genrefine.modalities.speech.data)",
                  "synthesizer": "Debian flite", "voices": list(VOICES), "rates": list(RATES),
@@ -360,9 +346,9 @@ def _run(out: Path, spec: SpeechTrainSpec, seed: int, resume: bool, progress: bo
     training = {"seed": seed, "transformer": {"hidden": spec.hidden, "layers": spec.layers, "heads": spec.heads,
                                               "intermediate": spec.intermediate, "steps": spec.tf_steps,
                                               "batch": spec.tf_batch, "lr": spec.tf_lr,
-                                              "heldout_code_nll": _num(held_nll),
-                                              "last_loss": _num(tf_logs.get("loss"))},
-                "cpu": _cpu(), "torch": torch.__version__, "tiny": spec == TINY}
+                                              "heldout_code_nll": figure(held_nll),
+                                              "last_loss": figure(tf_logs.get("loss"))},
+                "cpu": cpu_model(), "torch": torch.__version__, "tiny": spec == TINY}
     from ..modalities.speech.bundle import save_bundle, speech_meta
 
     defaults = {"temperature": spec.temperature, "top_k": spec.top_k, "voice": VOICES[0], "rate": 1.0}

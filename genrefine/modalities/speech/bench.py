@@ -16,11 +16,11 @@ target forwards per second of audio over the method's.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 
 import numpy as np
 
+from ...diskcache import cpu_model
 from ...errors import ConfigError
 from ...registry import METHODS
 from .data import split_sentences
@@ -60,7 +60,7 @@ def run_speech_bench(gen, methods: list[str], n: int, *, seed: int = 0, temperat
                                         seed=s, options=options))
             if progress is not None:
                 progress(1)
-    report: dict = {"texts": texts, "n": n, "seed": seed, "methods": {}, "cpu": _cpu(),
+    report: dict = {"texts": texts, "n": n, "seed": seed, "methods": {}, "cpu": cpu_model(),
                     "weights": gen.model.weights_format,
                     "temperature": gen.default_temperature if temperature is None else temperature,
                     "top_k": gen.default_top_k if top_k is None else top_k}
@@ -221,12 +221,6 @@ def plot_report(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def _cpu() -> str:
-    from ...diskcache import cpu_model
-
-    return cpu_model() or platform.processor() or "unknown"
 
 
 __all__ = ["bench_texts", "run_speech_bench", "markdown_report", "plot_report", "json_report"]
