@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import GenrefineError
-from .options import check_method_names, modality_method_options
+from .options import (
+    check_method_names, modality_bench_command, modality_method_options, write_modality_bench,
+)
 
 
 def _common(p) -> None:
@@ -147,8 +148,6 @@ def cmd_image(args) -> int:
               f"accuracy {100 * acc:.0f}%")
         return 0
     from ..modalities.image.bench import markdown_report, plot_report, run_image_bench
-    from ..bench.runner import command_line
-
     if is_janus_dir(args.model):
         raise GenrefineError("image bench measures class-conditional bundles (it needs their "
                              "classifier); for a Janus model use `genrefine image generate --prompt`")
@@ -162,24 +161,10 @@ def cmd_image(args) -> int:
         report = run_image_bench(gen, methods, args.n_per_class, seed=args.seed,
                                  temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
                                  options=options, progress=bar.update)
-    argv = ["image", "bench", "--methods", ",".join(methods), "--n-per-class", str(args.n_per_class),
+    head = ["image", "bench", "--methods", ",".join(methods), "--n-per-class", str(args.n_per_class),
             "--seed", str(args.seed)]
-    if args.dtype != "float32":
-        argv += ["--dtype", args.dtype]
-    for flag in ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta",
-                 "group_size", "group_similarity"):
-        v = getattr(args, flag)
-        if v is not None:
-            argv += ["--" + flag.replace("_", "-"), str(v)]
-    report["command"] = command_line(argv)
-    md = markdown_report(report, report["command"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(md)
-    if args.plot:
-        plot_report(report, args.plot)
-    print(md)
+    report["command"] = modality_bench_command(
+        args, head, ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta",
+                     "group_size", "group_similarity"))
+    write_modality_bench(args, markdown_report(report, report["command"]), report, plot_report, report)
     return 0

@@ -197,3 +197,37 @@ def check_method_names(names: list[str]) -> None:
     for m in names:
         if m not in METHODS:
             raise GenrefineError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+
+
+def modality_bench_command(args, head: list[str], flags: tuple[str, ...]) -> str:
+    """The command line that reruns an image or speech bench: ``head`` (the subcommand and its
+    fixed arguments), ``--dtype`` unless float32, ``--no-tree-cut`` where asked, then each of
+    ``flags`` (argparse names) the user set."""
+    from ..bench.runner import command_line
+
+    argv = list(head)
+    if args.dtype != "float32":
+        argv += ["--dtype", args.dtype]
+    if not getattr(args, "tree_cut", True):
+        argv += ["--no-tree-cut"]
+    for flag in flags:
+        v = getattr(args, flag)
+        if v is not None:
+            argv += ["--" + flag.replace("_", "-"), str(v)]
+    return command_line(argv)
+
+
+def write_modality_bench(args, md: str, payload: dict, plot, report: dict) -> None:
+    """Write a modality bench's ``--json`` (``payload``), ``--report`` (``md``) and ``--plot``
+    (``plot(report, path)``) where asked, then print the report."""
+    import json
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(md)
+    if args.plot:
+        plot(report, args.plot)
+    print(md)

@@ -3,11 +3,12 @@ default)."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 from ..errors import GenrefineError
-from .options import check_method_names, modality_method_options
+from .options import (
+    check_method_names, modality_bench_command, modality_method_options, write_modality_bench,
+)
 
 
 def _common(p) -> None:
@@ -95,7 +96,6 @@ def cmd_speech(args) -> int:
               f"{s['tokens_per_step']:.2f} tokens/step, acceptance {rate}, "
               f"{s['generation_seconds']:.2f} s generating")
         return 0
-    from ..bench.runner import command_line
     from ..modalities.speech.bench import json_report, markdown_report, plot_report, run_speech_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -110,25 +110,10 @@ def cmd_speech(args) -> int:
         report = run_speech_bench(gen, methods, args.n, seed=args.seed, temperature=args.temperature,
                                   top_k=args.top_k, options=options, floor=not args.no_floor,
                                   progress=bar.update)
-    argv = ["speech", "bench", "--methods", ",".join(methods), "--n", str(args.n), "--seed", str(args.seed)]
-    if args.dtype != "float32":
-        argv += ["--dtype", args.dtype]
-    if not args.tree_cut:
-        argv += ["--no-tree-cut"]
-    for flag in ("model", "temperature", "top_k", "draft_len", "drafter", "tolerance", "relax_k",
-                 "relax_delta", "group_size", "group_similarity"):
-        v = getattr(args, flag)
-        if v is not None:
-            argv += ["--" + flag.replace("_", "-"), str(v)]
-    report["command"] = command_line(argv)
-    md = markdown_report(report, report["command"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(json_report(report), f, indent=1)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(md)
-    if args.plot:
-        plot_report(report, args.plot)
-    print(md)
+    head = ["speech", "bench", "--methods", ",".join(methods), "--n", str(args.n), "--seed", str(args.seed)]
+    report["command"] = modality_bench_command(
+        args, head, ("model", "temperature", "top_k", "draft_len", "drafter", "tolerance", "relax_k",
+                     "relax_delta", "group_size", "group_similarity"))
+    write_modality_bench(args, markdown_report(report, report["command"]), json_report(report), plot_report,
+                         report)
     return 0
