@@ -522,50 +522,38 @@ def create_app(generator, config: ServerConfig | None = None, warm: bool = True,
                 "genrefine": _method_figures(done)}
         return JSONResponse(body)
 
-    image_lock = asyncio.Lock()  # one image request at a time (the text worker runs beside it)
+    async def modality_job(request: Request, req_type, model, what: str, flag: str, make_job, lock):
+        """Parse an image or speech request and run it on a worker thread, one at a time per
+        modality (the text worker runs beside it); its result."""
+        raw = await request.body()
+        try:
+            if len(raw) > MAX_BODY_BYTES:
+                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", status=413)
+            req = _parse(raw, req_type)
+            if model is None:
+                raise BadRequest(f"this server has no {what} model: start it with {flag}",
+                                 status=404, code="not_found")
+            run = make_job(model, req, config)
+        except BadRequest:
+            server.metrics.reject("bad_request")
+            raise
+        async with lock:
+            try:
+                return await asyncio.to_thread(run)
+            except GenrefineError as e:
+                raise BadRequest(str(e)) from e
+
+    image_lock, speech_lock = asyncio.Lock(), asyncio.Lock()
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
-        raw = await request.body()
-        try:
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", status=413)
-            req = _parse(raw, ImageRequest)
-            if image is None:
-                raise BadRequest("this server has no image model: start it with --image-model",
-                                 status=404, code="not_found")
-            run = _image_job(image, req, config)
-        except BadRequest:
-            server.metrics.reject("bad_request")
-            raise
-        async with image_lock:
-            try:
-                res = await asyncio.to_thread(run)
-            except GenrefineError as e:
-                raise BadRequest(str(e)) from e
+        res = await modality_job(request, ImageRequest, image, "image", "--image-model", _image_job, image_lock)
         return JSONResponse(_image_body(res))
-
-    speech_lock = asyncio.Lock()  # one speech request at a time (the text worker runs beside it)
 
     @app.post("/v1/audio/speech")
     async def audio_speech(request: Request):
-        raw = await request.body()
-        try:
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", status=413)
-            req = _parse(raw, SpeechRequest)
-            if speech is None:
-                raise BadRequest("this server has no speech model: start it with --speech-model",
-                                 status=404, code="not_found")
-            run = _speech_job(speech, req, config)
-        except BadRequest:
-            server.metrics.reject("bad_request")
-            raise
-        async with speech_lock:
-            try:
-                res = await asyncio.to_thread(run)
-            except GenrefineError as e:
-                raise BadRequest(str(e)) from e
+        res = await modality_job(request, SpeechRequest, speech, "speech", "--speech-model", _speech_job,
+                                 speech_lock)
         return _speech_response(res)
 
     @app.get("/v1/genrefine/methods")
