@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ...errors import ConfigError
+from .. import read_bundle_meta
 from .classifier import Classifier
 from .vq import VQTokenizer
 
@@ -136,19 +137,7 @@ def load_bundle(path: str | Path | None = None) -> ImageBundle:
     CPU in float32, models in eval mode. A missing or malformed bundle is a ConfigError."""
     p = Path(path).expanduser() if path is not None else EMBEDDED_IMAGE_DIR
     hint = "make one with `genrefine train image --out DIR`"
-    if not p.is_dir():
-        raise ConfigError(f"no image model folder at {p}: {hint}")
-    try:
-        meta = json.loads((p / "image.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p} has no image.json (not an image model, or its training did not finish): {hint}") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {p / 'image.json'} ({e}): {hint}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ConfigError(f"{p / 'image.json'} is not a {FORMAT} bundle: {hint}")
-    for f in _FILES:
-        if not (p / f).is_file():
-            raise ConfigError(f"the image model in {p} lacks {f}: {hint}")
+    meta = read_bundle_meta(p, "image", FORMAT, _FILES, hint)
     try:
         vq = VQTokenizer.from_config(meta["vq"])
         clf = Classifier.from_config(meta["classifier"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError
+from .. import read_bundle_meta
 from .codec import Codec
 from .data import ALPHABET, RATES, VOICES
 from .tokens import TokenLayout
@@ -129,19 +130,7 @@ def load_bundle(path: str | Path | None = None) -> SpeechBundle:
     from safetensors.torch import load_file
 
     p = Path(path).expanduser() if path is not None else EMBEDDED_SPEECH_DIR
-    if not p.is_dir():
-        raise ConfigError(f"no speech model folder at {p}: {HINT}")
-    try:
-        meta = json.loads((p / "speech.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p} has no speech.json (not a speech model, or its training did not finish): {HINT}") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {p / 'speech.json'} ({e}): {HINT}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ConfigError(f"{p / 'speech.json'} is not a {FORMAT} bundle: {HINT}")
-    for f in _FILES:
-        if not (p / f).is_file():
-            raise ConfigError(f"the speech model in {p} lacks {f}: {HINT}")
+    meta = read_bundle_meta(p, "speech", FORMAT, _FILES, HINT)
     try:
         C = int(meta["codebook_size"])
         cfg = meta["codec"]
