@@ -43,9 +43,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..sampling import sample
 from ..types import Draft, VerifyResult
-from .relaxed import emitted_law
+from .relaxed import emitted_law, verify_chain_rows
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -128,29 +127,10 @@ def verify_grouped(
     [n + 1, V], p at each row, processed like q. groups: [V] long, a partition. generator: on
     ``target_probs.device``; the only randomness (n uniforms, then one draw). One host sync.
     """
-    n = len(draft)
-    assert target_probs.dim() == 2 and target_probs.shape[0] == n + 1, (
-        f"target_probs must be [n + 1, vocab] = [{n + 1}, vocab], got {tuple(target_probs.shape)}"
-    )
     assert groups.shape == (target_probs.shape[1],), (tuple(groups.shape), target_probs.shape)
-    if not draft.is_chain:
-        raise ConfigError("group-level acceptance verifies chain drafts only")
-    dev = target_probs.device
-    p = target_probs.float()  # [n + 1, V]
-    tokens = draft.tokens.to(dev)  # [n]
-    if draft.probs is None:
-        q = torch.zeros(n, p.shape[1], device=dev).scatter_(1, tokens[:, None], 1.0)
-    else:
-        q = draft.probs.to(dev, torch.float32)  # [n, V]
-    accept, residual = grouped_rows(p[:n], q, groups)  # [n, V] each
-    acc_x = accept.gather(1, tokens[:, None]).squeeze(1)  # [n]
-    u = torch.rand(n, generator=generator, device=dev)  # [n]
-    a = (u < acc_x).long().cumprod(0).sum()  # 0-dim: accepted length
-    stop = torch.cat([residual, p[n:]])  # [n + 1, V]: the bonus's law if the walk ends at row a
-    bonus = sample(stop[a], generator)  # 0-dim
-    k = int(a)
-    path = torch.arange(k, device=dev)
-    return VerifyResult(path=path, tokens=torch.cat([tokens[:k], bonus.reshape(1)]))
+    return verify_chain_rows(
+        draft, target_probs, generator, lambda p, q: grouped_rows(p, q, groups), "group-level acceptance"
+    )
 
 
 class TokenGroups:

@@ -110,21 +110,26 @@ def emitted_law(accept: Tensor, residual: Tensor, q: Tensor) -> Tensor:
     return kept + (1.0 - kept.sum(dim=-1, keepdim=True)).clamp_min(0.0) * residual
 
 
-def verify_relaxed(
-    draft: Draft, target_probs: Tensor, generator: torch.Generator, relax: RelaxedAcceptance
+def verify_chain_rows(
+    draft: Draft, target_probs: Tensor, generator: torch.Generator, rows, what: str
 ) -> VerifyResult:
-    """Relaxed speculative sampling of a chain draft (module docstring).
+    """Speculative sampling of a chain draft under a per-row acceptance rule: ``rows(p, q)``
+    gives, for the draft's rows ([n, V] each), the probability of keeping each token and the law
+    a rejected row's token is drawn from (``(accept, residual)``, [n, V] each). The walk keeps the
+    drafted tokens while n uniforms fall under their acceptance, then draws the bonus token from
+    the first rejected row's residual (or the target's row n after a full accept).
 
     draft: a chain of n nodes, ``draft.probs`` [n, V] or None (point masses). target_probs:
     [n + 1, V], p at each row, processed like q. generator: on ``target_probs.device``; the only
-    randomness (n uniforms, then one draw). One host sync.
+    randomness (n uniforms, then one draw). One host sync. ``what`` names the rule in the error
+    for a tree draft.
     """
     n = len(draft)
     assert target_probs.dim() == 2 and target_probs.shape[0] == n + 1, (
         f"target_probs must be [n + 1, vocab] = [{n + 1}, vocab], got {tuple(target_probs.shape)}"
     )
     if not draft.is_chain:
-        raise ConfigError("relaxed acceptance verifies chain drafts only")
+        raise ConfigError(f"{what} verifies chain drafts only")
     dev = target_probs.device
     p = target_probs.float()  # [n + 1, V]
     tokens = draft.tokens.to(dev)  # [n]
@@ -132,16 +137,26 @@ def verify_relaxed(
         q = torch.zeros(n, p.shape[1], device=dev).scatter_(1, tokens[:, None], 1.0)
     else:
         q = draft.probs.to(dev, torch.float32)  # [n, V]
-    accept, residual = relaxed_rows(p[:n], q, relax.ratio(p[:n], q), relax.delta)  # [n, V] each
+    accept, residual = rows(p[:n], q)  # [n, V] each
     acc_x = accept.gather(1, tokens[:, None]).squeeze(1)  # [n]
     u = torch.rand(n, generator=generator, device=dev)  # [n]
-    ok = (u < acc_x).long()  # [n]
-    a = ok.cumprod(0).sum()  # 0-dim: accepted length
-    stop = torch.cat([residual, p[n:]])  # [n + 1, V]: bonus row if the walk ends at row g
+    a = (u < acc_x).long().cumprod(0).sum()  # 0-dim: accepted length
+    stop = torch.cat([residual, p[n:]])  # [n + 1, V]: the bonus's law if the walk ends at row a
     bonus = sample(stop[a], generator)  # 0-dim
     k = int(a)
     path = torch.arange(k, device=dev)
     return VerifyResult(path=path, tokens=torch.cat([tokens[:k], bonus.reshape(1)]))
+
+
+def verify_relaxed(
+    draft: Draft, target_probs: Tensor, generator: torch.Generator, relax: RelaxedAcceptance
+) -> VerifyResult:
+    """Relaxed speculative sampling of a chain draft (module docstring; arguments as for
+    :func:`verify_chain_rows`)."""
+    return verify_chain_rows(
+        draft, target_probs, generator,
+        lambda p, q: relaxed_rows(p, q, relax.ratio(p, q), relax.delta), "relaxed acceptance",
+    )
 
 
 # ----------------------------------------------------------------------------- the relaxations
