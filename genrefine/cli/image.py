@@ -166,5 +166,5 @@ def cmd_image(args) -> int:
     report["command"] = modality_bench_command(
         args, head, ("model", "temperature", "top_k", "cfg", "draft_len", "relax_k", "relax_delta",
                      "group_size", "group_similarity"))
-    write_modality_bench(args, markdown_report(report, report["command"]), report, plot_report, report)
+    write_modality_bench(args, report, markdown_report(report, report["command"]), plot_report)
     return 0

@@ -217,14 +217,14 @@ def modality_bench_command(args, head: list[str], flags: tuple[str, ...]) -> str
     return command_line(argv)
 
 
-def write_modality_bench(args, md: str, payload: dict, plot, report: dict) -> None:
-    """Write a modality bench's ``--json`` (``payload``), ``--report`` (``md``) and ``--plot``
-    (``plot(report, path)``) where asked, then print the report."""
+def write_modality_bench(args, report: dict, md: str, plot, payload: dict | None = None) -> None:
+    """Write a modality bench's ``--json`` (``payload``, default ``report``), ``--report``
+    (``md``) and ``--plot`` (``plot(report, path)``) where asked, then print the report."""
     import json
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
+            json.dump(report if payload is None else payload, f, indent=1)
     if args.report:
         with open(args.report, "w") as f:
             f.write(md)

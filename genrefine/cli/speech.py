@@ -114,6 +114,6 @@ def cmd_speech(args) -> int:
     report["command"] = modality_bench_command(
         args, head, ("model", "temperature", "top_k", "draft_len", "drafter", "tolerance", "relax_k",
                      "relax_delta", "group_size", "group_similarity"))
-    write_modality_bench(args, markdown_report(report, report["command"]), json_report(report), plot_report,
-                         report)
+    write_modality_bench(args, report, markdown_report(report, report["command"]), plot_report,
+                         json_report(report))
     return 0

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..diskcache import cpu_model
 from ..errors import ConfigError
 from ..modalities.image.bundle import image_meta, save_bundle
 from ..modalities.image.classifier import Classifier
@@ -40,7 +41,6 @@ from ..modalities.image.data import CLASSES, IMAGE_SIZE, MAX_ROTATION, font_path
 from ..modalities.image.quality import feature_stats, frechet_distance
 from ..modalities.image.vq import DOWNSAMPLE, VQTokenizer, kmeans
 from .loop import TrainConfig, train
-from ..diskcache import cpu_model
 from .modality import figure, run_trainer, say_for, step_generator
 
 CHECKPOINTS = "checkpoints"

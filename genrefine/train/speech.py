@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..diskcache import cpu_model
 from ..errors import ConfigError
 from ..modalities.speech import codec as codec_mod
 from ..modalities.speech.data import RATES, VOICES, split_sentences, synthesize_corpus
 from ..modalities.speech.tokens import TokenLayout, layout_for
 from .loop import TrainConfig, train
-from ..diskcache import cpu_model
 from .modality import figure, run_trainer, say_for, step_generator
 
 CHECKPOINTS = "checkpoints"
