@@ -33,6 +33,7 @@ from genrefine.engine import Engine, Stats
 from genrefine.errors import ConfigError
 from genrefine.methods.base import MethodOptions
 from genrefine.methods.parts import jacobi_sampling as js
+from genrefine.models.batched import BatchItem
 from genrefine.models.guided import GuidedModel
 from genrefine.models.runtime import NativeModel
 from genrefine.registry import METHODS, build_method, is_lossless
@@ -109,6 +110,64 @@ def test_guided_logits_are_u_plus_s_times_c_minus_u() -> None:
     assert torch.equal(got, (u + 3.0 * (c - u))[:, :C])
     assert not torch.equal(got, c[:, :C])
     assert m.vocab_size == C and m.token_latents.shape == (C, 3)
+
+
+def _guided(base, scale: float) -> GuidedModel:
+    return GuidedModel(base, n_codes=C, class_offset=C, n_classes=K, null_token=C + K, scale=scale)
+
+
+def test_guided_rows_run_in_one_batched_forward(monkeypatch) -> None:
+    """Under guidance the conditional and unconditional rows go through one ``forward_batch`` of
+    the base (each weight read once for both), with the logits rows cut afterwards; the guided
+    logits are ``u + s * (c - u)`` of that forward's rows."""
+    base = native(C + K + 1)
+    m = _guided(base, 3.0)
+    calls = []
+    real = base.forward_batch
+    monkeypatch.setattr(base, "forward_batch", lambda items: calls.append(items) or real(items))
+    monkeypatch.setattr(base, "forward", lambda *a, **kw: pytest.fail("a separate base forward ran"))
+    tokens = torch.tensor([C + 2, 5, 7, 1, 15])
+    null = torch.tensor([C + K, 5, 7, 1, 15])
+    got = m.forward(tokens, m.new_cache(16), logits_rows=torch.tensor([1, 4])).logits
+    assert len(calls) == 1 and [it.tokens.tolist() for it in calls[0]] == [tokens.tolist(), null.tolist()]
+    c, u = real([BatchItem(tokens, base.new_cache(16)), BatchItem(null, base.new_cache(16))])
+    assert torch.equal(got, (u + 3.0 * (c - u))[[1, 4], :C])
+    assert m.forward(torch.tensor([C + 1]), m.new_cache(4), logits_rows=torch.tensor([], dtype=torch.long)).logits is None
+
+
+def test_guided_rows_of_an_exact_base_equal_separate_forwards(monkeypatch, tmp_path) -> None:
+    """On the integer kernels (bitwise-exact rows) the batched halves are bit for bit the two
+    separate forwards', for a chain, a tree and a one-token step, so greedy lossless methods
+    still give ``ar``'s codes there."""
+    from tiny import quantized_native
+
+    from genrefine.kernels import load_extension
+    from genrefine.verify import build_tree
+
+    if not load_extension():
+        pytest.skip("no C++ extension on this machine: quantized weights run layer by layer")
+    monkeypatch.setenv("GENREFINE_CACHE", str(tmp_path))
+    base = quantized_native(tiny_hf_model("llama", vocab=C + K + 1), formats=("q8_0",))
+    assert base.bitwise_exact
+    m = _guided(base, 2.5)
+    calls = []
+    real = base.forward_batch
+    monkeypatch.setattr(base, "forward_batch", lambda items: calls.append(1) or real(items))
+    cache, cond, uncond = m.new_cache(32), base.new_cache(32), base.new_cache(32)
+    tree = build_tree(torch.tensor([-1, -1, 1]))
+    steps = [(torch.tensor([C + 1, 4, 9, 2]), None, None), (torch.tensor([6]), None, None),
+             (torch.tensor([6, 1, 8, 0]), "tree", tree.mask_with_root)]
+    for tokens, kind, mask in steps:
+        pos = None
+        if kind == "tree":
+            pos = cache.length + torch.cat([torch.zeros(1, dtype=torch.long), 1 + tree.depth])
+        got = m.forward(tokens, cache, positions=pos, tree_mask=mask).logits
+        c = base.forward(tokens, cond, positions=pos, tree_mask=mask).logits
+        u = base.forward(m.unconditional(tokens), uncond, positions=pos, tree_mask=mask).logits
+        assert torch.equal(got, (u + 2.5 * (c - u))[:, :C])
+    assert len(calls) == len(steps)
+    ref = generate(m, "ar", [C + 2], 24, SamplingParams())
+    assert generate(m, "sjd", [C + 2], 24, SamplingParams()) == ref
 
 
 def test_scale_one_runs_no_unconditional_forward(monkeypatch) -> None:
