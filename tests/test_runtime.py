@@ -567,3 +567,39 @@ def test_quantized_model_is_close_to_float32() -> None:
     b = f.forward(toks, f.new_cache(32)).logits
     assert float((a - b).abs().max()) < 0.1 * float(b.abs().max())
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_float32_rows_take_the_one_call_norm_and_rotary_kernels(family, monkeypatch) -> None:
+    """Float32 models on the CPU run RMSNorm and the rotary embedding through the C++ one-call
+    kernels where the extension builds; the logits stay those of the op-by-op path up to float
+    rounding, and the rotary kernel gives that path's bits."""
+    import genrefine.models.runtime as rt
+    from genrefine.kernels import load_extension
+
+    m = native(family)
+    if not load_extension():
+        assert not m.row_kernels  # the op-by-op path, as before
+        return
+    assert m.row_kernels
+    calls = {"rmsnorm": 0, "rope": 0}
+    for name in calls:
+        real = getattr(rt, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(rt, name, counted)
+    ids = tokens(9)
+    got = m.forward(ids, m.new_cache(16)).logits
+    assert calls["rmsnorm"] > 0 and calls["rope"] > 0
+    m.row_kernels = False
+    ref = m.forward(ids, m.new_cache(16)).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, m.config.head_dim)
+    cos, sin = torch.randn(5, m.config.head_dim), torch.randn(5, m.config.head_dim)
+    m.row_kernels = True
+    fast = m._rope(x, cos, sin)
+    m.row_kernels = False
+    assert torch.equal(fast, m._rope(x, cos, sin))

@@ -134,6 +134,13 @@ class NativeModel:
         # seconds spent in matmuls ("weights") and attention while ``phase_seconds`` is a dict
         # (the bench sets it; None: not measured)
         self.phase_seconds: dict[str, float] | None = None
+        # float32 rows on the CPU take the one-call RMSNorm and rotary kernels (genrefine.kernels)
+        # in place of 5-7 small ops each: quantized models always (their exactness is built on
+        # them), float32 ones where the extension builds (rotary: the same bits; the norm: its
+        # own fixed summation order, so rows differ from the op-by-op path in rounding only)
+        self.row_kernels = self.quantized or (
+            dtype == torch.float32 and torch.device(device).type == "cpu" and load_extension(quiet=True)
+        )
         if dtype in (torch.bfloat16, torch.float16) or self.quantized:
             self._calibrate()
 
@@ -527,7 +534,7 @@ class NativeModel:
     # ------------------------------------------------------------------ internals
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
         """RMSNorm over the last dim in float32; weight already holds (1 + w) for Gemma."""
-        if self.quantized and x.dtype == torch.float32:
+        if self.row_kernels and x.dtype == torch.float32 and (self.quantized or x.shape[-1] % 16 == 0):
             return rmsnorm(x, weight, self.config.rms_norm_eps)  # one call, same rounding per row
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
@@ -536,9 +543,9 @@ class NativeModel:
         return weight.to(x.dtype) * xf.to(x.dtype)
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotary embedding of x [H, n, D]; quantized (float32) models use the one-call kernel,
-        which computes the same expression to the bit."""
-        if self.quantized and x.dtype == torch.float32 and cos.dtype == torch.float32:
+        """Rotary embedding of x [H, n, D]; float32 rows on the CPU use the one-call kernel
+        (:attr:`row_kernels`), which computes the same expression to the bit."""
+        if self.row_kernels and x.dtype == torch.float32 and cos.dtype == torch.float32:
             return rope(x, cos, sin)
         return x * cos + _rotate_half(x) * sin
 
