@@ -141,6 +141,11 @@ class GuidedModel:
             self.lm_head = head[:n_codes]  # quantized weights: their rows dequantized, float32
         self.supports_trees = bool(getattr(base, "supports_trees", False))
         self.bitwise_exact = bool(getattr(base, "bitwise_exact", False))
+        # how _forward_both batches its halves (models.batched.forward_batch): a bitwise-exact
+        # base only within the rows its exactness covers (its rows then equal two separate
+        # forwards bit for bit); any other native base always, the two halves being one request
+        # whose rows differ from separate forwards only in float rounding
+        self._batch_mode = "auto" if self.bitwise_exact else "always"
 
     def wrap_draft(self, base) -> "GuidedModel":
         """``base`` (a draft model over the same vocabulary as this one's base) seen through the
@@ -200,21 +205,17 @@ class GuidedModel:
         if cache.uncond is not None:
             u = self.base.forward(self.unconditional(tokens), cache.uncond, **kw).logits
             if c is not None and self.guided:
-                u = u.float()
-                c = u + self.scale * (c.float() - u)
+                c = self._guide(c, u)
         if c is not None:
             c = c.float()
             if vocab_subset is None:
                 c = c[:, : self.n_codes].contiguous()
         return ModelOutput(logits=c, hidden=out.hidden)
 
-    @property
-    def _batch_mode(self) -> str:
-        """How :meth:`_forward_both` batches (:func:`~genrefine.models.batched.forward_batch`):
-        a bitwise-exact base only within the rows its exactness covers (its rows then equal two
-        separate forwards bit for bit); any other native base always, the two halves being one
-        request whose rows differ from separate forwards only in float rounding."""
-        return "auto" if self.bitwise_exact else "always"
+    def _guide(self, c: Tensor, u: Tensor) -> Tensor:
+        """``u + scale * (c - u)`` in float32 for conditional rows ``c`` and unconditional ``u``."""
+        u = u.float()
+        return u + self.scale * (c.float() - u)
 
     def _forward_both(self, tokens: Tensor, cache: GuidedCache, positions: Tensor | None,
                       tree_mask: Tensor | None, logits_rows: Tensor | None) -> ModelOutput:
@@ -228,6 +229,4 @@ class GuidedModel:
                 return ModelOutput(logits=None, hidden={})
             rows = logits_rows.to(c.device)
             c, u = c.index_select(0, rows), u.index_select(0, rows)
-        u = u.float()
-        g = u + self.scale * (c.float() - u)
-        return ModelOutput(logits=g[:, : self.n_codes].contiguous(), hidden={})
+        return ModelOutput(logits=self._guide(c, u)[:, : self.n_codes].contiguous(), hidden={})
